@@ -1,0 +1,429 @@
+"""One trial, start to finish: plain PyTorch functions that return numbers.
+
+``train_trial(config, data, reporter)`` is all a search needs: it knows nothing of Ray,
+Optuna or MLflow (``search/`` adapts it). The data path reads the decoded-image cache
+(uint8, decoded once) and augments whole batches on the trial's device, so no DataLoader
+workers are started per trial and no PNG is decoded per epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dala_search.config import TrialConfig
+from dala_search.data.augment import AugmentSpec, augment, normalize, to_float
+from dala_search.data.breakhis import ImageRecord, check_magnification, index_breakhis
+from dala_search.data.cache import ImageCache, build_cache
+from dala_search.data.sampling import epoch_indices
+from dala_search.data.splits import Split, official_fold_split, patient_split
+from dala_search.errors import ConfigError, DataError
+from dala_search.losses import create_loss
+from dala_search.metrics import classification_metrics, confusion
+from dala_search.model.dalaresnet import NUM_CLASSES, build_dalaresnet
+
+# Called once per epoch with the epoch number (1-based) and that epoch's metrics.
+Reporter = Callable[[int, dict[str, float]], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite: the trial stops instead of burning epochs."""
+
+
+@dataclass
+class TrialData:
+    """One magnification's images (rows of the shared cache), labels and split.
+
+    Pickles small: the cache re-opens its memory map by path, so Ray can ship this to a
+    trial process without copying the images.
+    """
+
+    cache: ImageCache
+    records: list[ImageRecord]  # the records with a cache row, in split-index order
+    rows: np.ndarray  # cache row of each record
+    split: Split
+    magnification: str  # "40X" .. or "all"
+    synthetic: bool
+    root: str
+
+    def labels(self, task: str) -> np.ndarray:
+        """Integer targets for ``task`` ("binary": malignant=1, "subtype": 8 classes)."""
+        if task == "binary":
+            return np.array([r.label_index for r in self.records], dtype=np.int64)
+        return np.array([r.subtype_index for r in self.records], dtype=np.int64)
+
+    def slides(self, idx: Sequence[int]) -> list[str]:
+        return [self.records[i].slide for i in idx]
+
+    def describe(self) -> dict[str, Any]:
+        """What a tracker records about the data: where from, how split, synthetic or real."""
+        return {
+            "data_root": self.root,
+            "magnification": self.magnification,
+            "synthetic": self.synthetic,
+            "split": self.split.description,
+            "n_train": len(self.split.train),
+            "n_val": len(self.split.val),
+            "n_test": len(self.split.test),
+            "image_size": self.cache.image_size,
+        }
+
+
+def prepare_data(
+    data_dir: str | Path,
+    magnification: str,
+    *,
+    image_size: int,
+    seed: int = 0,
+    fold: int | None = None,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.2,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+) -> TrialData:
+    """Index, cache (decode once) and split one magnification ("all" pools the four)."""
+    index = index_breakhis(data_dir, progress=progress)
+    mag = "all" if str(magnification).lower() == "all" else check_magnification(magnification)
+    records = index.select(None if mag == "all" else mag)
+    if not records:
+        raise DataError(f"{index.root}: no images at magnification {mag}")
+    cache = build_cache(records, image_size, cache_dir, progress=progress)
+    rows = cache.rows_for(records)
+    kept = [r for r, row in zip(records, rows, strict=True) if row >= 0]
+    if not kept:
+        raise DataError(
+            f"{index.root}: none of the {len(records)} images at {mag} could be decoded"
+        )
+    if fold is not None:
+        split = official_fold_split(index, kept, fold, seed=seed, val_fraction=val_fraction)
+    else:
+        split = patient_split(
+            kept, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction
+        )
+    return TrialData(
+        cache=cache,
+        records=kept,
+        rows=rows[rows >= 0].astype(np.int64),
+        split=split,
+        magnification=mag,
+        synthetic=index.synthetic,
+        root=str(index.root),
+    )
+
+
+@dataclass
+class TrialResult:
+    """What ``train_trial`` returns: numbers, plus the best model when asked for."""
+
+    best_epoch: int
+    epochs_run: int
+    best: dict[str, float]  # validation metrics of the best epoch
+    final: dict[str, float]  # metrics of the last epoch
+    test: dict[str, float]  # test metrics of the best epoch's weights
+    history: list[dict[str, float]] = field(default_factory=list)
+    test_confusion: list[list[int]] = field(default_factory=list)
+    test_scores: dict[str, list] = field(default_factory=dict)  # y_true / y_prob for ROC curves
+    model: nn.Module | None = None
+
+    def summary(self) -> dict[str, float]:
+        """Flat metrics for trackers: best_val_*, final_val_*, test_*."""
+        out: dict[str, float] = {"best_epoch": float(self.best_epoch)}
+        out.update({f"best_{k}": v for k, v in self.best.items()})
+        out.update({f"final_{k}": v for k, v in self.final.items()})
+        out.update({f"test_{k}": v for k, v in self.test.items()})
+        return out
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; an unavailable CUDA request is an error, not a fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"key 'device': {name!r} requested but CUDA is not available here")
+    return torch.device(name)
+
+
+class _Batches:
+    """Serves uint8 batches of one split side from the cache, on the trial's device.
+
+    On CUDA the whole side is copied to device memory once (a magnification at 224 px is a
+    few hundred MB); on the CPU rows are gathered from the memory map per batch, so
+    concurrent trials share the page cache instead of holding a copy each.
+    """
+
+    def __init__(self, data: TrialData, idx: Sequence[int], device: torch.device) -> None:
+        self.rows = data.rows[np.asarray(idx, dtype=np.int64)]
+        self.device = device
+        self.resident: torch.Tensor | None = None
+        if device.type == "cuda":
+            host = np.ascontiguousarray(data.cache.images[self.rows])
+            self.resident = torch.from_numpy(host).to(device)
+        self.images = data.cache.images
+
+    def get(self, positions: np.ndarray) -> torch.Tensor:
+        if self.resident is not None:
+            return self.resident[torch.from_numpy(positions).to(self.device, non_blocking=True)]
+        rows = self.rows[positions]
+        order = np.argsort(rows)  # sorted reads are kinder to the page cache
+        batch = np.empty((len(rows), *self.images.shape[1:]), dtype=np.uint8)
+        batch[order] = self.images[rows[order]]
+        return torch.from_numpy(batch)
+
+
+def _cuda_modes(
+    config: TrialConfig, device: torch.device
+) -> tuple[bool, torch.memory_format | None]:
+    """bf16 autocast and channels_last apply on CUDA only (on the CPU they slow things down)."""
+    on_cuda = device.type == "cuda"
+    fmt = torch.channels_last if (on_cuda and config.channels_last) else None
+    return on_cuda and config.amp, fmt
+
+
+def _make_optimizer(config: TrialConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _lr_factor(config: TrialConfig, epoch: int) -> float:
+    """Multiplier of the base lr for 0-based ``epoch``: linear warmup, then cosine or flat."""
+    if epoch < config.warmup_epochs:
+        return (epoch + 1) / (config.warmup_epochs + 1)
+    if config.lr_schedule == "constant":
+        return 1.0
+    span = max(1, config.epochs - config.warmup_epochs)
+    return 0.5 * (1 + math.cos(math.pi * (epoch - config.warmup_epochs) / span))
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: _Batches,
+    labels: torch.Tensor,
+    order: np.ndarray,
+    *,
+    config: TrialConfig,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    device: torch.device,
+) -> dict[str, float]:
+    """One pass over ``order`` (positions into the train side); returns loss and speed."""
+    model.train()
+    spec = AugmentSpec(
+        flip=config.flip,
+        rotate90=config.rotate90,
+        crop_scale=config.crop_scale,
+        color_jitter=config.color_jitter,
+        stain_jitter=config.stain_jitter,
+    )
+    use_amp = device.type == "cuda" and config.amp
+    memory_format = (
+        torch.channels_last if (device.type == "cuda" and config.channels_last) else None
+    )
+    # Accumulate on the device; read once at the end (no host sync in the inner loop).
+    loss_sum = torch.zeros((), device=device)
+    seen = 0
+    start = time.perf_counter()
+    bs = config.batch_size
+    for lo in range(0, len(order), bs):
+        pos = order[lo : lo + bs]
+        if len(pos) < 2:  # BatchNorm cannot train on a single sample
+            continue
+        x = to_float(batches.get(pos).to(device, non_blocking=True))
+        x = normalize(augment(x, spec, generator))
+        if memory_format is not None:
+            x = x.contiguous(memory_format=memory_format)
+        y = labels[torch.from_numpy(pos).to(device)]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits = model(x)
+        loss = loss_fn(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(pos)
+        seen += len(pos)
+    mean_loss = float(loss_sum.item()) / max(seen, 1)
+    if not math.isfinite(mean_loss):
+        raise NonFiniteLossError(f"training loss became {mean_loss} (lr {config.lr:g})")
+    elapsed = time.perf_counter() - start
+    return {"train_loss": mean_loss, "train_images_per_s": seen / max(elapsed, 1e-9)}
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    batches: _Batches,
+    n: int,
+    *,
+    config: TrialConfig,
+    device: torch.device,
+) -> np.ndarray:
+    """Softmax probabilities for positions 0..n-1 of a split side (no augmentation)."""
+    model.eval()
+    use_amp = device.type == "cuda" and config.amp
+    memory_format = (
+        torch.channels_last if (device.type == "cuda" and config.channels_last) else None
+    )
+    out = []
+    bs = max(config.batch_size, 64)
+    for lo in range(0, n, bs):
+        pos = np.arange(lo, min(lo + bs, n))
+        x = normalize(to_float(batches.get(pos).to(device, non_blocking=True)))
+        if memory_format is not None:
+            x = x.contiguous(memory_format=memory_format)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits = model(x)
+        out.append(torch.softmax(logits.float(), dim=1))
+    return torch.cat(out).cpu().numpy() if out else np.zeros((0, NUM_CLASSES[config.task]))
+
+
+def evaluate(
+    model: nn.Module,
+    data: TrialData,
+    batches: _Batches,
+    idx: Sequence[int],
+    *,
+    config: TrialConfig,
+    device: torch.device,
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Metrics of one split side: (metrics, y_true, y_prob)."""
+    y_true = data.labels(config.task)[np.asarray(idx, dtype=np.int64)]
+    y_prob = predict(model, batches, len(idx), config=config, device=device)
+    metrics = classification_metrics(y_true, y_prob, slides=data.slides(idx))
+    return metrics, y_true, y_prob
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def train_trial(
+    config: TrialConfig,
+    data: TrialData,
+    reporter: Reporter | None = None,
+    *,
+    keep_model: bool = False,
+    progress: bool = False,
+) -> TrialResult:
+    """Train one configuration; report validation metrics every epoch; test the best epoch.
+
+    ``reporter(epoch, metrics)`` receives ``val_*`` metrics plus ``train_loss`` and timing.
+    Seeded and repeatable on the CPU. Raises NonFiniteLossError on a NaN/inf loss.
+    """
+    if config.image_size != data.cache.image_size:
+        raise ConfigError(
+            f"key 'image_size': the config asks for {config.image_size} px but the data "
+            f"cache holds {data.cache.image_size} px images"
+        )
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    _seed_everything(config.seed)
+    device = resolve_device(config.device)
+    model = build_dalaresnet(config).to(device)
+    if device.type == "cuda" and config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    run_model: nn.Module = torch.compile(model) if config.compile else model
+
+    all_labels = data.labels(config.task)
+    train_idx = np.asarray(data.split.train, dtype=np.int64)
+    train_labels_np = all_labels[train_idx]
+    n_classes = NUM_CLASSES[config.task]
+    class_counts = np.bincount(train_labels_np, minlength=n_classes).tolist()
+    loss_fn = create_loss(
+        config.loss_weighting,
+        class_counts,
+        beta=config.effective_beta,
+        gamma=config.focal_gamma,
+        label_smoothing=config.label_smoothing,
+    ).to(device)
+    optimizer = _make_optimizer(config, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: _lr_factor(config, e))
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+
+    train_b = _Batches(data, data.split.train, device)
+    val_b = _Batches(data, data.split.val, device)
+    train_labels = torch.from_numpy(train_labels_np).to(device)
+
+    key = f"val_{config.select_metric}"
+    best_value, best_epoch, best_state = -math.inf, 0, None
+    best_metrics: dict[str, float] = {}
+    history: list[dict[str, float]] = []
+    since_best = 0
+    epochs = range(1, config.epochs + 1)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.epochs, desc=f"train {data.magnification}", unit="epoch")
+    for epoch in epochs:
+        start = time.perf_counter()
+        order = epoch_indices(train_labels_np, config.sampling, seed=config.seed * 1000 + epoch)
+        stats = train_one_epoch(
+            run_model,
+            train_b,
+            train_labels,
+            order,
+            config=config,
+            loss_fn=loss_fn,
+            optimizer=optimizer,
+            generator=generator,
+            device=device,
+        )
+        scheduler.step()
+        val, _, _ = evaluate(run_model, data, val_b, data.split.val, config=config, device=device)
+        metrics = {f"val_{k}": v for k, v in val.items()}
+        metrics.update(stats)
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
+        metrics["epoch_time_s"] = time.perf_counter() - start
+        metrics["epoch"] = float(epoch)
+        history.append(metrics)
+        value = metrics.get(key, float("nan"))
+        if math.isfinite(value) and value > best_value:
+            best_value, best_epoch, best_metrics = value, epoch, metrics
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            since_best = 0
+        else:
+            since_best += 1
+        if bar is not None:
+            bar.set_postfix(loss=f"{stats['train_loss']:.3f}", **{key: f"{value:.3f}"})
+            bar.update(1)
+        if reporter is not None:
+            reporter(epoch, metrics)
+        if config.early_stop_patience and since_best >= config.early_stop_patience:
+            break
+    if bar is not None:
+        bar.close()
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:  # no finite validation value at all: test the last weights, say so via best_epoch 0
+        best_metrics = history[-1]
+    test_b = _Batches(data, data.split.test, device)
+    test, y_true, y_prob = evaluate(
+        model, data, test_b, data.split.test, config=config, device=device
+    )
+    y_pred = y_prob.argmax(axis=1) if len(y_prob) else np.zeros(0, dtype=np.int64)
+    return TrialResult(
+        best_epoch=best_epoch,
+        epochs_run=len(history),
+        best=best_metrics,
+        final=history[-1],
+        test=test,
+        history=history,
+        test_confusion=confusion(y_true, y_pred, n_classes).tolist(),
+        test_scores={"y_true": y_true.tolist(), "y_prob": y_prob.tolist()},
+        model=model.cpu() if keep_model else None,
+    )
