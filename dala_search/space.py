@@ -300,7 +300,8 @@ def _parse(path: Path, raw: dict[str, Any]) -> SearchSpace:
     if missing:
         raise ConfigError(
             f"{path}: key(s) {', '.join(map(repr, missing))} must be stated in 'fixed' or "
-            "'params' (e.g. pretrained: none offline, imagenet with internet; epochs: 30)"
+            "'params', never left to a default: e.g. 'pretrained: none' offline or "
+            "'pretrained: imagenet' where the weights can download, 'epochs: 30'"
         )
     # The fixed values on their own (with TrialConfig defaults for the rest) must be valid.
     TrialConfig.from_dict(fixed, source=f"{path}: fixed")
@@ -406,10 +407,10 @@ def _parse_param(path: Path, name: str, raw: Any, fixed: Mapping[str, Any]) -> P
     stray = [k for k in raw if k not in (*allowed, "type", "condition")]
     if stray:
         raise ConfigError(
-            f"{path}: {where}.{stray[0]}: not a field of a {kind} parameter; "
+            f"{path}: {where}.{stray[0]}: not a field of a `type: {kind}` parameter; "
             f"valid: type, {', '.join(allowed)}, condition"
         )
-    condition = _parse_condition(path, where, raw.get("condition"), name)
+    condition = _parse_condition(path, where, raw.get("condition"))
     if kind == "categorical":
         spec = ParamSpec(
             name, kind, choices=_parse_choices(path, where, name, raw), condition=condition
@@ -426,7 +427,7 @@ def _parse_param(path: Path, name: str, raw: Any, fixed: Mapping[str, Any]) -> P
         except ConfigError as e:
             message = str(e).removeprefix("config: ")
             raise ConfigError(
-                f"{path}: {where}: value {_show(value)} is refused: {message}"
+                f"{path}: {where}: value {_quote(value)} is refused: {message}"
             ) from None
     return spec
 
@@ -483,7 +484,7 @@ def _parse_choices(path: Path, where: str, name: str, raw: Mapping[str, Any]) ->
     return normalised
 
 
-def _parse_condition(path: Path, where: str, raw: Any, name: str) -> dict[str, tuple] | None:
+def _parse_condition(path: Path, where: str, raw: Any) -> dict[str, tuple] | None:
     if raw is None:
         return None
     if not isinstance(raw, dict) or not raw:
@@ -526,7 +527,7 @@ def _check_conditions(path: Path, specs: Mapping[str, ParamSpec], fixed: Mapping
             for value in allowed:
                 if value not in (parent.choices or ()):
                     raise ConfigError(
-                        f"{path}: {key}: value {value!r} is not among the choices of "
+                        f"{path}: {key}: value {_quote(value)} is not among the choices of "
                         f"{other!r}: {', '.join(_show(c) for c in parent.choices or ())}"
                     )
 
@@ -571,6 +572,11 @@ def _encode(value: Any) -> Any:
     if isinstance(value, tuple | list):
         return ",".join(str(v) for v in value)
     return value
+
+
+def _quote(value: Any) -> str:
+    """A value in an error message: repr, with tuples shown as the YAML list they came from."""
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)
 
 
 def _show(value: Any) -> str:
