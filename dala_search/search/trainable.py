@@ -1,0 +1,127 @@
+"""The Ray Tune function trial: sampled params -> TrialConfig -> ``train_trial``.
+
+Runs inside a Ray worker process, wherever the trial was placed. It opens its own MLflow
+child run, reports every epoch to Tune (which feeds OptunaSearch and the pruning
+scheduler) and to MLflow, and logs figures and, when the trial beats the best completed so
+far, its model. A trial that Tune stops early is killed mid-epoch: the driver closes its
+run (``callbacks.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from dala_search.search import tracking
+from dala_search.space import SearchSpace
+from dala_search.train import TrialData, TrialResult, train_trial
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """Plain strings and numbers the trial needs besides its params (pickled to workers)."""
+
+    search: str
+    magnification: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    metric: str  # e.g. "val_balanced_accuracy"
+    space: SearchSpace
+    overrides: dict[str, Any]  # CLI overrides of the space (epochs, image_size, device)
+    synthetic: bool
+    code_version: str
+    log_models: bool = True
+
+
+def run_trial(params: dict[str, Any], *, data: TrialData, ctx: TrialContext) -> None:
+    """Ray Tune function trainable (bound with ``tune.with_parameters``)."""
+    from ray import tune
+
+    tune_ctx = tune.get_context()
+    trial_id = tune_ctx.get_trial_id()
+    sampled = {k: v for k, v in params.items() if not k.startswith("_")}
+    config = ctx.space.trial_config(sampled, **ctx.overrides)
+    optuna_number = params.get("_optuna_number", "")
+    tracker = tracking.TrialTracker(
+        ctx.tracking_uri,
+        ctx.experiment_id,
+        ctx.parent_run_id,
+        run_name=f"{ctx.magnification}-{tune_ctx.get_trial_name()}",
+        tags={
+            tracking.TAG_MAG: ctx.magnification,
+            tracking.TAG_RAY_ID: trial_id,
+            tracking.TAG_OPTUNA_NUMBER: str(optuna_number),
+            tracking.TAG_SYNTHETIC: str(ctx.synthetic).lower(),
+            tracking.TAG_SEARCH: ctx.search,
+            tracking.TAG_CODE: ctx.code_version,
+        },
+        params=config.to_dict(),
+    )
+    tracker.log_dict(config.to_dict(), "trial_config.json")
+    best_so_far = -math.inf
+
+    def report(epoch: int, metrics: dict[str, float]) -> None:
+        nonlocal best_so_far
+        value = metrics.get(ctx.metric, float("nan"))
+        if math.isfinite(value):
+            best_so_far = max(best_so_far, value)
+        out = dict(metrics)
+        out[f"best_{ctx.metric}"] = best_so_far if math.isfinite(best_so_far) else float("nan")
+        tracker.log_metrics(out, step=epoch)
+        tune.report(out)
+
+    try:
+        result = train_trial(config, data, report, keep_model=ctx.log_models)
+    except Exception as e:
+        tracker.finish("failed", error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+        raise
+    tracker.log_metrics(result.summary(), step=result.epochs_run)
+    _log_figures(tracker, result)
+    if ctx.log_models and result.model is not None and _beats_completed(ctx, result):
+        tracker.log_model(result.model)
+    tracker.finish("completed")
+
+
+def _beats_completed(ctx: TrialContext, result: TrialResult) -> bool:
+    """Log a model only when this trial beats every trial completed before it.
+
+    The search's final best then always has its model, while hundreds of trials do not
+    each store ~100 MB of weights.
+    """
+    from mlflow import MlflowClient
+
+    key = f"best_{ctx.metric}"
+    mine = result.best.get(ctx.metric, float("nan"))
+    if not math.isfinite(mine):
+        return False
+    client = MlflowClient(tracking_uri=ctx.tracking_uri)
+    runs = client.search_runs(
+        [ctx.experiment_id],
+        filter_string=(
+            f"tags.`{tracking.PARENT_TAG}` = '{ctx.parent_run_id}' and "
+            f"tags.`{tracking.TAG_STATE}` = 'completed'"
+        ),
+        order_by=[f"metrics.`{key}` DESC"],
+        max_results=1,
+    )
+    return not runs or mine >= runs[0].data.metrics.get(key, -math.inf)
+
+
+def _log_figures(tracker: tracking.TrialTracker, result: TrialResult) -> None:
+    """Confusion matrix and ROC curve of the best epoch's weights on the test patients,
+    and the learning curves."""
+    from dala_search.plots import confusion_figure, learning_curves_figure, roc_figure
+
+    for fig, path in (
+        (confusion_figure(result.test_confusion), "figures/test_confusion_matrix.png"),
+        (roc_figure(result.test_scores), "figures/test_roc_curve.png"),
+        (learning_curves_figure(result.history), "figures/learning_curves.png"),
+    ):
+        if fig is not None:
+            tracker.log_figure(fig, path)
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
