@@ -22,7 +22,12 @@ from torch import nn
 
 from dala_search.config import TrialConfig
 from dala_search.data.augment import AugmentSpec, augment, normalize, to_float
-from dala_search.data.breakhis import ImageRecord, check_magnification, index_breakhis
+from dala_search.data.breakhis import (
+    BreakHisIndex,
+    ImageRecord,
+    check_magnification,
+    index_breakhis,
+)
 from dala_search.data.cache import ImageCache, build_cache
 from dala_search.data.sampling import epoch_indices
 from dala_search.data.splits import Split, official_fold_split, patient_split
@@ -79,7 +84,7 @@ class TrialData:
 
 
 def prepare_data(
-    data_dir: str | Path,
+    data_dir: str | Path | BreakHisIndex,
     magnification: str,
     *,
     image_size: int,
@@ -90,8 +95,14 @@ def prepare_data(
     cache_dir: str | Path | None = None,
     progress: bool = False,
 ) -> TrialData:
-    """Index, cache (decode once) and split one magnification ("all" pools the four)."""
-    index = index_breakhis(data_dir, progress=progress)
+    """Index, cache (decode once) and split one magnification ("all" pools the four).
+
+    ``data_dir`` may be an index already built, so a search indexes its folder once.
+    """
+    if isinstance(data_dir, BreakHisIndex):
+        index = data_dir
+    else:
+        index = index_breakhis(data_dir, progress=progress)
     mag = "all" if str(magnification).lower() == "all" else check_magnification(magnification)
     records = index.select(None if mag == "all" else mag)
     if not records:

@@ -1,0 +1,482 @@
+"""Ray Tune wiring of a search: one Optuna study and one Tune experiment per magnification.
+
+``plan_search`` checks everything a search needs (space, data, names, tracking store)
+before anything starts; ``run_search`` runs the plan in one Ray session, magnification
+after magnification, and can pick an interrupted plan up again (``resume``).
+
+A search's folder (``<runs_dir>/<name>/``) holds ``search.json`` (the plan), the Optuna
+study (``optuna.db`` unless ``--storage`` names a database) and Ray's experiment state
+(``ray/<magnification>/``), which is what ``Tuner.restore`` resumes from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dala_search.data.breakhis import MAGNIFICATIONS, check_magnification
+from dala_search.errors import ConfigError, DalaError
+from dala_search.search import tracking
+
+PLAN_FILE = "search.json"
+
+
+def default_runs_dir() -> Path:
+    """$DALA_RUNS_DIR, else ``dala_runs`` in the working directory."""
+    return Path(os.environ.get("DALA_RUNS_DIR", "dala_runs")).resolve()
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """Everything one search needs, resolved and checked; saved as ``search.json``."""
+
+    name: str
+    space: str  # path of the space YAML
+    data_dir: str  # resolved BreakHis folder (the demo set when none was given)
+    magnifications: tuple[str, ...]
+    trials: int  # per magnification
+    epochs: int | None  # overrides the space's epochs when set
+    metric: str  # TrialConfig select_metric name, e.g. "balanced_accuracy"
+    sampler: str
+    pruner: str
+    seed: int
+    cpus_per_trial: float
+    gpus_per_trial: float
+    workers_per_trial: int
+    max_concurrent: int  # 0: as many as the cluster's resources allow
+    time_budget_s: float | None
+    tracking_uri: str
+    storage: str  # Optuna RDB URL
+    address: str | None  # Ray cluster address; None starts a local Ray
+    folder: str  # this search's folder
+    fold: int | None = None  # official Folds.csv fold instead of a seeded patient split
+    log_models: bool = True
+
+    @property
+    def tune_metric(self) -> str:
+        return f"val_{self.metric}"
+
+    def study_name(self, magnification: str) -> str:
+        return f"{self.name}-{magnification}"
+
+    def save(self) -> None:
+        """Atomically (temp file + rename): a crash never leaves half a plan."""
+        folder = Path(self.folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{PLAN_FILE}.tmp"
+        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2))
+        os.replace(tmp, folder / PLAN_FILE)
+
+    @classmethod
+    def load(cls, folder: Path) -> SearchPlan:
+        path = folder / PLAN_FILE
+        if not path.is_file():
+            raise DalaError(f"{folder}: no {PLAN_FILE}; is this a dala-search search folder?")
+        raw = json.loads(path.read_text())
+        raw["magnifications"] = tuple(raw["magnifications"])
+        return cls(**raw)
+
+
+def parse_duration(text: str | None) -> float | None:
+    """``90s``, ``45m``, ``2h``, ``1.5h`` or plain seconds -> seconds."""
+    if text is None:
+        return None
+    t = text.strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"--time-budget: {text!r} is not a duration like 90s, 45m or 2h")
+    return value
+
+
+def parse_magnifications(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``all`` or a comma list (``40X,100X``) -> ordered, de-duplicated magnifications."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    if len(items) == 1 and str(items[0]).strip().lower() == "all":
+        return MAGNIFICATIONS
+    mags = {check_magnification(str(i)) for i in items if str(i).strip()}
+    if not mags:
+        raise ConfigError("--magnification: give 'all' or a comma list like 40X,100X")
+    return tuple(m for m in MAGNIFICATIONS if m in mags)
+
+
+def plan_search(
+    *,
+    space: str,
+    name: str | None = None,
+    data_dir: str | Path | None = None,
+    magnifications: str | None = None,
+    trials: int | None = None,
+    epochs: int | None = None,
+    sampler: str | None = None,
+    pruner: str | None = None,
+    seed: int = 0,
+    cpus_per_trial: float = 1.0,
+    gpus_per_trial: float | None = None,
+    workers_per_trial: int = 1,
+    max_concurrent: int | None = None,
+    time_budget: str | None = None,
+    tracking_uri: str | None = None,
+    storage: str | None = None,
+    address: str | None = None,
+    runs_dir: str | Path | None = None,
+    fold: int | None = None,
+) -> SearchPlan:
+    """Resolve and check a search before anything starts (no run, no folder, no Ray)."""
+    from dala_search.search.pruning import make_pruner, make_sampler
+    from dala_search.space import load_space
+
+    sp = load_space(space)
+    s = sp.settings
+    if "image_size" in sp.params:
+        raise ConfigError(
+            f"{sp.path}: key 'image_size' must be fixed, not searched "
+            "(the decoded-image cache is built once per size)"
+        )
+    name = name or f"{sp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ConfigError(f"--name {name!r}: use letters, digits, '-', '_' and '.' only")
+    folder = Path(runs_dir or default_runs_dir()).resolve() / name
+    if (folder / PLAN_FILE).exists():
+        raise DalaError(
+            f"a search named {name!r} already exists in {folder}; continue it "
+            f"with `dala-search resume {name}` or choose another --name"
+        )
+    mags = parse_magnifications(magnifications or s.magnifications)
+    trials = s.trials if trials is None else trials
+    if trials < 1:
+        raise ConfigError(f"--trials: {trials} must be at least 1")
+    if epochs is not None and epochs < 1:
+        raise ConfigError(f"--epochs: {epochs} must be at least 1")
+    sampler = sampler or s.sampler
+    pruner = pruner or s.pruner
+    make_sampler(sampler, seed=seed)  # raises ConfigError naming a bad one
+    if pruner != "asha":
+        make_pruner(pruner)
+    if cpus_per_trial <= 0:
+        raise ConfigError(f"--cpus-per-trial: {cpus_per_trial} must be positive")
+    if gpus_per_trial is not None and gpus_per_trial < 0:
+        raise ConfigError(f"--gpus-per-trial: {gpus_per_trial} must be >= 0")
+    if workers_per_trial < 1:
+        raise ConfigError(f"--workers-per-trial: {workers_per_trial} must be at least 1")
+    if workers_per_trial > 1:
+        raise ConfigError(
+            "--workers-per-trial > 1 (data-parallel trials) is not available "
+            "yet in this version; use one worker per trial"
+        )
+    max_concurrent = s.max_concurrent if max_concurrent is None else max_concurrent
+    if max_concurrent < 0:
+        raise ConfigError(f"--max-concurrent: {max_concurrent} must be >= 0")
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    if address and address != "auto" and not uri.startswith(("http://", "https://")):
+        raise ConfigError(
+            "a Ray cluster (--address) needs an MLflow tracking server "
+            "(--tracking-uri http://HEAD:5000): trials on other nodes cannot "
+            f"write to {uri}"
+        )
+    tracking.check_tracking_uri(uri)
+    if data_dir is None:
+        from dala_search.data.demo import ensure_demo_data
+
+        data_path = ensure_demo_data()
+    else:
+        data_path = Path(data_dir).expanduser().resolve()
+        if not data_path.is_dir():
+            raise DalaError(f"--data {data_dir}: no such directory")
+    return SearchPlan(
+        name=name,
+        space=str(sp.path),
+        data_dir=str(data_path),
+        magnifications=mags,
+        trials=trials,
+        epochs=epochs,
+        metric=s.metric,
+        sampler=sampler,
+        pruner=pruner,
+        seed=seed,
+        cpus_per_trial=cpus_per_trial,
+        gpus_per_trial=-1.0 if gpus_per_trial is None else gpus_per_trial,  # -1: auto
+        workers_per_trial=workers_per_trial,
+        max_concurrent=max_concurrent,
+        time_budget_s=parse_duration(time_budget),
+        tracking_uri=uri,
+        storage=storage or f"sqlite:///{folder / 'optuna.db'}",
+        address=address,
+        folder=str(folder),
+        fold=fold,
+    )
+
+
+def _make_searcher_class():  # noqa: ANN202 - defined lazily: importing Ray is slow
+    from dala_search.search.optuna_search import PruningOptunaSearch
+
+    class DalaOptunaSearch(PruningOptunaSearch):
+        """Adds the Optuna trial number to each config, so records can cross-reference."""
+
+        def suggest(self, trial_id: str) -> dict | None:
+            config = super().suggest(trial_id)
+            if config is not None and trial_id in self._ot_trials:
+                config = {**config, "_optuna_number": self._ot_trials[trial_id].number}
+            return config
+
+    return DalaOptunaSearch
+
+
+@dataclass
+class MagnificationOutcome:
+    magnification: str
+    finished: int
+    completed: int
+    pruned: int
+    failed: int
+    best_value: float | None
+    best_run_id: str | None
+    registered_version: str | None
+    interrupted: bool
+
+
+def run_search(plan: SearchPlan, *, resume: bool = False) -> list[MagnificationOutcome]:
+    """Run (or continue) every magnification of ``plan``; returns one outcome each.
+
+    Raises ``SearchInterrupted`` when the driver was interrupted before the plan finished.
+    """
+    import ray
+
+    from dala_search.data.breakhis import index_breakhis
+    from dala_search.space import load_space
+    from dala_search.train import prepare_data
+
+    space = load_space(plan.space)
+    folder = Path(plan.folder)
+    if not resume:
+        plan.save()
+    tracker = tracking.SearchTracker(plan.tracking_uri, plan.name)
+    index = index_breakhis(plan.data_dir, progress=True)
+    if index.skipped:
+        print(
+            f"note: {len(index.skipped)} unreadable or non-BreakHis file(s) skipped "
+            f"(`dala-search data check {plan.data_dir}` lists them)",
+            file=sys.stderr,
+        )
+    image_size = int(space.fixed.get("image_size", 224))
+
+    if not ray.is_initialized():
+        ray.init(
+            address=plan.address,
+            runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": plan.tracking_uri}},
+            include_dashboard=False,
+            log_to_driver=True,
+            logging_level="WARNING",
+        )
+    deadline = time.monotonic() + plan.time_budget_s if plan.time_budget_s else None
+    outcomes = []
+    for i, mag in enumerate(plan.magnifications):
+        data = prepare_data(
+            index, mag, image_size=image_size, seed=plan.seed, fold=plan.fold, progress=True
+        )
+        budget = None
+        if deadline is not None:
+            budget = max(1.0, (deadline - time.monotonic()) / (len(plan.magnifications) - i))
+        outcome = _run_magnification(plan, space, mag, data, tracker, folder, budget)
+        outcomes.append(outcome)
+        if outcome.interrupted:
+            raise SearchInterrupted(plan.name, outcomes)
+    return outcomes
+
+
+class SearchInterrupted(DalaError):
+    """The driver stopped before the plan finished; ``dala-search resume NAME`` continues."""
+
+    def __init__(self, name: str, outcomes: list[MagnificationOutcome]) -> None:
+        super().__init__(
+            f"search {name!r} was interrupted; continue it with `dala-search resume {name}`"
+        )
+        self.outcomes = outcomes
+
+
+def _resources(plan: SearchPlan) -> dict[str, float]:
+    import ray
+
+    gpus = plan.gpus_per_trial
+    if gpus < 0:  # auto: a whole GPU per trial when the cluster has any
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return {"cpu": plan.cpus_per_trial, "gpu": gpus}
+
+
+def _max_concurrent(plan: SearchPlan, res: dict[str, float]) -> int:
+    """Explicit, or what the cluster's resources allow (so TPE isn't asked far ahead)."""
+    import ray
+
+    if plan.max_concurrent:
+        return plan.max_concurrent
+    total = ray.cluster_resources()
+    by_cpu = int(total.get("CPU", 1) // max(res["cpu"], 1e-9))
+    by_gpu = int(total.get("GPU", 0) // res["gpu"]) if res["gpu"] > 0 else by_cpu
+    return max(1, min(by_cpu, by_gpu))
+
+
+def _run_magnification(
+    plan: SearchPlan,
+    space: Any,
+    mag: str,
+    data: Any,
+    tracker: tracking.SearchTracker,
+    folder: Path,
+    budget_s: float | None,
+) -> MagnificationOutcome:
+    from ray import tune
+
+    from dala_search.search.callbacks import SearchCallback
+    from dala_search.search.pruning import (
+        OptunaPruningScheduler,
+        PrunedMarkingASHAScheduler,
+        make_pruner,
+        make_sampler,
+    )
+    from dala_search.search.trainable import TrialContext, run_trial
+
+    parent = tracker.parent_run(
+        mag,
+        tags={
+            tracking.TAG_SYNTHETIC: str(data.synthetic).lower(),
+            "dala.data_root": plan.data_dir,
+            "dala.split": data.split.description,
+            "dala.space": plan.space,
+        },
+    )
+    tracker.client.update_run(parent, status="RUNNING")
+    res = _resources(plan)
+    overrides: dict[str, Any] = {"epochs": plan.epochs, "select_metric": plan.metric}
+    if res["gpu"] == 0:
+        overrides.update(device="cpu", num_threads=max(1, int(res["cpu"])))
+    ctx = TrialContext(
+        search=plan.name,
+        magnification=mag,
+        tracking_uri=plan.tracking_uri,
+        experiment_id=tracker.experiment_id,
+        parent_run_id=parent,
+        metric=plan.tune_metric,
+        space=space,
+        overrides=overrides,
+        synthetic=data.synthetic,
+        code_version=tracking.code_version(),
+        log_models=plan.log_models,
+    )
+    trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, ctx=ctx), res)
+    exp_dir = folder / "ray" / mag
+    if tune.Tuner.can_restore(str(exp_dir)):
+        tuner = tune.Tuner.restore(
+            str(exp_dir), trainable, resume_unfinished=True, resume_errored=False
+        )
+    else:
+        epochs = plan.epochs or int(space.fixed.get("epochs", 10))
+        searcher = _make_searcher_class()(
+            space=space.suggest,
+            metric=plan.tune_metric,
+            mode="max",
+            sampler=make_sampler(plan.sampler, seed=plan.seed),
+            study_name=plan.study_name(mag),
+            storage=plan.storage,
+            seed=plan.seed,
+        )
+        if plan.pruner == "asha":
+            scheduler = PrunedMarkingASHAScheduler(
+                time_attr="training_iteration",
+                metric=plan.tune_metric,
+                mode="max",
+                max_t=epochs,
+                grace_period=1,
+                reduction_factor=3,
+            )
+        else:
+            scheduler = OptunaPruningScheduler(
+                make_pruner(plan.pruner), metric=plan.tune_metric, mode="max"
+            )
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher,
+                scheduler=scheduler,
+                num_samples=plan.trials,
+                max_concurrent_trials=_max_concurrent(plan, res),
+                time_budget_s=budget_s,
+            ),
+            run_config=tune.RunConfig(
+                name=mag,
+                storage_path=str(folder / "ray"),
+                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                callbacks=[
+                    SearchCallback(
+                        tracking_uri=plan.tracking_uri,
+                        search=plan.name,
+                        storage=plan.storage,
+                        study_name=plan.study_name(mag),
+                        magnification=mag,
+                        metric=plan.tune_metric,
+                        total=plan.trials,
+                    )
+                ],
+                verbose=0,
+            ),
+        )
+    tuner.fit()
+    return _summarise(plan, mag, parent, tracker, budget_s)
+
+
+def _summarise(
+    plan: SearchPlan, mag: str, parent: str, tracker: tracking.SearchTracker, budget_s: float | None
+) -> MagnificationOutcome:
+    """Count the study's trials, write the best onto the parent run, register its model."""
+    import optuna
+
+    study = optuna.load_study(study_name=plan.study_name(mag), storage=plan.storage)
+    states = [t.state.name for t in study.get_trials(deepcopy=False)]
+    finished = sum(s in ("COMPLETE", "PRUNED", "FAIL") for s in states)
+    interrupted = finished < plan.trials and budget_s is None
+    key = f"best_{plan.tune_metric}"
+    best = tracker.client.search_runs(
+        [tracker.experiment_id],
+        filter_string=(
+            f"tags.`{tracking.PARENT_TAG}` = '{parent}' and "
+            f"tags.`{tracking.TAG_STATE}` = 'completed'"
+        ),
+        order_by=[f"metrics.`{key}` DESC"],
+        max_results=1,
+    )
+    version = None
+    if best:
+        current = tracker.client.get_run(parent).data.tags.get("dala.best_run_id")
+        if current != best[0].info.run_id:
+            version = tracker.record_best(parent, mag, best[0])
+    tracker.close_parent(parent, "KILLED" if interrupted else "FINISHED")
+    return MagnificationOutcome(
+        magnification=mag,
+        finished=finished,
+        completed=states.count("COMPLETE"),
+        pruned=states.count("PRUNED"),
+        failed=states.count("FAIL"),
+        best_value=best[0].data.metrics.get(key) if best else None,
+        best_run_id=best[0].info.run_id if best else None,
+        registered_version=version,
+        interrupted=interrupted,
+    )
+
+
+def resume_search(name: str, runs_dir: str | Path | None = None) -> list[MagnificationOutcome]:
+    """Continue an interrupted search to its requested number of trials."""
+    folder = Path(runs_dir or default_runs_dir()).resolve() / name
+    if not folder.is_dir():
+        raise DalaError(f"no search named {name!r} in {folder.parent}")
+    plan = SearchPlan.load(folder)
+    tracking.check_tracking_uri(plan.tracking_uri)
+    return run_search(plan, resume=True)
