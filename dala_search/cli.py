@@ -272,5 +272,266 @@ def train_cmd(
         click.echo(f"{k:28}{result.best.get('val_' + k, float('nan')):>12.4f}{v:>12.4f}")
 
 
+# ----------------------------------------------------------------------------- search
+
+RUNS_OPT = click.option(
+    "--runs-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where search folders live (default: $DALA_RUNS_DIR or ./dala_runs).",
+)
+TRACKING_OPT = click.option(
+    "--tracking-uri",
+    default=None,
+    help="MLflow tracking URI (default: sqlite mlflow.db in the working directory).",
+)
+
+
+@main.command("spaces")
+@click.option("--verbose", "-v", is_flag=True, help="Show every parameter.")
+def spaces_cmd(verbose: bool) -> None:
+    """List the shipped search spaces (`--space` also takes a path to your own YAML)."""
+    from dala_search.space import list_spaces
+
+    for sp in list_spaces():
+        click.echo(f"{sp.name:10} {len(sp.params):2d} params  {sp.description}")
+        if verbose:
+            for line in sp.describe():
+                click.echo(f"    {line}")
+
+
+@main.command("start")
+@click.option("--space", default="default", show_default=True, help="Space name or YAML path.")
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="BreakHis folder (default: the synthetic demo set, generated once).",
+)
+@click.option("--magnification", "-m", default=None, help="Comma list (40X,100X) or 'all'.")
+@click.option("--trials", type=click.IntRange(min=1), default=None, help="Per magnification.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None)
+@click.option("--name", default=None, help="Search name (default: <space>-<date>-<time>).")
+@click.option("--address", default=None, help="Ray cluster: auto | ray://HOST:10001.")
+@TRACKING_OPT
+@click.option("--storage", default=None, help="Optuna RDB URL (default: sqlite in the folder).")
+@click.option("--sampler", type=click.Choice(["tpe", "random", "cmaes", "gp"]), default=None)
+@click.option(
+    "--pruner",
+    default=None,
+    type=click.Choice(["median", "percentile", "sha", "hyperband", "asha", "none"]),
+)
+@click.option(
+    "--gpus-per-trial",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="GPUs per trial; a fraction packs trials on one GPU (default: 1 if any).",
+)
+@click.option(
+    "--cpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True
+)
+@click.option("--workers-per-trial", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--max-concurrent",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Trials at once (0: as resources allow).",
+)
+@click.option("--time-budget", default=None, help="Wall-clock budget, e.g. 45m or 2h.")
+@click.option("--fold", type=click.IntRange(1, 5), default=None, help="Official fold (Folds.csv).")
+@SEED_OPT
+@RUNS_OPT
+def start_cmd(
+    space: str,
+    data_dir: Path | None,
+    magnification: str | None,
+    trials: int | None,
+    epochs: int | None,
+    name: str | None,
+    address: str | None,
+    tracking_uri: str | None,
+    storage: str | None,
+    sampler: str | None,
+    pruner: str | None,
+    gpus_per_trial: float | None,
+    cpus_per_trial: float,
+    workers_per_trial: int,
+    max_concurrent: int | None,
+    time_budget: str | None,
+    fold: int | None,
+    seed: int | None,
+    runs_dir: Path | None,
+) -> None:
+    """Start a search: one Optuna study per magnification, trials on Ray, records in MLflow."""
+    from dala_search.search.tuner import plan_search
+
+    plan = plan_search(
+        space=space,
+        name=name,
+        data_dir=data_dir,
+        magnifications=magnification,
+        trials=trials,
+        epochs=epochs,
+        sampler=sampler,
+        pruner=pruner,
+        seed=seed or 0,
+        cpus_per_trial=cpus_per_trial,
+        gpus_per_trial=gpus_per_trial,
+        workers_per_trial=workers_per_trial,
+        max_concurrent=max_concurrent,
+        time_budget=time_budget,
+        tracking_uri=tracking_uri,
+        storage=storage,
+        address=address,
+        runs_dir=runs_dir,
+        fold=fold,
+    )
+    click.echo(
+        f"search {plan.name}: space {plan.space}, {plan.trials} trial(s) x "
+        f"{', '.join(plan.magnifications)}; folder {plan.folder}",
+        err=True,
+    )
+    click.echo(f"tracking: {plan.tracking_uri}   study: {plan.storage}", err=True)
+    _run(plan, resume=False)
+
+
+@main.command("resume")
+@click.argument("name")
+@RUNS_OPT
+def resume_cmd(name: str, runs_dir: Path | None) -> None:
+    """Continue an interrupted search to its requested number of trials."""
+    from dala_search.search import tuner
+
+    folder = Path(runs_dir or tuner.default_runs_dir()).resolve() / name
+    plan = tuner.SearchPlan.load(folder)
+    tuner.tracking.check_tracking_uri(plan.tracking_uri)
+    _run(plan, resume=True)
+
+
+def _run(plan: Any, *, resume: bool) -> None:
+    from dala_search.search.tuner import SearchInterrupted, run_search
+
+    try:
+        outcomes = run_search(plan, resume=resume)
+    except SearchInterrupted as e:
+        _print_outcomes(e.outcomes)
+        click.echo(f"Interrupted: continue with `dala-search resume {plan.name}`", err=True)
+        sys.exit(130)
+    _print_outcomes(outcomes)
+    click.echo(
+        f"done. Compare trials with `dala-search ui` (MLflow: {plan.tracking_uri}); "
+        f"best per magnification: `dala-search best {plan.name}`"
+    )
+
+
+def _print_outcomes(outcomes: list[Any]) -> None:
+    click.echo(f"{'mag':6}{'trials':>7}{'done':>6}{'pruned':>8}{'failed':>8}  best")
+    for o in outcomes:
+        best = f"{o.best_value:.4f}" if o.best_value is not None else "-"
+        click.echo(
+            f"{o.magnification:6}{o.finished:>7}{o.completed:>6}{o.pruned:>8}{o.failed:>8}  {best}"
+        )
+
+
+@main.command("best")
+@click.argument("name", required=False)
+@TRACKING_OPT
+@RUNS_OPT
+@JSON_OPT
+def best_cmd(
+    name: str | None, tracking_uri: str | None, runs_dir: Path | None, as_json: bool
+) -> None:
+    """Best configuration and metrics per magnification, read back from MLflow."""
+    from dala_search.search import tracking
+    from dala_search.search.tuner import SearchPlan, default_runs_dir
+
+    runs = Path(runs_dir or default_runs_dir()).resolve()
+    if name is None:
+        plans = sorted(runs.glob("*/search.json"), key=lambda p: p.stat().st_mtime)
+        if not plans:
+            raise DalaError(f"no searches in {runs}; name one or pass --runs-dir")
+        name = plans[-1].parent.name
+    uri = tracking_uri
+    if uri is None and (runs / name / "search.json").is_file():
+        uri = SearchPlan.load(runs / name).tracking_uri
+    rows = tracking.best_table(tracking.resolve_tracking_uri(uri), name)
+    if as_json:
+        click.echo(json.dumps({"search": name, "magnifications": rows}, indent=2))
+        return
+    click.echo(f"search {name}")
+    for r in rows:
+        m = r["metrics"]
+        tag = " (SYNTHETIC data)" if r["synthetic"] else ""
+        if not r["best_run_id"]:
+            click.echo(f"{r['magnification']:6} no completed trial yet")
+            continue
+        nan = float("nan")
+        shown = [
+            ("val bal.acc", "best_val_balanced_accuracy"),
+            ("test acc", "best_test_accuracy"),
+            ("test F1", "best_test_f1"),
+            ("test IBA", "best_test_iba"),
+            ("test G-mean", "best_test_gmean"),
+        ]
+        figures = "  ".join(f"{label} {m.get(key, nan):.4f}" for label, key in shown)
+        click.echo(f"{r['magnification']:6} {figures}{tag}")
+        cfg = r["config"]
+        keys = (
+            "attention",
+            "attention_stages",
+            "fc1",
+            "fc2",
+            "leaky_slope",
+            "loss_weighting",
+            "sampling",
+            "lr",
+        )
+        click.echo("       " + "  ".join(f"{k}={cfg[k]}" for k in keys if k in cfg))
+
+
+@main.command("ui")
+@click.argument("name", required=False)
+@TRACKING_OPT
+@RUNS_OPT
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Bind address (keep 127.0.0.1 unless you mean to share it).",
+)
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
+def ui_cmd(
+    name: str | None, tracking_uri: str | None, runs_dir: Path | None, host: str, port: int
+) -> None:
+    """Start the MLflow UI against the search's tracking store."""
+    import subprocess
+
+    from dala_search.search import tracking
+    from dala_search.search.tuner import SearchPlan, default_runs_dir
+
+    uri = tracking_uri
+    if uri is None and name:
+        uri = SearchPlan.load(Path(runs_dir or default_runs_dir()).resolve() / name).tracking_uri
+    uri = tracking.resolve_tracking_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        click.echo(f"{uri} is a tracking server already: open it in a browser")
+        return
+    click.echo(f"MLflow UI on http://{host}:{port} for {uri} (Ctrl-C stops it)")
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    sys.exit(subprocess.call(cmd))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
