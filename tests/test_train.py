@@ -63,9 +63,20 @@ def test_image_size_must_match_the_cache(data32) -> None:
         train_trial(TrialConfig(epochs=1, **{**TINY, "image_size": 64}), data32)
 
 
-def test_nan_loss_stops_the_trial(data32) -> None:
-    with pytest.raises(NonFiniteLossError):
-        train_trial(TrialConfig(epochs=3, **{**TINY, "lr": 1e6, "optimizer": "sgd"}), data32)
+def test_nan_loss_stops_the_trial(data32, monkeypatch) -> None:
+    import torch
+
+    import dala_search.train as train_mod
+
+    class NanLoss(torch.nn.Module):
+        def forward(self, logits, target):  # noqa: ANN001, ANN202
+            return torch.nn.functional.cross_entropy(logits, target) * float("nan")
+
+    monkeypatch.setattr(train_mod, "create_loss", lambda *a, **k: NanLoss())
+    seen: list[int] = []
+    with pytest.raises(NonFiniteLossError, match="nan"):
+        train_trial(TrialConfig(epochs=3, **TINY), data32, lambda e, m: seen.append(e))
+    assert seen == []  # stopped in the first epoch, before burning the budget
 
 
 @pytest.mark.slow
