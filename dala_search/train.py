@@ -200,12 +200,11 @@ def _cuda_modes(
 
 
 def _make_optimizer(config: TrialConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    """Weight decay on weights only (``parameter_groups``); frozen parameters left out."""
+    groups = model.parameter_groups(config.weight_decay)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+    return torch.optim.AdamW(groups, lr=config.lr)
 
 
 def _lr_factor(config: TrialConfig, epoch: int) -> float:
