@@ -258,6 +258,7 @@ def _build(
         out.flush()
         del out
         _fsync(tmp)
+        tmp.chmod(0o644)  # mkstemp files are private; trials of other users may read it
         os.replace(tmp, npy)
         meta = {
             "format": CACHE_FORMAT,
@@ -309,6 +310,7 @@ def _write_atomic(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         with suppress(FileNotFoundError):

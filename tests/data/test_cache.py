@@ -55,6 +55,9 @@ def test_build_content_names_and_rows(images: list[ImageRecord], tmp_path: Path)
     assert c.path.name.startswith("images-8px-") and len(c.path.stem) == len("images-8px-") + 16
     meta = json.loads(c.path.with_suffix(".json").read_text())
     assert meta["paths"] == c.paths and meta["image_size"] == 8 and meta["skipped"] == []
+    # Readable by other users' trial processes (mkstemp alone would make them 0600).
+    assert c.path.stat().st_mode & 0o777 == 0o644
+    assert c.path.with_suffix(".json").stat().st_mode & 0o777 == 0o644
     other = _solid(tmp_path, 9, (1, 2, 3))  # never cached
     np.testing.assert_array_equal(c.rows_for([images[3], other, images[0]]), [3, -1, 0])
 
