@@ -3,7 +3,7 @@
 Used by the offline demo (``dala_search.data.demo``) and by tests, so every command runs on
 a fresh machine without the real archive. The tree, the file names, the class balance
 (~31% benign), the shared slide 14-13412 (ductal *and* lobular carcinoma, one patient)
-and, for the Kaggle layout, ``Folds.csv`` follow the real data; the pixels do not.
+and, on request, the Kaggle mirror's ``Folds.csv`` follow the real data; the pixels do not.
 Every output carries a ``DALA_SYNTHETIC.json`` marker so no report can pass it off as real.
 
 How a tile is drawn (all numpy, vectorised over nuclei):
@@ -41,9 +41,8 @@ from tqdm import tqdm
 
 from dala_search import __version__
 from dala_search.data.breakhis import MAGNIFICATIONS, SUBTYPE_CODES, SUBTYPES
+from dala_search.data.breakhis import SYNTHETIC_MARKER as MARKER
 from dala_search.errors import ConfigError, DataError
-
-MARKER = "DALA_SYNTHETIC.json"  # the index looks for this name (breakhis.SYNTHETIC_MARKER)
 
 # Two patients per benign subtype and a malignant mix that, with the shared slide below,
 # gives 8 benign and 16 malignant patients: 192 / 600 images benign (32%), as in the
@@ -105,7 +104,10 @@ def _slide_ids(rng: np.random.Generator, n: int) -> list[str]:
     return out
 
 
-def _unit(rng: np.random.Generator, base: np.ndarray, jitter: float) -> tuple[float, ...]:
+def _jitter_direction(
+    rng: np.random.Generator, base: np.ndarray, jitter: float
+) -> tuple[float, ...]:
+    # A stain vector nudged at random and renormalised: one staining batch.
     v = np.abs(base + rng.normal(0.0, jitter, 3))
     return tuple(float(x) for x in v / np.linalg.norm(v))
 
@@ -136,8 +138,8 @@ def make_patients(
                 label=label,
                 subtypes=subtypes,
                 atypia=atypia,
-                h_vec=_unit(rng, _H_REF, 0.04),
-                e_vec=_unit(rng, _E_REF, 0.04),
+                h_vec=_jitter_direction(rng, _H_REF, 0.04),
+                e_vec=_jitter_direction(rng, _E_REF, 0.04),
                 h_gain=float(rng.lognormal(0.0, 0.15)),
                 e_gain=float(rng.lognormal(0.0, 0.2)),
                 brightness=float(rng.uniform(0.9, 1.0)),
