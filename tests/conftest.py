@@ -15,7 +15,7 @@ os.environ.setdefault(
 
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """26 patients x 4 magnifications x 4 images at 96x64: enough for patient splits."""
+    """24 patients x 4 magnifications x 4 images at 96x64: enough for patient splits."""
     from dala_search.data.synthetic import generate_demo
 
     return generate_demo(

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-# Sized for a 2-core CPU: 26 patients x 4 magnifications x 8 images at the real 700x460.
+# Sized for a 2-core CPU: 24 patients x 4 magnifications x 8 images at the real 700x460.
 DEMO_IMAGES_PER_MAG = 8
 
 
