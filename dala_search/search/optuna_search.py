@@ -32,6 +32,7 @@ import optuna
 from optuna.trial import TrialState
 from ray import cloudpickle
 from ray.air.constants import TRAINING_ITERATION
+from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from dala_search.errors import ConfigError
@@ -40,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 #: User attribute set on an Optuna trial that Tune retried after it had been told FAIL.
 RETRY_OF_ATTR = "ray_retry_of_trial"
+#: User attribute naming the Ray Tune trial id behind an Optuna trial (links the two, and
+#: MLflow runs tagged with the same id).
+RAY_TRIAL_ID_ATTR = "ray_trial_id"
 
 
 def _best(values: list[float], mode: str) -> float:
@@ -199,8 +203,19 @@ class PruningOptunaSearch(OptunaSearch):
         if self._max_concurrent and len(self._live) >= self._max_concurrent:
             return None
         config = super().suggest(trial_id)
+        self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ID_ATTR, trial_id)
         self._live.add(trial_id)
         return config
+
+    def end_of_experiment_callback(self) -> CloseStoppedOptunaTrials:
+        """A Tune callback for `RunConfig(callbacks=[...])` that closes what Tune left open.
+
+        Called by the tuner when it builds the RunConfig. See `CloseStoppedOptunaTrials`.
+        """
+        storage = self._storage
+        if storage is None and self._ot_study is not None:
+            storage = self._ot_study._storage  # in-memory study: only this process can see it
+        return CloseStoppedOptunaTrials(storage, self._study_name)
 
     # ----- results ------------------------------------------------------------------------
 
@@ -252,6 +267,7 @@ class PruningOptunaSearch(OptunaSearch):
         self._ot_study.enqueue_trial(old.params, skip_if_exists=False)
         new = self._ot_study.ask(fixed_distributions=old.distributions)
         new.set_user_attr(RETRY_OF_ATTR, old.number)
+        new.set_user_attr(RAY_TRIAL_ID_ATTR, trial_id)
         self._ot_trials[trial_id] = new
         self._live.add(trial_id)
         self._failed.discard(trial_id)
@@ -393,3 +409,48 @@ class PruningOptunaSearch(OptunaSearch):
                 frozen.number,
             )
             self._ot_study.tell(frozen.number, state=TrialState.FAIL)
+
+
+class CloseStoppedOptunaTrials(Callback):
+    """Tells the study about trials Tune stopped without telling the searcher.
+
+    When an experiment ends on `TuneConfig(time_budget_s=...)` or a stop-all `Stopper`, Ray
+    2.60 stops the running trials (status TERMINATED) without calling the searcher's
+    `on_trial_complete`, so their Optuna trials stay RUNNING forever (checked). At the end of
+    the experiment this callback tells each such trial PRUNED (it was cut short; its
+    intermediate values are kept), or FAIL if Tune marked it ERROR or it never reported.
+    Trials Tune will resume (RUNNING / PENDING / PAUSED after Ctrl+C) are left alone. At the
+    very end Ray's cleanup marks *every* live trial TERMINATED, Ctrl+C or not, after saving
+    the experiment state with their true status; so the statuses seen at the last step are
+    used, not those handed to `on_experiment_end`.
+
+    Holds the storage and study name, not the searcher: it is pickled with the RunConfig
+    and must not depend on being the same object as the searcher after `Tuner.restore`.
+    Built by `PruningOptunaSearch.end_of_experiment_callback`; Ray calls `on_experiment_end`.
+    """
+
+    def __init__(self, storage: Any, study_name: str) -> None:
+        self._storage = storage
+        self._study_name = study_name
+        self._status_at_last_step: dict[str, str] = {}
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        """Called by Ray after every controller step, after its time-budget / stop-all check."""
+        self._status_at_last_step = {t.trial_id: t.status for t in trials}
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """Called by Ray once, after the last trial has concluded."""
+        status = self._status_at_last_step
+        try:
+            study = optuna.load_study(study_name=self._study_name, storage=self._storage)
+        except (KeyError, ValueError) as err:  # no storage, or the study never got created
+            logger.warning("Cannot close stopped Optuna trials: %s", err)
+            return
+        for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            tune_status = status.get(frozen.user_attrs.get(RAY_TRIAL_ID_ATTR))
+            if tune_status == "TERMINATED" and frozen.intermediate_values:
+                study.tell(frozen.number, state=TrialState.PRUNED)
+            elif tune_status in ("TERMINATED", "ERROR"):
+                # Errored, or stopped before its first result: says nothing about its
+                # configuration (the searcher's rule for a trial that never reported).
+                study.tell(frozen.number, state=TrialState.FAIL)
