@@ -15,9 +15,13 @@ trials end: PRUNED when a scheduler (`OptunaPruningScheduler`, or a scheduler th
 last) value of the metric otherwise. The scheduler installs its pruner as the study's pruner,
 so `Trial.should_prune()` runs the real pruner against the same study.
 
+`CloseStoppedOptunaTrials` (from `end_of_experiment_callback()`) covers the one path where
+Ray never tells the searcher a trial ended: trials cut by `time_budget_s` or a stop-all.
+
 Who calls this: `dala_search.search.tuner` builds one per magnification and hands it to
-`ray.tune.TuneConfig(search_alg=...)`; Ray calls `suggest` / `on_trial_result` /
-`on_trial_complete` / `save` / `restore`; `OptunaPruningScheduler` calls `should_prune`.
+`ray.tune.TuneConfig(search_alg=...)` and its callback to `RunConfig(callbacks=[...])`; Ray
+calls `suggest` / `on_trial_result` / `on_trial_complete` / `save` / `restore`;
+`OptunaPruningScheduler` calls `should_prune`. API facts: docs/ray_optuna_notes.md.
 """
 
 from __future__ import annotations
