@@ -416,6 +416,8 @@ def _run_magnification(
                 storage_path=str(folder / "ray"),
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                 callbacks=[
+                    # Closes Optuna trials Tune left open (e.g. cut by the time budget).
+                    searcher.end_of_experiment_callback(),
                     SearchCallback(
                         tracking_uri=plan.tracking_uri,
                         search=plan.name,
