@@ -6,6 +6,8 @@ Any ``DalaError`` (bad file, key or value) is printed as one clear line and exit
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -340,6 +342,13 @@ def spaces_cmd(verbose: bool) -> None:
 )
 @click.option("--time-budget", default=None, help="Wall-clock budget, e.g. 45m or 2h.")
 @click.option("--fold", type=click.IntRange(1, 5), default=None, help="Official fold (Folds.csv).")
+@click.option(
+    "--max-retries",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Restarts of a trial whose process or node died (a trial that raised is not retried).",
+)
 @SEED_OPT
 @RUNS_OPT
 def start_cmd(
@@ -360,6 +369,7 @@ def start_cmd(
     max_concurrent: int | None,
     time_budget: str | None,
     fold: int | None,
+    max_retries: int,
     seed: int | None,
     runs_dir: Path | None,
 ) -> None:
@@ -386,6 +396,7 @@ def start_cmd(
         address=address,
         runs_dir=runs_dir,
         fold=fold,
+        max_retries=max_retries,
     )
     click.echo(
         f"search {plan.name}: space {plan.space}, {plan.trials} trial(s) x "
@@ -412,6 +423,9 @@ def resume_cmd(name: str, runs_dir: Path | None) -> None:
 def _run(plan: Any, *, resume: bool) -> None:
     from dala_search.search.tuner import SearchInterrupted, run_search
 
+    # SIGTERM (a scheduler, `kill`, a preempted node) stops the search like Ctrl+C: Ray
+    # Tune's SIGINT handler saves the experiment state and the driver says how to resume.
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     try:
         outcomes = run_search(plan, resume=resume)
     except SearchInterrupted as e:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dala_search import faults
 from dala_search.config import TrialConfig
 from dala_search.data.augment import AugmentSpec, augment, normalize, to_float
 from dala_search.data.breakhis import (
@@ -359,6 +360,7 @@ def train_trial(
         gamma=config.focal_gamma,
         label_smoothing=config.label_smoothing,
     ).to(device)
+    loss_fn = faults.wrap_loss(loss_fn)  # no-op unless a reliability test injects a NaN
     optimizer = _make_optimizer(config, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: _lr_factor(config, e))
     generator = torch.Generator(device=device).manual_seed(config.seed)

@@ -29,6 +29,9 @@ TAG_SYNTHETIC = "dala.synthetic_data"
 TAG_SEARCH = "dala.search"
 TAG_CODE = "dala.code_version"
 TAG_HAS_MODEL = "dala.has_model"
+TAG_FOLDER = "dala.search_folder"  # the search's folder: one name, one search
+TAG_FAILURE = "dala.failure"  # "exception": the trial raised; it is not retried
+TAG_ATTEMPT = "dala.attempt"  # 1, then 2.. when Tune restarted a dead trial process
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag
 
 
@@ -114,20 +117,40 @@ def _retry(fn, *args: Any, attempts: int = 5, **kwargs: Any) -> Any:  # noqa: AN
     return None
 
 
+def check_experiment_free(uri: str, search: str, folder: str | Path) -> None:
+    """Refuse a search whose name is taken in the tracking store by another search folder.
+
+    Two searches with one name (e.g. started from two machines against one server) would
+    otherwise write into one experiment and mix their trials.
+    """
+    exp = _client(uri).get_experiment_by_name(experiment_name(search))
+    if exp is None:
+        return
+    other = exp.tags.get(TAG_FOLDER)
+    if other != str(folder):
+        raise DalaError(
+            f"the MLflow store {uri} already has a search named {search!r} "
+            f"(experiment {experiment_name(search)!r}, folder {other or 'unknown'}); "
+            "choose another --name"
+        )
+
+
 class SearchTracker:
     """Driver-side records of one search. Called by ``search/tuner.py``."""
 
-    def __init__(self, uri: str, search: str) -> None:
+    def __init__(self, uri: str, search: str, folder: str | None = None) -> None:
         self.uri = uri
         self.search = search
         self.client = _client(uri)
         name = experiment_name(search)
         exp = self.client.get_experiment_by_name(name)
-        self.experiment_id = (
-            exp.experiment_id
-            if exp is not None
-            else self.client.create_experiment(name, tags={TAG_SEARCH: search})
-        )
+        if exp is not None:
+            if folder is not None:
+                check_experiment_free(uri, search, folder)
+            self.experiment_id = exp.experiment_id
+        else:
+            tags = {TAG_SEARCH: search, **({TAG_FOLDER: str(folder)} if folder else {})}
+            self.experiment_id = self.client.create_experiment(name, tags=tags)
 
     def parent_run(self, magnification: str, tags: Mapping[str, str]) -> str:
         """The magnification's parent run: reused on resume, created otherwise."""
@@ -244,6 +267,10 @@ def best_table(uri: str, search: str) -> list[dict[str, Any]]:
     return rows
 
 
+class TrialFailedBefore(RuntimeError):
+    """Tune restarted a trial that had raised: a bug or NaN repeats, so it is not rerun."""
+
+
 class TrialTracker:
     """Trial-side records: a nested child run, per-epoch metrics, final figures.
 
@@ -262,11 +289,32 @@ class TrialTracker:
         self.client = _client(uri)
         from mlflow.entities import Param
 
+        # A trial Tune restarted (its process or node died) keeps its one run: no duplicate.
+        previous = self._previous_run(experiment_id, parent_run_id, tags.get(TAG_RAY_ID))
+        if previous is not None:
+            self.run_id = previous.info.run_id
+            ptags = previous.data.tags
+            if ptags.get(TAG_FAILURE) == "exception":
+                raise TrialFailedBefore(
+                    f"trial {tags.get(TAG_RAY_ID)} raised before and is not retried: "
+                    f"{ptags.get('dala.error', '')[:300]}"
+                )
+            attempt = int(ptags.get(TAG_ATTEMPT, "1")) + 1
+            _retry(self.client.update_run, self.run_id, status="RUNNING")
+            _retry(self.client.set_tag, self.run_id, TAG_ATTEMPT, str(attempt))
+            _retry(self.client.set_tag, self.run_id, TAG_STATE, "running")
+            return
         run = _retry(
             self.client.create_run,
             experiment_id,
             run_name=run_name,
-            tags={PARENT_TAG: parent_run_id, TAG_ROLE: "trial", TAG_STATE: "running", **tags},
+            tags={
+                PARENT_TAG: parent_run_id,
+                TAG_ROLE: "trial",
+                TAG_STATE: "running",
+                TAG_ATTEMPT: "1",
+                **tags,
+            },
         )
         self.run_id = run.info.run_id
         items = [
@@ -275,6 +323,22 @@ class TrialTracker:
         ]
         for i in range(0, len(items), 100):
             _retry(self.client.log_batch, self.run_id, params=items[i : i + 100])
+
+    def _previous_run(
+        self, experiment_id: str, parent_run_id: str, ray_trial_id: str | None
+    ) -> Any | None:
+        if not ray_trial_id:
+            return None
+        found = _retry(
+            self.client.search_runs,
+            [experiment_id],
+            filter_string=(
+                f"tags.`{PARENT_TAG}` = '{parent_run_id}' and "
+                f"tags.`{TAG_RAY_ID}` = '{ray_trial_id}'"
+            ),
+            max_results=1,
+        )
+        return found[0] if found else None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -307,9 +371,12 @@ class TrialTracker:
             )
         _retry(self.client.set_tag, self.run_id, TAG_HAS_MODEL, "true")
 
-    def finish(self, state: str, error: str | None = None) -> None:
+    def finish(self, state: str, error: str | None = None, raised: bool = False) -> None:
+        """Close the run. ``raised``: the trial raised (not retried if Tune restarts it)."""
         status = {"completed": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}[state]
         _retry(self.client.set_tag, self.run_id, TAG_STATE, state)
+        if raised:
+            _retry(self.client.set_tag, self.run_id, TAG_FAILURE, "exception")
         if error:
             _retry(self.client.set_tag, self.run_id, "dala.error", error[:4000])
         _retry(self.client.set_terminated, self.run_id, status)

@@ -14,6 +14,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
+from dala_search import faults
 from dala_search.search import tracking
 from dala_search.space import SearchSpace
 from dala_search.train import TrialData, TrialResult, train_trial
@@ -72,11 +73,16 @@ def run_trial(params: dict[str, Any], *, data: TrialData, ctx: TrialContext) -> 
         out[f"best_{ctx.metric}"] = best_so_far if math.isfinite(best_so_far) else float("nan")
         tracker.log_metrics(out, step=epoch)
         tune.report(out)
+        faults.after_epoch(epoch)  # no-op unless a reliability test injects a fault
 
     try:
         result = train_trial(config, data, report, keep_model=ctx.log_models)
     except Exception as e:
-        tracker.finish("failed", error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+        # A raised error (a bug, a NaN loss, out of memory) would repeat: the run is marked
+        # so a restart by Tune's FailureConfig ends at once instead of training again.
+        tracker.finish(
+            "failed", error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}", raised=True
+        )
         raise
     tracker.log_metrics(result.summary(), step=result.epochs_run)
     _log_figures(tracker, result)

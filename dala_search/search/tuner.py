@@ -58,6 +58,9 @@ class SearchPlan:
     folder: str  # this search's folder
     fold: int | None = None  # official Folds.csv fold instead of a seeded patient split
     log_models: bool = True
+    # Restarts of a trial whose process or node died (Tune FailureConfig). A trial that
+    # raised (a bug, NaN loss, out of memory) is not retried: see trainable.py.
+    max_retries: int = 2
 
     @property
     def tune_metric(self) -> str:
@@ -66,13 +69,29 @@ class SearchPlan:
     def study_name(self, magnification: str) -> str:
         return f"{self.name}-{magnification}"
 
-    def save(self) -> None:
-        """Atomically (temp file + rename): a crash never leaves half a plan."""
+    def save(self, *, new: bool = False) -> None:
+        """Atomically (temp file + rename): a crash never leaves half a plan.
+
+        ``new``: refuse when the plan file exists already (two ``start`` with one name
+        racing past ``plan_search``'s check): ``os.link`` fails if the target exists.
+        """
         folder = Path(self.folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{PLAN_FILE}.tmp"
+        tmp = folder / f".{PLAN_FILE}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2))
-        os.replace(tmp, folder / PLAN_FILE)
+        try:
+            if new:
+                try:
+                    os.link(tmp, folder / PLAN_FILE)
+                except FileExistsError:
+                    raise DalaError(
+                        f"a search named {self.name!r} already exists in {folder}; "
+                        f"continue it with `dala-search resume {self.name}`"
+                    ) from None
+            else:
+                os.replace(tmp, folder / PLAN_FILE)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, folder: Path) -> SearchPlan:
@@ -131,6 +150,7 @@ def plan_search(
     address: str | None = None,
     runs_dir: str | Path | None = None,
     fold: int | None = None,
+    max_retries: int = 2,
 ) -> SearchPlan:
     """Resolve and check a search before anything starts (no run, no folder, no Ray)."""
     from dala_search.search.pruning import make_pruner, make_sampler
@@ -167,6 +187,8 @@ def plan_search(
         raise ConfigError(f"--cpus-per-trial: {cpus_per_trial} must be positive")
     if gpus_per_trial is not None and gpus_per_trial < 0:
         raise ConfigError(f"--gpus-per-trial: {gpus_per_trial} must be >= 0")
+    if max_retries < 0:
+        raise ConfigError(f"--max-retries: {max_retries} must be >= 0")
     if workers_per_trial < 1:
         raise ConfigError(f"--workers-per-trial: {workers_per_trial} must be at least 1")
     if workers_per_trial > 1:
@@ -185,6 +207,7 @@ def plan_search(
             f"write to {uri}"
         )
     tracking.check_tracking_uri(uri)
+    tracking.check_experiment_free(uri, name, folder)
     if data_dir is None:
         from dala_search.data.demo import ensure_demo_data
 
@@ -214,6 +237,7 @@ def plan_search(
         address=address,
         folder=str(folder),
         fold=fold,
+        max_retries=max_retries,
     )
 
 
@@ -259,8 +283,8 @@ def run_search(plan: SearchPlan, *, resume: bool = False) -> list[MagnificationO
     space = load_space(plan.space)
     folder = Path(plan.folder)
     if not resume:
-        plan.save()
-    tracker = tracking.SearchTracker(plan.tracking_uri, plan.name)
+        plan.save(new=True)
+    tracker = tracking.SearchTracker(plan.tracking_uri, plan.name, folder=plan.folder)
     index = index_breakhis(plan.data_dir, progress=True)
     if index.skipped:
         print(
@@ -273,7 +297,7 @@ def run_search(plan: SearchPlan, *, resume: bool = False) -> list[MagnificationO
     if not ray.is_initialized():
         ray.init(
             address=plan.address,
-            runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": plan.tracking_uri}},
+            runtime_env={"env_vars": _worker_env(plan)},
             include_dashboard=False,
             log_to_driver=True,
             logging_level="WARNING",
@@ -292,6 +316,17 @@ def run_search(plan: SearchPlan, *, resume: bool = False) -> list[MagnificationO
         if outcome.interrupted:
             raise SearchInterrupted(plan.name, outcomes)
     return outcomes
+
+
+def _worker_env(plan: SearchPlan) -> dict[str, str]:
+    """Environment of every trial process: the tracking store, and the fault-injection
+    switch when a test set it (``dala_search/faults.py``)."""
+    env = {"MLFLOW_TRACKING_URI": plan.tracking_uri}
+    from dala_search.faults import ENV_VAR
+
+    if os.environ.get(ENV_VAR):
+        env[ENV_VAR] = os.environ[ENV_VAR]
+    return env
 
 
 class SearchInterrupted(DalaError):
@@ -414,7 +449,7 @@ def _run_magnification(
             run_config=tune.RunConfig(
                 name=mag,
                 storage_path=str(folder / "ray"),
-                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                failure_config=tune.FailureConfig(max_failures=plan.max_retries, fail_fast=False),
                 callbacks=[
                     # Closes Optuna trials Tune left open (e.g. cut by the time budget).
                     searcher.end_of_experiment_callback(),
@@ -426,7 +461,7 @@ def _run_magnification(
                         magnification=mag,
                         metric=plan.tune_metric,
                         total=plan.trials,
-                    )
+                    ),
                 ],
                 verbose=0,
             ),

@@ -1,0 +1,88 @@
+"""Fault injection for the reliability tests: real faults, raised in real trial processes.
+
+Off unless ``$DALA_FAULTS`` is set (the search forwards it to every trial process). Its
+value is a JSON list of faults, each::
+
+    {"kind": "raise" | "oom" | "nan" | "sigkill", "epoch": 1, "once": "/tmp/token", "delay_s": 0.5}
+
+- ``raise``: a RuntimeError after epoch ``epoch`` is reported (a bug in a trial);
+- ``oom``: ``torch.cuda.OutOfMemoryError`` after epoch ``epoch`` (what a GPU that is full
+  raises; the class exists on CPU builds too);
+- ``nan``: the training loss becomes NaN from the first batch (``train_trial``'s own
+  non-finite check must end the trial);
+- ``sigkill``: the trial process SIGKILLs itself ``delay_s`` seconds after epoch
+  ``epoch`` is reported, i.e. in the middle of the next epoch.
+
+``once`` names a token file: only the first process that creates it gets the fault, so one
+trial of a search is hit and a restarted trial is not hit again. Core module: no framework
+imports (torch only where a fault needs it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from typing import Any
+
+ENV_VAR = "DALA_FAULTS"
+KINDS = ("raise", "oom", "nan", "sigkill")
+
+
+def _faults() -> list[dict[str, Any]]:
+    raw = os.environ.get(ENV_VAR)
+    if not raw:
+        return []
+    faults = json.loads(raw)
+    for f in faults:
+        if f.get("kind") not in KINDS:
+            raise ValueError(f"${ENV_VAR}: unknown fault kind {f.get('kind')!r}; one of {KINDS}")
+    return faults
+
+
+def _claim(fault: dict[str, Any]) -> bool:
+    """True for the one process that gets a ``once`` fault (atomic O_EXCL create)."""
+    token = fault.get("once")
+    if not token:
+        return True
+    try:
+        fd = os.open(token, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
+
+def after_epoch(epoch: int) -> None:
+    """Called by the search's trial function after each epoch is reported."""
+    for f in _faults():
+        if f["kind"] == "nan" or int(f.get("epoch", 1)) != epoch or not _claim(f):
+            continue
+        if f["kind"] == "raise":
+            raise RuntimeError(f"injected fault: a bug after epoch {epoch}")
+        if f["kind"] == "oom":
+            import torch
+
+            raise torch.cuda.OutOfMemoryError(
+                f"CUDA out of memory (injected fault after epoch {epoch})"
+            )
+        if f["kind"] == "sigkill":
+            timer = threading.Timer(
+                float(f.get("delay_s", 0.5)), os.kill, args=(os.getpid(), signal.SIGKILL)
+            )
+            timer.daemon = True
+            timer.start()
+
+
+def wrap_loss(loss_fn: Any) -> Any:
+    """Called by ``train_trial`` on its loss: a ``nan`` fault makes every loss NaN."""
+    faults = [f for f in _faults() if f["kind"] == "nan"]
+    if not faults or not any(_claim(f) for f in faults):
+        return loss_fn
+
+    def nan_loss(*args: Any, **kwargs: Any) -> Any:
+        return loss_fn(*args, **kwargs) * float("nan")
+
+    return nan_loss
