@@ -328,11 +328,15 @@ def train_trial(
     *,
     keep_model: bool = False,
     progress: bool = False,
+    build_model: Callable[[TrialConfig], nn.Module] = build_dalaresnet,
 ) -> TrialResult:
     """Train one configuration; report validation metrics every epoch; test the best epoch.
 
     ``reporter(epoch, metrics)`` receives ``val_*`` metrics plus ``train_loss`` and timing.
     Seeded and repeatable on the CPU. Raises NonFiniteLossError on a NaN/inf loss.
+    ``build_model`` swaps the architecture and nothing else (``evaluate.py`` passes the
+    paper's baselines from ``model/baselines.py``); the model must offer
+    ``parameter_groups(weight_decay)``.
     """
     if config.image_size != data.cache.image_size:
         raise ConfigError(
@@ -343,7 +347,7 @@ def train_trial(
         torch.set_num_threads(config.num_threads)
     _seed_everything(config.seed)
     device = resolve_device(config.device)
-    model = build_dalaresnet(config).to(device)
+    model = build_model(config).to(device)
     if device.type == "cuda" and config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     run_model: nn.Module = torch.compile(model) if config.compile else model
