@@ -6,6 +6,7 @@ Any ``DalaError`` (bad file, key or value) is printed as one clear line and exit
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -16,9 +17,60 @@ import click
 
 from dala_search.errors import DalaError
 
+
+class FiniteFloatRange(click.FloatRange):
+    """click's FloatRange, refusing NaN and infinity.
+
+    click compares the bounds only, and every comparison with NaN is false: ``--cpus-per-trial
+    nan`` would pass, and ``inf`` passes any range without a maximum.
+    """
+
+    name = "finite float range"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+# The upper bounds below are TrialConfig's (config.py): a value the CLI lets through must
+# not be refused later inside every trial of a running search.
+MAX_SEED = 2**31 - 1
+MAX_EPOCHS = 10000
+MAX_IMAGE_SIZE = 1024
+
+
+def _search_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A search name becomes a folder under the runs dir: no '/', '..' or absolute paths.
+
+    Same rule as ``plan_search`` (letters, digits, '-', '_', '.'), checked for ``resume``,
+    ``best`` and ``ui`` too: they join the name onto the runs dir and read (resume: write)
+    there, so ``../x`` would reach outside it.
+    """
+    if value is None:
+        return None
+    if not value.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise click.BadParameter(f"{value!r}: use letters, digits, '-', '_' and '.' only")
+    return value
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Check ``--time-budget`` while parsing, before the demo data or anything else is made."""
+    from dala_search.search.tuner import parse_duration
+
+    try:
+        parse_duration(value)
+    except DalaError as e:
+        raise click.BadParameter(str(e).removeprefix("--time-budget: ")) from None
+    return value
+
+
 DATA_DIR_ARG = click.argument("data_dir", type=click.Path(path_type=Path))
 JSON_OPT = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-SEED_OPT = click.option("--seed", type=click.IntRange(min=0), default=None, help="Random seed.")
+SEED_OPT = click.option(
+    "--seed", type=click.IntRange(0, MAX_SEED), default=None, help="Random seed."
+)
 MAG_OPT = click.option(
     "--magnification",
     "-m",
@@ -136,8 +188,12 @@ def data_check(data_dir: Path, as_json: bool) -> None:
 @MAG_OPT
 @click.option("--fold", type=click.IntRange(1, 5), default=None, help="Official fold (Folds.csv).")
 @SEED_OPT
-@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True), default=0.15)
-@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True), default=0.2)
+@click.option(
+    "--val-fraction", type=FiniteFloatRange(0, 1, min_open=True, max_open=True), default=0.15
+)
+@click.option(
+    "--test-fraction", type=FiniteFloatRange(0, 1, min_open=True, max_open=True), default=0.2
+)
 @JSON_OPT
 def data_split(
     data_dir: Path,
@@ -193,8 +249,8 @@ def data_split(
     default=None,
     help="Trial config YAML (TrialConfig keys); defaults apply without it.",
 )
-@click.option("--epochs", type=click.IntRange(min=1), default=None)
-@click.option("--image-size", type=click.IntRange(min=32), default=None)
+@click.option("--epochs", type=click.IntRange(1, MAX_EPOCHS), default=None)
+@click.option("--image-size", type=click.IntRange(32, MAX_IMAGE_SIZE), default=None)
 @click.option("--pretrained", default=None, help="imagenet | none | path/to/resnet50.pth")
 @SEED_OPT
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N")
@@ -313,8 +369,13 @@ def spaces_cmd(verbose: bool) -> None:
 )
 @click.option("--magnification", "-m", default=None, help="Comma list (40X,100X) or 'all'.")
 @click.option("--trials", type=click.IntRange(min=1), default=None, help="Per magnification.")
-@click.option("--epochs", type=click.IntRange(min=1), default=None)
-@click.option("--name", default=None, help="Search name (default: <space>-<date>-<time>).")
+@click.option("--epochs", type=click.IntRange(1, MAX_EPOCHS), default=None)
+@click.option(
+    "--name",
+    default=None,
+    callback=_search_name,
+    help="Search name (default: <space>-<date>-<time>).",
+)
 @click.option("--address", default=None, help="Ray cluster: auto | ray://HOST:10001.")
 @TRACKING_OPT
 @click.option("--storage", default=None, help="Optuna RDB URL (default: sqlite in the folder).")
@@ -326,12 +387,12 @@ def spaces_cmd(verbose: bool) -> None:
 )
 @click.option(
     "--gpus-per-trial",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=None,
     help="GPUs per trial; a fraction packs trials on one GPU (default: 1 if any).",
 )
 @click.option(
-    "--cpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True
+    "--cpus-per-trial", type=FiniteFloatRange(min=0, min_open=True), default=1.0, show_default=True
 )
 @click.option("--workers-per-trial", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option(
@@ -340,7 +401,9 @@ def spaces_cmd(verbose: bool) -> None:
     default=None,
     help="Trials at once (0: as resources allow).",
 )
-@click.option("--time-budget", default=None, help="Wall-clock budget, e.g. 45m or 2h.")
+@click.option(
+    "--time-budget", default=None, callback=_duration, help="Wall-clock budget, e.g. 45m or 2h."
+)
 @click.option("--fold", type=click.IntRange(1, 5), default=None, help="Official fold (Folds.csv).")
 @click.option(
     "--max-retries",
@@ -374,6 +437,7 @@ def start_cmd(
     runs_dir: Path | None,
 ) -> None:
     """Start a search: one Optuna study per magnification, trials on Ray, records in MLflow."""
+    from dala_search.data.preflight import check_search_data
     from dala_search.search.tuner import plan_search
 
     plan = plan_search(
@@ -398,6 +462,9 @@ def start_cmd(
         fold=fold,
         max_retries=max_retries,
     )
+    # The data must be searchable before the search folder, the MLflow experiment or Ray
+    # exist: a folder without images, an empty magnification or a bad split fails here.
+    check_search_data(plan.data_dir, plan.magnifications, seed=plan.seed, fold=plan.fold)
     click.echo(
         f"search {plan.name}: space {plan.space}, {plan.trials} trial(s) x "
         f"{', '.join(plan.magnifications)}; folder {plan.folder}",
@@ -408,7 +475,7 @@ def start_cmd(
 
 
 @main.command("resume")
-@click.argument("name")
+@click.argument("name", callback=_search_name)
 @RUNS_OPT
 def resume_cmd(name: str, runs_dir: Path | None) -> None:
     """Continue an interrupted search to its requested number of trials."""
@@ -449,7 +516,7 @@ def _print_outcomes(outcomes: list[Any]) -> None:
 
 
 @main.command("best")
-@click.argument("name", required=False)
+@click.argument("name", required=False, callback=_search_name)
 @TRACKING_OPT
 @RUNS_OPT
 @JSON_OPT
@@ -469,7 +536,10 @@ def best_cmd(
     uri = tracking_uri
     if uri is None and (runs / name / "search.json").is_file():
         uri = SearchPlan.load(runs / name).tracking_uri
-    rows = tracking.best_table(tracking.resolve_tracking_uri(uri), name)
+    uri = tracking.resolve_tracking_uri(uri)
+    # MLflow's HTTP client retries an unreachable server for minutes: say so at once.
+    tracking.check_tracking_uri(uri)
+    rows = tracking.best_table(uri, name)
     if as_json:
         click.echo(json.dumps({"search": name, "magnifications": rows}, indent=2))
         return
@@ -505,7 +575,7 @@ def best_cmd(
 
 
 @main.command("ui")
-@click.argument("name", required=False)
+@click.argument("name", required=False, callback=_search_name)
 @TRACKING_OPT
 @RUNS_OPT
 @click.option(
