@@ -617,5 +617,42 @@ def ui_cmd(
     sys.exit(subprocess.call(cmd))
 
 
+@main.command("report")
+@click.argument("name", callback=_search_name)
+@RUNS_OPT
+@TRACKING_OPT
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="HTML file to write (default: <search folder>/report/report.html).",
+)
+@click.option(
+    "--gradcam-per-class",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Test images per class for Grad-CAM (0: no Grad-CAM).",
+)
+def report_cmd(
+    name: str,
+    runs_dir: Path | None,
+    tracking_uri: str | None,
+    out: Path | None,
+    gradcam_per_class: int,
+) -> None:
+    """Write a self-contained HTML report of a search (figures beside it and inlined)."""
+    from dala_search.report import build_report
+
+    path = build_report(
+        name,
+        runs_dir=runs_dir,
+        out=out,
+        tracking_uri=tracking_uri,
+        gradcam_per_class=gradcam_per_class,
+    )
+    click.echo(f"report: {path} (open it in a browser; works offline)")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

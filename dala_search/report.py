@@ -1,0 +1,594 @@
+"""``dala-search report NAME``: one self-contained HTML page per search.
+
+``cli.py``'s ``report`` command calls ``build_report``. The page gathers what the search and
+the later commands recorded, per magnification:
+
+* best configuration and its validation/test metrics (MLflow: ``tracking.best_table``,
+  the parent runs) and the Optuna study's trial counts;
+* the final evaluation with 95% confidence intervals (``<search folder>/evaluation/<mag>.json``,
+  written by ``dala-search evaluate``);
+* the comparison with the paper's baselines (``<search folder>/baselines/<mag>.json``,
+  written by ``dala-search baselines``);
+* Optuna's own visualisations of the study (matplotlib backend: PNG without plotly/kaleido);
+* confusion matrix and ROC curve of the best trial (its MLflow artifacts ``figures/...``);
+* Grad-CAM heat maps of the best model on test images of each class (``explain.py``, logged
+  to the parent run as ``gradcam/<mag>/``);
+* provenance: data set path, synthetic or real, split, code versions, dates.
+
+A section whose source is missing says so and names the command that fills it; it is never
+left empty or filled with made-up numbers. Figures are written as PNG files into a folder
+beside the page *and* inlined as data URIs, so the page opens offline from disk, alone.
+Every string that reaches the page goes through jinja2's autoescaping.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dala_search.errors import DalaError
+from dala_search.search import tracking
+
+# Metrics shown first (the paper's four, then the rest of the evaluate command's set).
+PAPER_METRICS = ("accuracy", "f1", "iba", "gmean")
+EVAL_METRICS = (*PAPER_METRICS, "balanced_accuracy", "roc_auc", "patient_accuracy")
+SECTIONS = ("best", "evaluation", "comparison", "optuna", "figures", "gradcam", "provenance")
+
+
+@dataclass
+class Figure:
+    """A PNG in the report (``src`` a data URI) or, when it cannot exist, why (``missing``)."""
+
+    title: str
+    file: str = ""  # path relative to the page
+    src: str = ""
+    missing: str = ""
+    caption: str = ""
+
+
+@dataclass
+class MagSection:
+    """Everything the page shows for one magnification."""
+
+    magnification: str
+    best: dict[str, Any] | None = None  # best_table row
+    trial_counts: dict[str, int] = field(default_factory=dict)
+    metric_rows: list[tuple[str, str, str]] = field(default_factory=list)  # name, val, test
+    evaluation: dict[str, Any] | None = None
+    evaluation_rows: list[tuple[str, str, str, str]] = field(default_factory=list)
+    comparison: dict[str, Any] | None = None
+    comparison_metrics: list[str] = field(default_factory=list)
+    comparison_rows: list[tuple[str, list[str]]] = field(default_factory=list)
+    optuna: list[Figure] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+    gradcam: list[Figure] = field(default_factory=list)
+    gradcam_note: str = ""
+    provenance: dict[str, str] = field(default_factory=dict)
+
+
+def default_report_path(folder: Path) -> Path:
+    return folder / "report" / "report.html"
+
+
+def build_report(
+    name: str,
+    *,
+    runs_dir: str | Path | None = None,
+    out: str | Path | None = None,
+    tracking_uri: str | None = None,
+    gradcam_per_class: int = 2,
+    log_gradcam: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Write the report of search ``name``; returns the HTML path.
+
+    ``tracking_uri`` overrides the one in ``search.json`` (a store that moved);
+    ``gradcam_per_class=0`` leaves Grad-CAM out (the page says so); ``log_gradcam=False``
+    keeps the overlays out of MLflow (used on stores a caller must not change).
+    """
+    from dala_search.search.tuner import SearchPlan, default_runs_dir
+
+    # The name becomes a folder under the runs dir: '../x' or '/x' must not reach outside.
+    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise DalaError(f"search name {name!r}: use letters, digits, '-', '_' and '.' only")
+    folder = Path(runs_dir or default_runs_dir()).resolve() / name
+    if not folder.is_dir():
+        raise DalaError(f"no search named {name!r} in {folder.parent} (see --runs-dir)")
+    plan = SearchPlan.load(folder)
+    uri = tracking.resolve_tracking_uri(tracking_uri or plan.tracking_uri)
+    tracking.check_tracking_uri(uri)
+    html_path = Path(out).resolve() if out else default_report_path(folder)
+    if html_path.suffix.lower() not in (".html", ".htm"):
+        raise DalaError(f"--out {out}: the report is an HTML file; give a path ending in .html")
+    fig_dir = html_path.parent / f"{html_path.stem}_figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+
+    rows = {r["magnification"]: r for r in tracking.best_table(uri, name)}
+    parents = _parent_runs(uri, name)
+    mags = [m for m in plan.magnifications if m in rows or m in parents] or list(rows)
+    steps: Any = mags
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(mags, desc="report", unit="magnification")
+    sections = []
+    for mag in steps:
+        sec = MagSection(mag, best=rows.get(mag))
+        _best_section(sec)
+        _evaluation_section(sec, folder / "evaluation" / f"{mag}.json")
+        _comparison_section(sec, folder / "baselines" / f"{mag}.json")
+        _optuna_section(sec, plan, mag, fig_dir, html_path.parent)
+        _figures_section(sec, uri, fig_dir, html_path.parent)
+        _gradcam_section(
+            sec,
+            plan,
+            uri,
+            parents.get(mag),
+            fig_dir,
+            html_path.parent,
+            per_class=gradcam_per_class,
+            log=log_gradcam,
+            progress=progress,
+        )
+        sec.provenance = _provenance(parents.get(mag))
+        sections.append(sec)
+
+    html = _render(
+        search=name,
+        plan=plan,
+        uri=uri,
+        folder=folder,
+        sections=sections,
+        synthetic=any(s.best and s.best["synthetic"] for s in sections),
+    )
+    tmp = html_path.with_name(f".{html_path.name}.tmp")
+    tmp.write_text(html, encoding="utf-8")
+    tmp.replace(html_path)  # atomic: a browser never sees half a page
+    return html_path
+
+
+# ---- sources ----------------------------------------------------------------------------
+
+
+def _parent_runs(uri: str, name: str) -> dict[str, Any]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(tracking.experiment_name(name))
+    if exp is None:  # best_table has already refused this; kept for direct callers
+        raise DalaError(f"no search named {name!r} in the MLflow store {uri}")
+    runs = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{tracking.TAG_ROLE}` = 'magnification'"
+    )
+    return {r.data.tags[tracking.TAG_MAG]: r for r in runs}
+
+
+def _read_json(path: Path, required: tuple[str, ...], magnification: str) -> dict[str, Any]:
+    """A JSON file another command wrote; a malformed one is an error naming file and key."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DalaError(f"{path}: cannot read it as JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise DalaError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    for key in required:
+        if key not in data:
+            raise DalaError(f"{path}: missing key {key!r}")
+    if data["magnification"] != magnification:
+        raise DalaError(
+            f"{path}: key 'magnification' is {data['magnification']!r}, expected {magnification!r}"
+        )
+    return data
+
+
+def _ci_cell(path: Path, name: str, m: Any) -> tuple[str, str]:
+    """``mean`` and ``[low, high]`` as text; a malformed entry names file and metric."""
+    if not isinstance(m, Mapping) or not all(k in m for k in ("mean", "ci_low", "ci_high")):
+        raise DalaError(f"{path}: metric {name!r} needs 'mean', 'ci_low' and 'ci_high'")
+    return _num(m["mean"]), f"[{_num(m['ci_low'])}, {_num(m['ci_high'])}]"
+
+
+def _num(v: Any) -> str:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return "n/a" if not math.isfinite(f) else f"{f:.4f}"
+
+
+# ---- sections ---------------------------------------------------------------------------
+
+
+def _best_section(sec: MagSection) -> None:
+    if sec.best is None or not sec.best["best_run_id"]:
+        return
+    m = sec.best["metrics"]
+    names = [k[len("best_test_") :] for k in m if k.startswith("best_test_")]
+    order = [k for k in EVAL_METRICS if k in names] + sorted(set(names) - set(EVAL_METRICS))
+    sec.metric_rows = [
+        (k, _num(m.get(f"best_val_{k}", float("nan"))), _num(m[f"best_test_{k}"])) for k in order
+    ]
+
+
+def _evaluation_section(sec: MagSection, path: Path) -> None:
+    if not path.is_file():
+        return
+    required = ("magnification", "protocol", "k", "metrics", "synthetic", "code_version")
+    ev = _read_json(path, required, sec.magnification)
+    if not isinstance(ev["metrics"], Mapping) or not ev["metrics"]:
+        raise DalaError(f"{path}: key 'metrics' must be a non-empty object")
+    names = [k for k in EVAL_METRICS if k in ev["metrics"]]
+    names += sorted(set(ev["metrics"]) - set(EVAL_METRICS))
+    for k in names:
+        mean, ci = _ci_cell(path, k, ev["metrics"][k])
+        values = ev["metrics"][k].get("values", [])
+        sec.evaluation_rows.append((k, mean, ci, ", ".join(_num(v) for v in values)))
+    ev["source"] = str(path)
+    sec.evaluation = ev
+
+
+def _comparison_section(sec: MagSection, path: Path) -> None:
+    if not path.is_file():
+        return
+    base = _read_json(path, ("magnification", "k", "rows"), sec.magnification)
+    rows = list(base["rows"])
+    for i, r in enumerate(rows):
+        if not isinstance(r, Mapping) or "model" not in r or "metrics" not in r:
+            raise DalaError(f"{path}: rows[{i}] needs keys 'model' and 'metrics'")
+    ours = base.get("dalaresnet50")
+    ours_label = "DALAResNet50 (searched best)"
+    # The baselines ran before `evaluate`: the evaluation's row is the same protocol only
+    # when k matches; otherwise it is left out (and the page says so).
+    if ours is None and sec.evaluation is not None and sec.evaluation["k"] == base["k"]:
+        ours = {"metrics": sec.evaluation["metrics"]}
+        ours_label += " (from evaluation/)"
+    if ours is not None:
+        # Either a full row ({"model", "metrics", ...}) or the metrics mapping itself.
+        metrics = ours.get("metrics", ours)
+        rows.append({"model": ours_label, "metrics": metrics})
+    present = {k for r in rows for k in r["metrics"]}
+    sec.comparison_metrics = [k for k in EVAL_METRICS if k in present]
+    sec.comparison_metrics += sorted(present - set(EVAL_METRICS))
+    for r in rows:
+        cells = []
+        for k in sec.comparison_metrics:
+            if k in r["metrics"]:
+                mean, ci = _ci_cell(path, f"{r['model']}.{k}", r["metrics"][k])
+                cells.append(f"{mean} {ci}")
+            else:
+                cells.append("-")
+        sec.comparison_rows.append((str(r["model"]), cells))
+    base["source"] = str(path)
+    base["has_ours"] = ours is not None
+    sec.comparison = base
+
+
+def _save(fig: Any, fig_dir: Path, name: str, page_dir: Path, title: str) -> Figure:
+    import matplotlib.pyplot as plt
+
+    path = fig_dir / name
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return _png_figure(path, page_dir, title)
+
+
+def _png_figure(path: Path, page_dir: Path, title: str, caption: str = "") -> Figure:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return Figure(
+        title=title,
+        file=str(path.relative_to(page_dir)),
+        src=f"data:image/png;base64,{data}",
+        caption=caption,
+    )
+
+
+def _optuna_section(sec: MagSection, plan: Any, mag: str, fig_dir: Path, page_dir: Path) -> None:
+    """Optuna's matplotlib plots of the magnification's study (they are 'experimental')."""
+    import optuna
+    from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as ovm
+
+    import dala_search.plots  # noqa: F401 - selects the headless Agg backend
+
+    try:
+        study = optuna.load_study(study_name=plan.study_name(mag), storage=plan.storage)
+    except KeyError:
+        sec.optuna.append(
+            Figure("Optuna study", missing=f"no study {plan.study_name(mag)!r} in {plan.storage}")
+        )
+        return
+    trials = study.get_trials(deepcopy=False)
+    sec.trial_counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
+    sec.trial_counts = {k: v for k, v in sec.trial_counts.items() if v}
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    stem = f"{mag}_optuna"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if not complete:
+            sec.optuna.append(
+                Figure(
+                    "Optimisation history",
+                    missing="no trial of this study completed (all pruned, failed or running)",
+                )
+            )
+            return
+        ax = ovm.plot_optimization_history(study, target_name=plan.tune_metric)
+        sec.optuna.append(
+            _save(ax.figure, fig_dir, f"{stem}_history.png", page_dir, "Optimisation history")
+        )
+        ax = ovm.plot_parallel_coordinate(study, target_name=plan.tune_metric)
+        sec.optuna.append(
+            _save(ax.figure, fig_dir, f"{stem}_parallel.png", page_dir, "Parallel coordinates")
+        )
+        names = {k for t in complete for k in t.params}
+        varied = [k for k in names if len({repr(t.params.get(k)) for t in complete}) > 1]
+        values = {t.value for t in complete}
+        why = ""
+        if len(complete) < 2:
+            why = f"only {len(complete)} completed trial(s)"
+        elif not varied:
+            why = "no parameter varied across the completed trials"
+        elif len(values) < 2:
+            why = f"every completed trial scored the same ({_num(complete[0].value)})"
+        if why:
+            sec.optuna.append(
+                Figure(
+                    "Parameter importances",
+                    missing=f"not computable: {why} (importances need at least 2 completed "
+                    "trials whose parameters and scores differ; run more trials)",
+                )
+            )
+            return
+        ax = ovm.plot_param_importances(study, target_name=plan.tune_metric)
+        sec.optuna.append(
+            _save(ax.figure, fig_dir, f"{stem}_importances.png", page_dir, "Parameter importances")
+        )
+
+
+def _figures_section(sec: MagSection, uri: str, fig_dir: Path, page_dir: Path) -> None:
+    """The best trial's own test figures, downloaded from its MLflow artifacts."""
+    if sec.best is None or not sec.best["best_run_id"]:
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    run_id = sec.best["best_run_id"]
+    logged = {a.path for a in client.list_artifacts(run_id, "figures")}
+    for art, title in (
+        ("figures/test_confusion_matrix.png", "Confusion matrix (test patients)"),
+        ("figures/test_roc_curve.png", "ROC curve (test patients)"),
+    ):
+        if art not in logged:
+            why = (
+                "the test side had a single class, so no ROC curve exists"
+                if art.endswith("roc_curve.png")
+                else "the trial logged no confusion matrix"
+            )
+            sec.figures.append(Figure(title, missing=f"{art} is not in run {run_id}: {why}"))
+            continue
+        local = Path(client.download_artifacts(run_id, art, str(fig_dir)))
+        target = fig_dir / f"{sec.magnification}_{Path(art).name}"
+        local.replace(target)
+        sec.figures.append(_png_figure(target, page_dir, title, caption=f"run {run_id}"))
+
+
+def _gradcam_section(
+    sec: MagSection,
+    plan: Any,
+    uri: str,
+    parent: Any,
+    fig_dir: Path,
+    page_dir: Path,
+    *,
+    per_class: int,
+    log: bool,
+    progress: bool,
+) -> None:
+    from dala_search.explain import gradcam_for_best
+
+    if per_class == 0:
+        sec.gradcam_note = "left out by request (--gradcam-per-class 0)"
+        return
+    if sec.best is None or not sec.best["best_run_id"]:
+        return  # the template says no trial completed
+    registered = sec.best.get("registered_model")
+    if not registered:
+        sec.gradcam_note = (
+            f"the best trial (run {sec.best['best_run_id']}) logged no model, so there is "
+            "nothing to explain"
+        )
+        return
+    model_name, version = registered.rsplit("/", 1)
+    # The version this search registered (the alias `best` may since point elsewhere).
+    model_uri = f"models:/{model_name}/{version}"
+    out_dir = fig_dir / f"{sec.magnification}_gradcam"
+    manifest = gradcam_for_best(
+        tracking_uri=uri,
+        parent_run_id=parent.info.run_id,
+        model_uri=model_uri,
+        config=sec.best["config"],
+        data_dir=plan.data_dir,
+        magnification=sec.magnification,
+        seed=plan.seed,
+        fold=plan.fold,
+        out_dir=out_dir,
+        per_class=per_class,
+        log_to_mlflow=log,
+        progress=progress,
+    )
+    where = f"parent run artifacts gradcam/{sec.magnification}/" if log else "not logged"
+    sec.gradcam_note = f"model {model_uri}; {where}; the map explains the predicted class"
+    for s in manifest:
+        sec.gradcam.append(
+            _png_figure(
+                out_dir / s["file"],
+                page_dir,
+                f"true {s['true_class']}, predicted {s['predicted_class']} "
+                f"(p={s['probability']:.2f})",
+                caption=f"slide {s['slide']}: {Path(s['image']).name}",
+            )
+        )
+
+
+def _when(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _provenance(parent: Any) -> dict[str, str]:
+    if parent is None:
+        return {}
+    t = parent.data.tags
+    return {
+        "data set": t.get("dala.data_root", "-"),
+        "data": "SYNTHETIC (procedural tiles, not patients)"
+        if t.get(tracking.TAG_SYNTHETIC) == "true"
+        else "real",
+        "split": t.get("dala.split", "-"),
+        "search space": t.get("dala.space", "-"),
+        "code version": t.get(tracking.TAG_CODE, "-"),
+        "MLflow parent run": parent.info.run_id,
+        "started": _when(parent.info.start_time),
+        "ended": _when(parent.info.end_time),
+    }
+
+
+# ---- page -------------------------------------------------------------------------------
+
+
+def _render(**ctx: Any) -> str:
+    import jinja2
+
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return env.from_string(TEMPLATE).render(
+        generated=now,
+        report_code_version=tracking.code_version(),
+        section_ids=SECTIONS,
+        **ctx,
+    )
+
+
+TEMPLATE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>dala-search report: {{ search }}</title>
+<style>
+body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
+h1{margin-bottom:.2em} h2{border-bottom:2px solid #ccc;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;margin:.5em 0 1em} td,th{border:1px solid #ccc;padding:3px 8px}
+th{background:#f3f3f3;text-align:left} td.n{text-align:right;font-variant-numeric:tabular-nums}
+.banner{background:#fff3cd;border:1px solid #e0c060;padding:.6em 1em;font-weight:bold}
+.missing{color:#8a4b00;background:#fff7ec;border-left:4px solid #e09a3c;padding:.4em .8em}
+figure{display:inline-block;margin:.4em;vertical-align:top;max-width:560px}
+figure img{max-width:100%} figcaption{font-size:12px;color:#555} code{background:#f3f3f3}
+</style></head><body>
+<h1>dala-search report: {{ search }}</h1>
+<p>Generated {{ generated }} by dala-search {{ report_code_version }} from
+<code>{{ folder }}</code> and MLflow <code>{{ uri }}</code>.</p>
+{% if synthetic %}<p class="banner">SYNTHETIC data: every number and image below comes from
+procedurally generated tiles, not from patients. It shows the pipeline works, nothing about
+BreakHis.</p>{% endif %}
+<p>Sections: {% for s in section_ids %}<a href="#{{ s }}">{{ s }}</a>
+{{- " · " if not loop.last }}{% endfor %}</p>
+
+<section id="best"><h2>Best configuration per magnification</h2>
+<p>Chosen by validation {{ plan.metric }} (validation patients); test figures are that
+trial's best-epoch weights on held-out test patients.</p>
+{% for s in sections %}<h3>{{ s.magnification }}</h3>
+{% if s.trial_counts %}<p>Optuna trials: {% for k, v in s.trial_counts.items() %}{{ v }} {{ k
+}}{{ ", " if not loop.last }}{% endfor %}.</p>{% endif %}
+{% if s.metric_rows %}
+<p>Best trial: Optuna #{{ s.best.optuna_trial }}, MLflow run <code>{{ s.best.best_run_id
+}}</code>{% if s.best.registered_model %}, registered model <code>{{ s.best.registered_model
+}}</code>{% endif %}.</p>
+<table class="config"><tr><th>parameter</th><th>value</th></tr>
+{% for k, v in s.best.config|dictsort %}<tr><td>{{ k }}</td><td>{{ v }}</td></tr>{% endfor %}
+</table>
+<table class="metrics"><tr><th>metric</th><th>validation (best epoch)</th><th>test</th></tr>
+{% for k, v, t in s.metric_rows %}<tr><td>{{ k }}</td><td class="n">{{ v }}</td>
+<td class="n">{{ t }}</td></tr>{% endfor %}</table>
+{% else %}<p class="missing">No completed trial at {{ s.magnification }} yet: continue the
+search with <code>dala-search resume {{ search }}</code>.</p>{% endif %}
+{% endfor %}</section>
+
+<section id="evaluation"><h2>Final evaluation (95% confidence intervals)</h2>
+{% for s in sections %}<h3>{{ s.magnification }}</h3>
+{% if s.evaluation %}
+<p>Protocol: {{ s.evaluation.protocol }}, k = {{ s.evaluation.k }}; data {{ "SYNTHETIC" if
+s.evaluation.synthetic else "real" }}; code {{ s.evaluation.code_version }}; source
+<code>{{ s.evaluation.source }}</code>.</p>
+<table class="evaluation"><tr><th>metric</th><th>mean</th><th>95% CI</th><th>per fold/seed</th>
+</tr>{% for k, mean, ci, vals in s.evaluation_rows %}<tr><td>{{ k }}</td>
+<td class="n">{{ mean }}</td><td class="n">{{ ci }}</td><td>{{ vals }}</td></tr>{% endfor %}
+</table>
+{% else %}<p class="missing">Not evaluated yet: <code>dala-search evaluate {{ search }}</code>
+retrains the best configuration on patient-disjoint folds and writes
+<code>evaluation/{{ s.magnification }}.json</code>.</p>{% endif %}
+{% endfor %}</section>
+
+<section id="comparison"><h2>Comparison with the paper's baselines</h2>
+{% for s in sections %}<h3>{{ s.magnification }}</h3>
+{% if s.comparison %}
+<p>Same splits and budget, k = {{ s.comparison.k }}; mean [95% CI]; source
+<code>{{ s.comparison.source }}</code>.{% if not s.comparison.has_ours %} DALAResNet50 is not
+in this table: run <code>dala-search evaluate {{ search }}</code> (same k) and then
+<code>dala-search baselines {{ search }}</code> again.{% endif %}</p>
+<table class="comparison"><tr><th>model</th>{% for k in s.comparison_metrics %}<th>{{ k }}</th>
+{% endfor %}</tr>{% for model, cells in s.comparison_rows %}<tr><td>{{ model }}</td>
+{% for c in cells %}<td class="n">{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>
+{% else %}<p class="missing">No comparison yet: <code>dala-search baselines {{ search }}</code>
+trains the paper's comparison models and writes
+<code>baselines/{{ s.magnification }}.json</code>.</p>{% endif %}
+{% endfor %}</section>
+
+{% macro figs(list) %}{% for f in list %}{% if f.missing %}<p class="missing">{{ f.title }}:
+{{ f.missing }}</p>{% else %}<figure><img src="{{ f.src }}" alt="{{ f.title }}"
+data-file="{{ f.file }}"><figcaption>{{ f.title }}{% if f.caption %}<br>{{ f.caption
+}}{% endif %}</figcaption></figure>{% endif %}{% endfor %}{% endmacro %}
+
+<section id="optuna"><h2>Optuna study</h2>
+<p>Optuna's own visualisations (target: {{ plan.tune_metric }}, sampler {{ plan.sampler }},
+pruner {{ plan.pruner }}).</p>
+{% for s in sections %}<h3>{{ s.magnification }}</h3>{{ figs(s.optuna) }}{% endfor %}
+</section>
+
+<section id="figures"><h2>Confusion matrix and ROC curve of the best models</h2>
+{% for s in sections %}<h3>{{ s.magnification }}</h3>
+{% if s.figures %}{{ figs(s.figures) }}{% else %}<p class="missing">No completed trial at
+{{ s.magnification }}: <code>dala-search resume {{ search }}</code>.</p>{% endif %}
+{% endfor %}</section>
+
+<section id="gradcam"><h2>Grad-CAM of the best models</h2>
+<p>Test images of each class (held-out patients), original | overlay; target layer: the last
+stage-4 bottleneck with its attention.</p>
+{% for s in sections %}<h3>{{ s.magnification }}</h3>
+{% if s.gradcam %}<p>{{ s.gradcam_note }}</p>{{ figs(s.gradcam) }}
+{% elif s.gradcam_note %}<p class="missing">Grad-CAM: {{ s.gradcam_note }}.</p>
+{% else %}<p class="missing">No completed trial at {{ s.magnification }}:
+<code>dala-search resume {{ search }}</code>.</p>{% endif %}
+{% endfor %}</section>
+
+<section id="provenance"><h2>Where these figures came from</h2>
+<table class="provenance"><tr><th>search</th><td>{{ search }}</td></tr>
+<tr><th>data set</th><td>{{ plan.data_dir }}</td></tr>
+<tr><th>splits</th><td>{% if plan.fold %}official Folds.csv fold {{ plan.fold }}{% else
+%}patient-disjoint (StratifiedGroupKFold by slide), seed {{ plan.seed }}{% endif %}</td></tr>
+<tr><th>search space</th><td>{{ plan.space }}</td></tr>
+<tr><th>trials per magnification</th><td>{{ plan.trials }}</td></tr>
+<tr><th>Optuna storage</th><td>{{ plan.storage }}</td></tr>
+<tr><th>MLflow</th><td>{{ uri }}</td></tr></table>
+{% for s in sections %}<h3>{{ s.magnification }}</h3>
+{% if s.provenance %}<table class="provenance">{% for k, v in s.provenance.items() %}
+<tr><th>{{ k }}</th><td>{{ v }}</td></tr>{% endfor %}</table>
+{% else %}<p class="missing">No MLflow parent run for {{ s.magnification }}.</p>{% endif %}
+{% endfor %}</section>
+</body></html>
+"""
