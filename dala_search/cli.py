@@ -71,10 +71,38 @@ JSON_OPT = click.option("--json", "as_json", is_flag=True, help="Print one JSON 
 SEED_OPT = click.option(
     "--seed", type=click.IntRange(0, MAX_SEED), default=None, help="Random seed."
 )
+
+
+def _magnification(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """One magnification or 'all', checked while parsing: before any data is made or read."""
+    from dala_search.data.breakhis import check_magnification
+
+    if value.strip().lower() == "all":
+        return value
+    try:
+        return check_magnification(value)
+    except DalaError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _magnifications(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``start``'s comma list or 'all', checked while parsing (plan_search takes the text)."""
+    from dala_search.search.tuner import parse_magnifications
+
+    if value is None:
+        return None
+    try:
+        parse_magnifications(value)
+    except DalaError as e:
+        raise click.BadParameter(str(e).removeprefix("--magnification: ")) from None
+    return value
+
+
 MAG_OPT = click.option(
     "--magnification",
     "-m",
     default="40X",
+    callback=_magnification,
     show_default=True,
     help="40X, 100X, 200X, 400X, or 'all' to pool the four.",
 )
@@ -272,6 +300,7 @@ def train_cmd(
 ) -> None:
     """Train one configuration on one magnification and print its metrics."""
     from dala_search.config import TrialConfig, load_trial_config
+    from dala_search.data.breakhis import index_breakhis
     from dala_search.data.demo import ensure_demo_data
     from dala_search.train import prepare_data, train_trial
 
@@ -289,8 +318,16 @@ def train_cmd(
             {k: v for k, v in overrides.items() if v is not None}, source="command line"
         )
     root = data_dir if data_dir is not None else ensure_demo_data()
+    index = index_breakhis(root, progress=not as_json)
+    if index.skipped and not as_json:
+        # Unreadable files are left out, never a crash; say how many, and where to see them.
+        click.echo(
+            f"note: {len(index.skipped)} unreadable or non-BreakHis file(s) skipped "
+            f"(`dala-search data check {root}` lists them)",
+            err=True,
+        )
     data = prepare_data(
-        root,
+        index,
         magnification,
         image_size=config.image_size,
         seed=config.seed,
@@ -314,6 +351,7 @@ def train_cmd(
     out = {
         "config": config.to_dict(),
         "data": data.describe(),
+        "skipped_files": len(index.skipped),
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
         "best_val": result.best,
@@ -367,7 +405,13 @@ def spaces_cmd(verbose: bool) -> None:
     default=None,
     help="BreakHis folder (default: the synthetic demo set, generated once).",
 )
-@click.option("--magnification", "-m", default=None, help="Comma list (40X,100X) or 'all'.")
+@click.option(
+    "--magnification",
+    "-m",
+    default=None,
+    callback=_magnifications,
+    help="Comma list (40X,100X) or 'all'.",
+)
 @click.option("--trials", type=click.IntRange(min=1), default=None, help="Per magnification.")
 @click.option("--epochs", type=click.IntRange(1, MAX_EPOCHS), default=None)
 @click.option(

@@ -280,6 +280,12 @@ def _parse(path: Path, raw: dict[str, Any]) -> SearchSpace:
     name = raw.get("name", path.stem)
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"{path}: key 'name' must be a non-empty string, got {name!r}")
+    # The name starts the default search name, which becomes a folder and an MLflow
+    # experiment: no '/', '..' or spaces.
+    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ConfigError(
+            f"{path}: key 'name' {name!r}: use letters, digits, '-', '_' and '.' only"
+        )
     description = raw.get("description", "")
     if not isinstance(description, str):
         raise ConfigError(f"{path}: key 'description' must be a string, got {description!r}")
