@@ -55,6 +55,27 @@ def _search_name(ctx: click.Context, param: click.Parameter, value: str | None) 
     return value
 
 
+def _storage(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Parse ``--storage`` (and find its SQLAlchemy dialect) while parsing the command line.
+
+    Optuna opens the storage only when the first study starts, after the search folder,
+    the MLflow experiment and Ray exist; a typo must fail before those.
+    """
+    if value is None:
+        return None
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(value).get_dialect()  # NoSuchModuleError (an ArgumentError): unknown dialect
+    except ArgumentError as e:
+        raise click.BadParameter(
+            f"{value!r} is not a database URL Optuna can use ({e}); e.g. "
+            "sqlite:////abs/path/optuna.db or postgresql://user:pass@host/db"
+        ) from None
+    return value
+
+
 def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """Check ``--time-budget`` while parsing, before the demo data or anything else is made."""
     from dala_search.search.tuner import parse_duration
@@ -422,7 +443,12 @@ def spaces_cmd(verbose: bool) -> None:
 )
 @click.option("--address", default=None, help="Ray cluster: auto | ray://HOST:10001.")
 @TRACKING_OPT
-@click.option("--storage", default=None, help="Optuna RDB URL (default: sqlite in the folder).")
+@click.option(
+    "--storage",
+    default=None,
+    callback=_storage,
+    help="Optuna RDB URL (default: sqlite in the folder).",
+)
 @click.option("--sampler", type=click.Choice(["tpe", "random", "cmaes", "gp"]), default=None)
 @click.option(
     "--pruner",

@@ -557,3 +557,10 @@ def test_best_with_an_unreachable_server_fails_fast(env: Env) -> None:
     result = env.run("best", "x", "--tracking-uri", url, "--runs-dir", env.runs)
     env.assert_refused(result, "cannot reach", url)
     assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.parametrize("url", ["nonsense", "foo://host/db", "mysql+nodriver://u@h/d", ""])
+def test_unusable_optuna_storage_refused_before_anything(
+    env: Env, good_tree: Path, url: str
+) -> None:
+    env.assert_refused(env.start("--storage", url, data=good_tree), "'--storage'", repr(url))
