@@ -247,6 +247,21 @@ def test_directory_without_breakhis_images(env: Env, tmp_path: Path) -> None:
     env.assert_refused(env.start(data=folder), str(folder), "no BreakHis images", "holiday.png")
 
 
+@pytest.mark.parametrize(
+    "command", [["data", "check"], ["data", "split"], ["train", "--pretrained", "none", "--data"]]
+)
+@pytest.mark.parametrize("kind", ["missing", "no images"])
+def test_other_commands_refuse_unusable_data(
+    env: Env, tmp_path: Path, command: list, kind: str
+) -> None:
+    folder = tmp_path / "data"
+    if kind == "no images":
+        folder.mkdir()
+        (folder / "readme.txt").write_text("no images here")
+    message = "does not exist" if kind == "missing" else "no BreakHis images"
+    env.assert_refused(env.run(*command, folder), str(folder), message)
+
+
 def test_magnification_without_images(env: Env, good_tree: Path) -> None:
     out = env.assert_refused(
         env.start("-m", "40X,100X", data=good_tree), str(good_tree), "magnification 100X"
