@@ -1,0 +1,735 @@
+"""Final evaluation of a search's best configurations, and the paper's baselines beside them.
+
+``dala-search evaluate NAME`` (``evaluate_search``) and ``dala-search baselines NAME``
+(``run_baselines``) call this module; ``dala-search report`` READS what it writes. That
+interface is stable; change it only together with the report.
+
+Protocols (``--folds K`` or ``--seeds K``, K >= 2; the same for both commands, so the
+baselines see exactly the folds the evaluation saw):
+
+* ``folds``: K patient-disjoint test parts. With an official ``Folds.csv`` in the data, its
+  folds 1..K (train/test as published; refused if K exceeds the folds there). Otherwise
+  scikit-learn's ``StratifiedGroupKFold`` (grouped by slide id = patient, stratified by
+  class, shuffled with the search's seed): every patient is tested exactly once. In both
+  cases the validation patients (best-epoch selection) are carved from the fold's training
+  patients (15 %, grouped, both classes), so no test patient ever steers training.
+* ``seeds``: K seeded patient-disjoint train/val/test splits (``splits.patient_split`` with
+  seeds s..s+K-1, test 20 %), each trained with the config's seed + i: the "five random
+  trials" of the BreakHis papers. Test parts may overlap between repetitions.
+
+Every run is the same ``train.train_trial`` as a search trial, with the best configuration
+read from MLflow (the magnification's parent run names the best trial; its
+``trial_config.json`` artifact is the exact config) and ``--epochs``/``--device`` applied.
+
+The confidence interval is a two-sided 95 % Student t-interval over the K per-fold test
+values (``scipy.stats.t``, K - 1 degrees of freedom): mean +- t * sd / sqrt(K). Values that are
+undefined in a fold (e.g. ROC AUC on a test part with one class) are written as ``null`` and
+left out of the mean and interval; with fewer than two defined values the interval is
+``null``.
+
+Files (written atomically: temp file + rename; strict JSON, undefined numbers are ``null``):
+
+``<search folder>/evaluation/<mag>.json``::
+
+    {"magnification": "40X", "search": NAME, "protocol": "folds" | "seeds", "k": K,
+     "config": {TrialConfig keys}, "synthetic": bool, "code_version": "0.1.0+abc123",
+     "ci": "<how the interval was computed>",
+     "splits": [{"description", "train"|"val"|"test": {"slides", "n_images"}}, one per fold],
+     "best_run_id": "<MLflow run of the best trial>",
+     "metrics": {NAME: {"mean", "ci_low", "ci_high", "values": [one per fold]}}}
+
+  NAME in ``EVAL_METRICS``: accuracy, balanced_accuracy, f1, gmean, iba, roc_auc,
+  patient_accuracy (``dala_search.metrics``; binary IBA, malignant positive).
+
+``<search folder>/baselines/<mag>.json``::
+
+    {"magnification": "40X", "search": NAME, "protocol": ..., "k": K, "synthetic": bool,
+     "code_version": ..., "ci": ..., "splits": [...], "config": {the shared training config},
+     "rows": [{"model": "resnet50", "metrics": {NAME: {"mean", "ci_low", "ci_high",
+               "values"}}}, ...],
+     "dalaresnet50": {"model": "dalaresnet50", "protocol", "k", "metrics": {...}} | null}
+
+  NAME in ``BASELINE_METRICS`` (accuracy, f1, iba, gmean, balanced_accuracy, roc_auc);
+  ``dalaresnet50`` is the evaluation of the same search read from ``evaluation/<mag>.json``
+  when it exists and used the same protocol and k (the same folds), else ``null``.
+
+MLflow, on the magnification's parent run: ``test_<name>_mean`` / ``_ci_low`` / ``_ci_high``
+metrics and the artifact ``evaluation/<mag>.json`` (evaluate); metrics
+``baseline_<model>_test_<name>_mean`` / ``_ci_low`` / ``_ci_high`` and the artifact
+``baselines/<mag>.json`` (baselines). The search's registered best model version
+(``dala.registered_model`` tag of the parent run) gets tags ``dala.eval.protocol``,
+``dala.eval.k`` and ``dala.eval.test_<name>`` = "mean [ci_low, ci_high]".
+
+Folds run one after the other in this process (on the GPU when there is one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dala_search.config import TrialConfig
+from dala_search.data.breakhis import BreakHisIndex, ImageRecord
+from dala_search.errors import ConfigError, DalaError, DataError
+
+PROTOCOLS: tuple[str, ...] = ("folds", "seeds")
+EVAL_METRICS: tuple[str, ...] = (
+    "accuracy",
+    "balanced_accuracy",
+    "f1",
+    "gmean",
+    "iba",
+    "roc_auc",
+    "patient_accuracy",
+)
+# The paper's table (accuracy, F1, IBA, G-mean) first, then the two we add.
+BASELINE_METRICS: tuple[str, ...] = (
+    "accuracy",
+    "f1",
+    "iba",
+    "gmean",
+    "balanced_accuracy",
+    "roc_auc",
+)
+CI_METHOD = "95% Student t-interval over the k folds/seeds (scipy.stats.t, k-1 df)"
+VAL_FRACTION = 0.15  # of each fold's training patients, for best-epoch selection
+TEST_FRACTION = 0.2  # of all patients, "seeds" protocol only
+
+Log = Callable[[str], None]
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _client(uri: str) -> Any:
+    # Explicit store, no global "active run" (as search/tracking.py); mlflow imports slowly.
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+# ---- the search -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SearchRef:
+    """A finished (or partly finished) search: its plan, folder and tracking store."""
+
+    name: str
+    folder: Path
+    plan: Any  # search.tuner.SearchPlan
+    tracking_uri: str
+
+
+def open_search(
+    name: str, runs_dir: str | Path | None = None, tracking_uri: str | None = None
+) -> SearchRef:
+    """Load ``<runs_dir>/<name>/search.json``; ``tracking_uri`` overrides the plan's store."""
+    from dala_search.search import tracking
+    from dala_search.search.tuner import SearchPlan, default_runs_dir
+
+    runs = Path(runs_dir or default_runs_dir()).resolve()
+    folder = runs / name
+    if not (folder / "search.json").is_file():
+        known = sorted(p.parent.name for p in runs.glob("*/search.json"))
+        raise DalaError(
+            f"no search named {name!r} in {runs}"
+            + (f"; searches there: {', '.join(known)}" if known else " (no searches there)")
+        )
+    plan = SearchPlan.load(folder)
+    uri = tracking.resolve_tracking_uri(tracking_uri) if tracking_uri else plan.tracking_uri
+    tracking.check_tracking_uri(uri)
+    return SearchRef(name=name, folder=folder, plan=plan, tracking_uri=uri)
+
+
+def select_magnifications(ref: SearchRef, requested: str | None) -> tuple[str, ...]:
+    """The search's magnifications, or the requested subset of them (comma list or 'all')."""
+    from dala_search.search.tuner import parse_magnifications
+
+    if requested is None or requested.strip().lower() == "all":
+        return tuple(ref.plan.magnifications)
+    mags = parse_magnifications(requested)
+    missing = [m for m in mags if m not in ref.plan.magnifications]
+    if missing:
+        raise ConfigError(
+            f"--magnification: search {ref.name!r} has no {', '.join(missing)}; "
+            f"it searched {', '.join(ref.plan.magnifications)}"
+        )
+    return mags
+
+
+@dataclass(frozen=True)
+class BestConfig:
+    """The best trial of one magnification, as MLflow recorded it."""
+
+    magnification: str
+    parent_run_id: str
+    best_run_id: str
+    registered_model: str | None  # "dalaresnet50-40X/3"
+    config: TrialConfig
+
+
+def best_config(
+    ref: SearchRef,
+    magnification: str,
+    *,
+    epochs: int | None = None,
+    device: str | None = None,
+) -> BestConfig:
+    """Read the best configuration of ``magnification`` back from MLflow.
+
+    The parent run's ``dala.best_run_id`` names the trial; its ``trial_config.json``
+    artifact is the config it trained with (params are strings; the artifact is typed).
+    ``epochs`` and ``device`` override it; CPU thread counts of the search are dropped.
+    """
+    from dala_search.search import tracking
+
+    client = _client(ref.tracking_uri)
+    exp = client.get_experiment_by_name(tracking.experiment_name(ref.name))
+    if exp is None:
+        raise DalaError(f"no search named {ref.name!r} in the MLflow store {ref.tracking_uri}")
+    parents = client.search_runs(
+        [exp.experiment_id],
+        filter_string=(
+            f"tags.`{tracking.TAG_ROLE}` = 'magnification' and "
+            f"tags.`{tracking.TAG_MAG}` = '{magnification}'"
+        ),
+    )
+    if not parents:
+        raise DalaError(f"search {ref.name!r} has no MLflow run for {magnification} yet")
+    parent = parents[0]
+    best_run_id = parent.data.tags.get("dala.best_run_id")
+    if not best_run_id:
+        raise DalaError(
+            f"search {ref.name!r}, {magnification}: no completed trial yet (nothing to evaluate)"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(best_run_id, "trial_config.json", tmp)
+        except Exception as e:
+            raise DalaError(
+                f"search {ref.name!r}, {magnification}: cannot read trial_config.json of the "
+                f"best trial's run {best_run_id} in {ref.tracking_uri}: {e}"
+            ) from e
+        raw = json.loads(Path(path).read_text())
+    source = f"trial_config.json of run {best_run_id}"
+    config = TrialConfig.from_dict(raw, source=source)
+    changes: dict[str, Any] = {"num_threads": 0, "device": device or "auto"}
+    if epochs is not None:
+        changes["epochs"] = epochs
+        # A warmup as long as the shortened run would leave no decay: keep it shorter.
+        changes["warmup_epochs"] = min(config.warmup_epochs, epochs - 1)
+    try:
+        config = config.replace(**changes)
+    except ConfigError as e:
+        raise ConfigError(f"{source} with --epochs/--device: {e}") from None
+    return BestConfig(
+        magnification=magnification,
+        parent_run_id=parent.info.run_id,
+        best_run_id=best_run_id,
+        registered_model=parent.data.tags.get("dala.registered_model"),
+        config=config,
+    )
+
+
+# ---- folds --------------------------------------------------------------------------------
+
+
+def check_protocol(protocol: str, k: int) -> None:
+    """ConfigError for an unknown protocol or fewer than two folds/seeds."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise ConfigError(
+            f"--{protocol} {k!r}: needs at least 2 (a confidence interval needs two or more "
+            "test results)"
+        )
+
+
+def fold_splits(
+    index: BreakHisIndex,
+    records: Sequence[ImageRecord],
+    protocol: str,
+    k: int,
+    *,
+    seed: int = 0,
+) -> list[Any]:
+    """The K patient-disjoint train/val/test splits of ``records`` (see module docstring).
+
+    Called by ``evaluate_search`` and ``run_baselines`` with the same arguments, so both
+    train on identical folds. Returns ``data.splits.Split`` objects indexing ``records``.
+    """
+    from dala_search.data.splits import check_disjoint, official_fold_split, patient_split
+
+    check_protocol(protocol, k)
+    if protocol == "seeds":
+        return [
+            patient_split(
+                records, seed=seed + i, val_fraction=VAL_FRACTION, test_fraction=TEST_FRACTION
+            )
+            for i in range(k)
+        ]
+    if index.folds_csv is not None:
+        from dala_search.data.splits import read_folds_csv
+
+        available = sorted({row.fold for row in read_folds_csv(index.folds_csv)})
+        if k > len(available):
+            raise DataError(
+                f"--folds {k}: {index.folds_csv} has {len(available)} fold(s) "
+                f"({', '.join(map(str, available))}); use --folds {len(available)} or fewer"
+            )
+        return [
+            official_fold_split(index, records, fold, seed=seed, val_fraction=VAL_FRACTION)
+            for fold in available[:k]
+        ]
+    splits = []
+    for i, (rest, test) in enumerate(_grouped_kfold(records, k, seed)):
+        train, val = _carve_val(records, rest, seed)
+        split = _make_split(
+            train,
+            val,
+            test,
+            f"patient-disjoint fold {i + 1} of {k} (StratifiedGroupKFold by slide, seed "
+            f"{seed}), val {VAL_FRACTION} of its train patients",
+        )
+        check_disjoint(records, split)
+        splits.append(split)
+    return splits
+
+
+def _grouped_kfold(
+    records: Sequence[ImageRecord], k: int, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(rest, test) index pairs: every patient in exactly one test part, both classes in each."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    per_class: dict[str, set[str]] = {}
+    for r in records:
+        per_class.setdefault(r.label, set()).add(r.slide)
+    fewest = min(len(s) for s in per_class.values()) if len(per_class) == 2 else 0
+    if fewest < k:
+        counts = ", ".join(f"{len(s)} {c}" for c, s in sorted(per_class.items()))
+        raise DataError(
+            f"--folds {k}: every test part needs a patient of each class, but the data has "
+            f"{counts or 'no'} patient(s) here; use --folds {max(fewest, 2)} or fewer"
+        )
+    y = np.array([r.label_index for r in records])
+    groups = np.array([r.slide for r in records])
+    cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        # Few images of a class in a fold is expected; the class check below is what matters.
+        warnings.filterwarnings("ignore", message="The least populated class", module="sklearn")
+        folds = list(cv.split(np.zeros(len(records)), y, groups))
+    for i, (_, test) in enumerate(folds):
+        if len(set(y[test])) < 2:
+            raise DataError(
+                f"--folds {k}: the grouped fold {i + 1} (seed {seed}) has patients of one "
+                "class only; use fewer folds"
+            )
+    return folds
+
+
+def _carve_val(
+    records: Sequence[ImageRecord], rest: np.ndarray, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validation patients out of a fold's training patients, grouped and stratified.
+
+    ``splits._carve`` is the search's own carve (same rules: both classes on each side,
+    a DataError saying which class is short otherwise); reused, not re-implemented.
+    """
+    from dala_search.data.splits import STRATIFY, _carve
+
+    return _carve(records, rest, VAL_FRACTION, seed, STRATIFY["label"], "val", min_rest=1)
+
+
+def _make_split(train: np.ndarray, val: np.ndarray, test: np.ndarray, description: str) -> Any:
+    from dala_search.data.splits import Split
+
+    def as_tuple(a: np.ndarray) -> tuple[int, ...]:
+        return tuple(sorted(int(i) for i in a))
+
+    return Split(as_tuple(train), as_tuple(val), as_tuple(test), description)
+
+
+# ---- statistics ---------------------------------------------------------------------------
+
+
+def confidence_interval(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean and 95% t-interval of the defined (finite) values; ``values`` kept, NaN -> None."""
+    from scipy import stats
+
+    kept = [None if v is None or not math.isfinite(v) else float(v) for v in values]
+    finite = np.array([v for v in kept if v is not None], dtype=np.float64)
+    mean = float(finite.mean()) if len(finite) else None
+    low = high = None
+    if len(finite) >= 2:
+        half = float(stats.t.ppf(0.975, len(finite) - 1) * finite.std(ddof=1))
+        half /= math.sqrt(len(finite))
+        low, high = mean - half, mean + half
+    return {"mean": mean, "ci_low": low, "ci_high": high, "values": kept}
+
+
+def summarise(per_fold: Sequence[dict[str, float]], names: Sequence[str]) -> dict[str, Any]:
+    """``{name: confidence_interval(values over folds)}`` for each metric name."""
+    return {n: confidence_interval([m.get(n, math.nan) for m in per_fold]) for n in names}
+
+
+# ---- training over folds ----------------------------------------------------------------
+
+
+def _with_split(data: Any, split: Any) -> Any:
+    # The magnification's TrialData with another split: same records, cache rows and labels.
+    return dataclasses.replace(data, split=split)
+
+
+def train_folds(
+    config: TrialConfig,
+    data: Any,
+    splits: Sequence[Any],
+    protocol: str,
+    *,
+    label: str,
+    build_model: Callable[[TrialConfig], Any] | None = None,
+    log: Log = _stderr,
+) -> list[dict[str, float]]:
+    """Train ``config`` once per split and return each split's test metrics.
+
+    ``data`` is a ``train.TrialData`` of the magnification (its own split is ignored).
+    ``seeds`` trains split i with ``config.seed + i``; ``folds`` keeps the config's seed.
+    One progress line per fold goes to ``log``.
+    """
+    from dala_search.train import train_trial
+
+    kwargs = {} if build_model is None else {"build_model": build_model}
+    out = []
+    for i, split in enumerate(splits):
+        cfg = config.replace(seed=config.seed + i) if protocol == "seeds" else config
+        fold = _with_split(data, split)
+        start = time.perf_counter()
+        n = {side: len(split.indices(side)) for side in ("train", "val", "test")}
+        p = {side: len(split.side_slides(data.records, side)) for side in ("train", "val", "test")}
+        log(
+            f"[{label}] {protocol[:-1]} {i + 1}/{len(splits)}: train {n['train']} / val "
+            f"{n['val']} / test {n['test']} images ({p['train']}/{p['val']}/{p['test']} "
+            f"patients), {cfg.epochs} epoch(s) ..."
+        )
+        result = train_trial(cfg, fold, **kwargs)
+        out.append(result.test)
+        t = result.test
+        log(
+            f"[{label}] {protocol[:-1]} {i + 1}/{len(splits)}: test acc "
+            f"{_fmt(t.get('accuracy'))}  bal.acc {_fmt(t.get('balanced_accuracy'))}  "
+            f"F1 {_fmt(t.get('f1'))}  AUC {_fmt(t.get('roc_auc'))}  "
+            f"(best epoch {result.best_epoch}, {time.perf_counter() - start:.1f} s)"
+        )
+    return out
+
+
+def _fmt(v: float | None, digits: int = 4) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def _prepare(ref: SearchRef, index: BreakHisIndex, mag: str, config: TrialConfig) -> Any:
+    from dala_search.train import prepare_data
+
+    return prepare_data(index, mag, image_size=config.image_size, seed=ref.plan.seed)
+
+
+def _index(ref: SearchRef, log: Log) -> BreakHisIndex:
+    from dala_search.data.breakhis import index_breakhis
+
+    data_dir = Path(ref.plan.data_dir)
+    if not data_dir.is_dir():
+        raise DataError(
+            f"search {ref.name!r} was run on {data_dir}, which is not there any more "
+            "(the evaluation retrains on the same data)"
+        )
+    log(f"indexing {data_dir} ...")
+    return index_breakhis(data_dir)
+
+
+# ---- evaluate -----------------------------------------------------------------------------
+
+
+def evaluate_search(
+    name: str,
+    *,
+    protocol: str = "folds",
+    k: int = 5,
+    magnifications: str | None = None,
+    epochs: int | None = None,
+    device: str | None = None,
+    runs_dir: str | Path | None = None,
+    tracking_uri: str | None = None,
+    log: Log = _stderr,
+) -> list[dict[str, Any]]:
+    """``dala-search evaluate``: retrain each best config on K folds; write, log, return.
+
+    Returns one document per magnification (the ``evaluation/<mag>.json`` content).
+    """
+    from dala_search.search import tracking
+
+    check_protocol(protocol, k)
+    ref = open_search(name, runs_dir, tracking_uri)
+    mags = select_magnifications(ref, magnifications)
+    bests = [best_config(ref, m, epochs=epochs, device=device) for m in mags]  # fail early
+    index = _index(ref, log)
+    docs = []
+    for best in bests:
+        mag = best.magnification
+        data = _prepare(ref, index, mag, best.config)
+        splits = fold_splits(index, data.records, protocol, k, seed=ref.plan.seed)
+        per_fold = train_folds(best.config, data, splits, protocol, label=mag, log=log)
+        doc = {
+            "magnification": mag,
+            "search": ref.name,
+            "protocol": protocol,
+            "k": k,
+            "config": best.config.to_dict(),
+            "metrics": summarise(per_fold, EVAL_METRICS),
+            "synthetic": bool(data.synthetic),
+            "code_version": tracking.code_version(),
+            "ci": CI_METHOD,
+            "splits": [s.to_json(data.records) for s in splits],
+            "best_run_id": best.best_run_id,
+        }
+        path = write_json(ref.folder / "evaluation" / f"{mag}.json", doc)
+        log(f"[{mag}] wrote {path}")
+        _log_evaluation(ref, best, doc, log)
+        docs.append(doc)
+    return docs
+
+
+def _metric_batch(prefix: str, metrics: dict[str, dict[str, Any]]) -> list[Any]:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    out = []
+    for name, s in metrics.items():
+        for part in ("mean", "ci_low", "ci_high"):
+            if s[part] is not None:  # MLflow has no "undefined": leave the metric out
+                out.append(Metric(f"{prefix}{name}_{part}", float(s[part]), now, 0))
+    return out
+
+
+def _log_evaluation(ref: SearchRef, best: BestConfig, doc: dict[str, Any], log: Log) -> None:
+    """Metrics and the JSON on the parent run; the figures as tags on the registered model."""
+    from mlflow.entities import RunTag
+
+    client = _client(ref.tracking_uri)
+    mag = best.magnification
+    client.log_batch(
+        best.parent_run_id,
+        metrics=_metric_batch("test_", doc["metrics"]),
+        tags=[RunTag("dala.evaluation", f"{doc['protocol']} k={doc['k']}")],
+    )
+    client.log_dict(best.parent_run_id, doc, f"evaluation/{mag}.json")
+    if not best.registered_model:
+        log(
+            f"[{mag}] note: the best trial logged no model, so no registered version to tag; "
+            "the figures are on the parent run"
+        )
+        return
+    model, _, version = best.registered_model.rpartition("/")
+    tags = {"dala.eval.protocol": doc["protocol"], "dala.eval.k": str(doc["k"])}
+    for name, s in doc["metrics"].items():
+        tags[f"dala.eval.test_{name}"] = (
+            f"{_fmt(s['mean'])} [{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}]"
+        )
+    for key, value in tags.items():
+        client.set_model_version_tag(model, version, key, value)
+    log(f"[{mag}] tagged registered model {model} version {version} with the figures")
+
+
+# ---- baselines ----------------------------------------------------------------------------
+
+
+def parse_models(text: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Comma list (or sequence) of baseline names -> checked tuple; None -> all of them."""
+    from dala_search.model.baselines import available_baselines, check_baseline
+
+    if text is None:
+        return available_baselines()
+    items = text.split(",") if isinstance(text, str) else list(text)
+    names = tuple(dict.fromkeys(i.strip() for i in items if i.strip()))
+    if not names:
+        raise ConfigError(f"--models: name at least one of {', '.join(available_baselines())}")
+    return tuple(check_baseline(n) for n in names)
+
+
+def run_baselines(
+    name: str,
+    *,
+    models: str | Sequence[str] | None = None,
+    protocol: str = "folds",
+    k: int = 5,
+    magnifications: str | None = None,
+    epochs: int | None = None,
+    device: str | None = None,
+    pretrained: str | None = None,
+    runs_dir: str | Path | None = None,
+    tracking_uri: str | None = None,
+    log: Log = _stderr,
+) -> list[dict[str, Any]]:
+    """``dala-search baselines``: the paper's comparison models on the evaluation's folds.
+
+    Each model trains with the best configuration's recipe (loss, sampling, optimiser, lr
+    schedule, epochs, batch size, augmentation, weights) on ``fold_splits`` with the same
+    arguments as ``evaluate_search``. ``pretrained`` overrides the config's weights.
+    Returns one document per magnification (the ``baselines/<mag>.json`` content).
+    """
+    from dala_search.model.baselines import baseline_builder, build_baseline
+    from dala_search.search import tracking
+
+    check_protocol(protocol, k)
+    names = parse_models(models)
+    ref = open_search(name, runs_dir, tracking_uri)
+    mags = select_magnifications(ref, magnifications)
+    bests = [best_config(ref, m, epochs=epochs, device=device) for m in mags]
+    if pretrained is not None:
+        bests = [
+            dataclasses.replace(b, config=b.config.replace(pretrained=pretrained)) for b in bests
+        ]
+    # Build each model once up front (tiny cost next to training): a ViT that cannot take
+    # the image size, or missing ImageNet weights, fails before hours of training.
+    for best in bests:
+        for model in names:
+            build_baseline(model, best.config)
+    index = _index(ref, log)
+    docs = []
+    for best in bests:
+        mag = best.magnification
+        data = _prepare(ref, index, mag, best.config)
+        splits = fold_splits(index, data.records, protocol, k, seed=ref.plan.seed)
+        rows = []
+        for model in names:
+            per_fold = train_folds(
+                best.config,
+                data,
+                splits,
+                protocol,
+                label=f"{mag} {model}",
+                build_model=baseline_builder(model),
+                log=log,
+            )
+            rows.append({"model": model, "metrics": summarise(per_fold, BASELINE_METRICS)})
+        doc = {
+            "magnification": mag,
+            "search": ref.name,
+            "protocol": protocol,
+            "k": k,
+            "config": best.config.to_dict(),
+            "rows": rows,
+            "dalaresnet50": _evaluation_row(ref, mag, protocol, k, log),
+            "synthetic": bool(data.synthetic),
+            "code_version": tracking.code_version(),
+            "ci": CI_METHOD,
+            "splits": [s.to_json(data.records) for s in splits],
+        }
+        path = write_json(ref.folder / "baselines" / f"{mag}.json", doc)
+        log(f"[{mag}] wrote {path}")
+        client = _client(ref.tracking_uri)
+        batch = [
+            m for r in rows for m in _metric_batch(f"baseline_{r['model']}_test_", r["metrics"])
+        ]
+        for i in range(0, len(batch), 1000):  # MLflow's log_batch limit
+            client.log_batch(best.parent_run_id, metrics=batch[i : i + 1000])
+        client.log_dict(best.parent_run_id, doc, f"baselines/{mag}.json")
+        docs.append(doc)
+    return docs
+
+
+def _evaluation_row(
+    ref: SearchRef, mag: str, protocol: str, k: int, log: Log
+) -> dict[str, Any] | None:
+    """DALAResNet50's row from ``evaluation/<mag>.json``, or None when not evaluated yet."""
+    path = ref.folder / "evaluation" / f"{mag}.json"
+    if not path.is_file():
+        log(f"[{mag}] note: no {path}; run `dala-search evaluate {ref.name}` for its row")
+        return None
+    try:
+        ev = json.loads(path.read_text())
+        row = {
+            "model": "dalaresnet50",
+            "protocol": ev["protocol"],
+            "k": ev["k"],
+            "metrics": {n: ev["metrics"][n] for n in BASELINE_METRICS if n in ev["metrics"]},
+        }
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not an evaluation written by dala-search evaluate ({e})") from e
+    if (row["protocol"], row["k"]) != (protocol, k):
+        # Different folds are not a comparison: leave the row out rather than mislead.
+        log(
+            f"[{mag}] note: {path} used {row['protocol']} k={row['k']}, the baselines "
+            f"{protocol} k={k}: not the same folds, so no DALAResNet50 row; run "
+            f"`dala-search evaluate {ref.name} --{protocol} {k}` for it"
+        )
+        return None
+    return row
+
+
+# ---- files and tables ---------------------------------------------------------------------
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> Path:
+    """Strict JSON (NaN refused: callers turn undefined values into null), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(doc, handle, indent=2, allow_nan=False)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the report reads it as anyone
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _cell(s: dict[str, Any] | None) -> str:
+    """ "0.8123 ± 0.0456" (the t-interval's half-width) or what is missing."""
+    if not s or s.get("mean") is None:
+        return "n/a"
+    if s.get("ci_low") is None:
+        return f"{s['mean']:.4f}"
+    return f"{s['mean']:.4f} ± {(s['ci_high'] - s['ci_low']) / 2:.4f}"
+
+
+def evaluation_table(doc: dict[str, Any]) -> list[str]:
+    """Plain-text lines for one magnification's evaluation (the CLI prints them)."""
+    tag = " (SYNTHETIC data)" if doc["synthetic"] else ""
+    lines = [f"{doc['magnification']}  search {doc['search']}, {doc['protocol']} k={doc['k']}{tag}"]
+    lines.append(f"  {'metric':20}{'mean':>9}  {'95% CI':>20}")
+    for name, s in doc["metrics"].items():
+        ci = f"[{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}]" if s["ci_low"] is not None else "n/a"
+        lines.append(f"  {name:20}{_fmt(s['mean']):>9}  {ci:>20}")
+    return lines
+
+
+def baselines_table(doc: dict[str, Any]) -> list[str]:
+    """Plain-text comparison table of one magnification (mean ± CI half-width)."""
+    tag = " (SYNTHETIC data)" if doc["synthetic"] else ""
+    lines = [f"{doc['magnification']}  search {doc['search']}, {doc['protocol']} k={doc['k']}{tag}"]
+    rows = list(doc["rows"])
+    if doc.get("dalaresnet50"):
+        rows = [doc["dalaresnet50"], *rows]
+    width = max(len(r["model"]) for r in rows) + 2
+    lines.append(f"  {'model':{width}}" + "".join(f"{n:>17}" for n in BASELINE_METRICS))
+    for r in rows:
+        cells = "".join(f"{_cell(r['metrics'].get(n)):>17}" for n in BASELINE_METRICS)
+        lines.append(f"  {r['model']:{width}}{cells}")
+    lines.append("  (mean ± half-width of the 95% t-interval over the folds)")
+    return lines
