@@ -29,6 +29,7 @@ TAG_SYNTHETIC = "dala.synthetic_data"
 TAG_SEARCH = "dala.search"
 TAG_CODE = "dala.code_version"
 TAG_HAS_MODEL = "dala.has_model"
+TAG_NODE = "dala.node_id"  # the Ray node the trial ran on (its first attempt)
 TAG_FOLDER = "dala.search_folder"  # the search's folder: one name, one search
 TAG_FAILURE = "dala.failure"  # "exception": the trial raised; it is not retried
 TAG_ATTEMPT = "dala.attempt"  # 1, then 2.. when Tune restarted a dead trial process

@@ -39,6 +39,7 @@ class TrialContext:
 
 def run_trial(params: dict[str, Any], *, data: TrialData, ctx: TrialContext) -> None:
     """Ray Tune function trainable (bound with ``tune.with_parameters``)."""
+    import ray
     from ray import tune
 
     tune_ctx = tune.get_context()
@@ -54,6 +55,7 @@ def run_trial(params: dict[str, Any], *, data: TrialData, ctx: TrialContext) -> 
         tags={
             tracking.TAG_MAG: ctx.magnification,
             tracking.TAG_RAY_ID: trial_id,
+            tracking.TAG_NODE: ray.get_runtime_context().get_node_id(),
             tracking.TAG_OPTUNA_NUMBER: str(optuna_number),
             tracking.TAG_SYNTHETIC: str(ctx.synthetic).lower(),
             tracking.TAG_SEARCH: ctx.search,
