@@ -229,8 +229,16 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, float]:
-    """One pass over ``order`` (positions into the train side); returns loss and speed."""
+    """One pass over ``order`` (positions into the train side); returns loss and speed.
+
+    Data parallel (``world_size`` > 1; ``train_trial(distributed=True)`` calls it on every
+    rank with a DDP-wrapped model): every rank walks the same ``order`` in global batches
+    of ``batch_size`` and trains on its strided share of each, so the global batch (and the
+    lr that suits it) does not depend on the number of workers.
+    """
     model.train()
     spec = AugmentSpec(
         flip=config.flip,
@@ -250,8 +258,10 @@ def train_one_epoch(
     bs = config.batch_size
     for lo in range(0, len(order), bs):
         pos = order[lo : lo + bs]
-        if len(pos) < 2:  # BatchNorm cannot train on a single sample
+        if len(pos) < 2 * world_size:  # BatchNorm cannot train on a single sample (per rank)
             continue
+        n_global = len(pos)
+        pos = pos[rank::world_size]
         x = to_float(batches.get(pos).to(device, non_blocking=True))
         x = normalize(augment(x, spec, generator))
         if memory_format is not None:
@@ -261,10 +271,19 @@ def train_one_epoch(
             logits = model(x)
         loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if world_size > 1:
+            # DDP averages gradients over ranks; weighting each rank's mean loss by its share
+            # makes that the gradient of the global batch's mean loss when shares differ.
+            (loss * (len(pos) * world_size / n_global)).backward()
+        else:
+            loss.backward()
         optimizer.step()
         loss_sum += loss.detach() * len(pos)
         seen += len(pos)
+    if world_size > 1:  # the epoch's loss and image count over all ranks
+        totals = torch.stack([loss_sum, torch.tensor(float(seen), device=device)])
+        torch.distributed.all_reduce(totals)
+        loss_sum, seen = totals[0], int(totals[1].item())
     mean_loss = float(loss_sum.item()) / max(seen, 1)
     if not math.isfinite(mean_loss):
         raise NonFiniteLossError(f"training loss became {mean_loss} (lr {config.lr:g})")
@@ -321,6 +340,22 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
+def _rank_and_world(distributed: bool) -> tuple[int, int]:
+    """This process's rank and the group size (0, 1 unless data parallel)."""
+    if not distributed:
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        raise RuntimeError("train_trial(distributed=True) needs an initialised process group")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _from_rank0(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (a small picklable value: metrics, test scores)."""
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def train_trial(
     config: TrialConfig,
     data: TrialData,
@@ -329,6 +364,7 @@ def train_trial(
     keep_model: bool = False,
     progress: bool = False,
     build_model: Callable[[TrialConfig], nn.Module] = build_dalaresnet,
+    distributed: bool = False,
 ) -> TrialResult:
     """Train one configuration; report validation metrics every epoch; test the best epoch.
 
@@ -337,6 +373,13 @@ def train_trial(
     ``build_model`` swaps the architecture and nothing else (``evaluate.py`` passes the
     paper's baselines from ``model/baselines.py``); the model must offer
     ``parameter_groups(weight_decay)``.
+
+    ``distributed``: called on every rank of an initialised ``torch.distributed`` group
+    (``search/distributed.py`` does so in Ray Train workers). The model is wrapped in
+    ``DistributedDataParallel`` and each rank trains its share of every global batch; rank
+    0 evaluates whole splits with its weights and shares the numbers, so every rank
+    reports, stops early and returns the metrics one process would compute (the model
+    only on rank 0). BatchNorm statistics are per rank on the CPU, synchronised on CUDA.
     """
     if config.image_size != data.cache.image_size:
         raise ConfigError(
@@ -350,7 +393,16 @@ def train_trial(
     model = build_model(config).to(device)
     if device.type == "cuda" and config.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    rank, world = _rank_and_world(distributed)
+    if distributed and device.type == "cuda":  # batch statistics of the global batch
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     run_model: nn.Module = torch.compile(model) if config.compile else model
+    train_model = run_model  # evaluation (rank 0 only) runs the unwrapped model
+    if distributed:
+        ddp = nn.parallel.DistributedDataParallel(
+            model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None
+        )
+        train_model = torch.compile(ddp) if config.compile else ddp
 
     all_labels = data.labels(config.task)
     train_idx = np.asarray(data.split.train, dtype=np.int64)
@@ -367,10 +419,11 @@ def train_trial(
     loss_fn = faults.wrap_loss(loss_fn)  # no-op unless a reliability test injects a NaN
     optimizer = _make_optimizer(config, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: _lr_factor(config, e))
-    generator = torch.Generator(device=device).manual_seed(config.seed)
+    # Each rank its own augmentation draws (rank 0 keeps the single-process stream).
+    generator = torch.Generator(device=device).manual_seed(config.seed + 7919 * rank)
 
     train_b = _Batches(data, data.split.train, device)
-    val_b = _Batches(data, data.split.val, device)
+    val_b = _Batches(data, data.split.val, device) if rank == 0 else None
     train_labels = torch.from_numpy(train_labels_np).to(device)
 
     key = f"val_{config.select_metric}"
@@ -388,7 +441,7 @@ def train_trial(
         start = time.perf_counter()
         order = epoch_indices(train_labels_np, config.sampling, seed=config.seed * 1000 + epoch)
         stats = train_one_epoch(
-            run_model,
+            train_model,
             train_b,
             train_labels,
             order,
@@ -397,9 +450,17 @@ def train_trial(
             optimizer=optimizer,
             generator=generator,
             device=device,
+            rank=rank,
+            world_size=world,
         )
         scheduler.step()
-        val, _, _ = evaluate(run_model, data, val_b, data.split.val, config=config, device=device)
+        val = None
+        if val_b is not None:
+            val, _, _ = evaluate(
+                run_model, data, val_b, data.split.val, config=config, device=device
+            )
+        if world > 1:  # rank 0's numbers everywhere: one best epoch, one early stop
+            val = _from_rank0(val)
         metrics = {f"val_{k}": v for k, v in val.items()}
         metrics.update(stats)
         metrics["lr"] = optimizer.param_groups[0]["lr"]
@@ -409,7 +470,9 @@ def train_trial(
         value = metrics.get(key, float("nan"))
         if math.isfinite(value) and value > best_value:
             best_value, best_epoch, best_metrics = value, epoch, metrics
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            if rank == 0:  # the only rank that tests the weights
+                state = model.state_dict()
+                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in state.items()})
             since_best = 0
         else:
             since_best += 1
@@ -423,14 +486,15 @@ def train_trial(
     if bar is not None:
         bar.close()
 
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    else:  # no finite validation value at all: test the last weights, say so via best_epoch 0
+    if best_epoch == 0:  # no finite validation value at all: test the last weights, say so
         best_metrics = history[-1]
-    test_b = _Batches(data, data.split.test, device)
-    test, y_true, y_prob = evaluate(
-        model, data, test_b, data.split.test, config=config, device=device
-    )
+    elif best_state is not None:
+        model.load_state_dict(best_state)
+    tested = None
+    if rank == 0:
+        test_b = _Batches(data, data.split.test, device)
+        tested = evaluate(model, data, test_b, data.split.test, config=config, device=device)
+    test, y_true, y_prob = _from_rank0(tested) if world > 1 else tested
     y_pred = y_prob.argmax(axis=1) if len(y_prob) else np.zeros(0, dtype=np.int64)
     return TrialResult(
         best_epoch=best_epoch,
@@ -441,5 +505,5 @@ def train_trial(
         history=history,
         test_confusion=confusion(y_true, y_pred, n_classes).tolist(),
         test_scores={"y_true": y_true.tolist(), "y_prob": y_prob.tolist()},
-        model=model.cpu() if keep_model else None,
+        model=model.cpu() if keep_model and rank == 0 else None,
     )

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import math
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from dala_search import faults
+from dala_search.config import TrialConfig
 from dala_search.search import tracking
 from dala_search.space import SearchSpace
 from dala_search.train import TrialData, TrialResult, train_trial
@@ -39,19 +41,52 @@ class TrialContext:
 
 def run_trial(params: dict[str, Any], *, data: TrialData, ctx: TrialContext) -> None:
     """Ray Tune function trainable (bound with ``tune.with_parameters``)."""
-    import ray
     from ray import tune
 
     tune_ctx = tune.get_context()
-    trial_id = tune_ctx.get_trial_id()
+    record_trial(
+        params,
+        data=data,
+        ctx=ctx,
+        trial_id=tune_ctx.get_trial_id(),
+        trial_name=tune_ctx.get_trial_name(),
+        send=tune.report,
+    )
+
+
+def trial_config(params: dict[str, Any], ctx: TrialContext) -> TrialConfig:
+    """The trial's config: Tune's sampled params (keys without a leading ``_``) + overrides."""
     sampled = {k: v for k, v in params.items() if not k.startswith("_")}
-    config = ctx.space.trial_config(sampled, **ctx.overrides)
+    return ctx.space.trial_config(sampled, **ctx.overrides)
+
+
+def record_trial(
+    params: dict[str, Any],
+    *,
+    data: TrialData,
+    ctx: TrialContext,
+    trial_id: str,
+    trial_name: str,
+    send: Callable[[dict[str, float]], None],
+    distributed: bool = False,
+    extra_tags: dict[str, str] | None = None,
+) -> None:
+    """Train one trial and record it: its MLflow child run, per-epoch metrics through
+    ``send``, figures, model, final state.
+
+    The body of ``run_trial`` (``send`` = ``ray.tune.report``) and of rank 0 of a
+    data-parallel trial (``distributed.py``: ``send`` = ``ray.train.report``,
+    ``distributed`` = True, ``extra_tags`` saying how many workers).
+    """
+    import ray
+
+    config = trial_config(params, ctx)
     optuna_number = params.get("_optuna_number", "")
     tracker = tracking.TrialTracker(
         ctx.tracking_uri,
         ctx.experiment_id,
         ctx.parent_run_id,
-        run_name=f"{ctx.magnification}-{tune_ctx.get_trial_name()}",
+        run_name=f"{ctx.magnification}-{trial_name}",
         tags={
             tracking.TAG_MAG: ctx.magnification,
             tracking.TAG_RAY_ID: trial_id,
@@ -60,6 +95,7 @@ def run_trial(params: dict[str, Any], *, data: TrialData, ctx: TrialContext) -> 
             tracking.TAG_SYNTHETIC: str(ctx.synthetic).lower(),
             tracking.TAG_SEARCH: ctx.search,
             tracking.TAG_CODE: ctx.code_version,
+            **(extra_tags or {}),
         },
         params=config.to_dict(),
     )
@@ -74,11 +110,13 @@ def run_trial(params: dict[str, Any], *, data: TrialData, ctx: TrialContext) -> 
         out = dict(metrics)
         out[f"best_{ctx.metric}"] = best_so_far if math.isfinite(best_so_far) else float("nan")
         tracker.log_metrics(out, step=epoch)
-        tune.report(out)
+        send(out)
         faults.after_epoch(epoch)  # no-op unless a reliability test injects a fault
 
     try:
-        result = train_trial(config, data, report, keep_model=ctx.log_models)
+        result = train_trial(
+            config, data, report, keep_model=ctx.log_models, distributed=distributed
+        )
     except Exception as e:
         # A raised error (a bug, a NaN loss, out of memory) would repeat: the run is marked
         # so a restart by Tune's FailureConfig ends at once instead of training again.

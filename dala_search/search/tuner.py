@@ -191,11 +191,6 @@ def plan_search(
         raise ConfigError(f"--max-retries: {max_retries} must be >= 0")
     if workers_per_trial < 1:
         raise ConfigError(f"--workers-per-trial: {workers_per_trial} must be at least 1")
-    if workers_per_trial > 1:
-        raise ConfigError(
-            "--workers-per-trial > 1 (data-parallel trials) is not available "
-            "yet in this version; use one worker per trial"
-        )
     max_concurrent = s.max_concurrent if max_concurrent is None else max_concurrent
     if max_concurrent < 0:
         raise ConfigError(f"--max-concurrent: {max_concurrent} must be >= 0")
@@ -298,7 +293,9 @@ def run_search(plan: SearchPlan, *, resume: bool = False) -> list[MagnificationO
         ray.init(
             address=plan.address,
             runtime_env={"env_vars": _worker_env(plan)},
-            include_dashboard=False,
+            # Data-parallel trials: Ray Train's placement-group cleaner asks the state API,
+            # which the dashboard serves (distributed.py frees the workers either way).
+            include_dashboard=plan.workers_per_trial > 1,
             log_to_driver=True,
             logging_level="WARNING",
         )
@@ -407,7 +404,23 @@ def _run_magnification(
         code_version=tracking.code_version(),
         log_models=plan.log_models,
     )
-    trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, ctx=ctx), res)
+    if plan.workers_per_trial > 1:  # data parallel: Ray Train workers (distributed.py)
+        import ray
+
+        from dala_search.search import distributed
+
+        layout = distributed.WorkerLayout(plan.workers_per_trial, res["cpu"], res["gpu"])
+        cluster = ray.cluster_resources()
+        if plan.address is None:  # a Ray of our own cannot grow: refuse what never fits
+            distributed.check_fits(layout, cluster)
+        trainable = distributed.ddp_trainable(data, ctx, layout)
+        max_concurrent = distributed.max_concurrent_trials(plan.max_concurrent, layout, cluster)
+        # First: a stopped trial's workers are gone before its MLflow run is closed.
+        first_callbacks: list[Any] = [distributed.FreeWorkersCallback()]
+    else:
+        trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, ctx=ctx), res)
+        max_concurrent = _max_concurrent(plan, res)
+        first_callbacks = []
     exp_dir = folder / "ray" / mag
     if tune.Tuner.can_restore(str(exp_dir)):
         tuner = tune.Tuner.restore(
@@ -443,7 +456,7 @@ def _run_magnification(
                 search_alg=searcher,
                 scheduler=scheduler,
                 num_samples=plan.trials,
-                max_concurrent_trials=_max_concurrent(plan, res),
+                max_concurrent_trials=max_concurrent,
                 time_budget_s=budget_s,
             ),
             run_config=tune.RunConfig(
@@ -451,6 +464,7 @@ def _run_magnification(
                 storage_path=str(folder / "ray"),
                 failure_config=tune.FailureConfig(max_failures=plan.max_retries, fail_fast=False),
                 callbacks=[
+                    *first_callbacks,
                     # Closes Optuna trials Tune left open (e.g. cut by the time budget).
                     searcher.end_of_experiment_callback(),
                     SearchCallback(
