@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -507,7 +505,6 @@ def start_cmd(
     runs_dir: Path | None,
 ) -> None:
     """Start a search: one Optuna study per magnification, trials on Ray, records in MLflow."""
-    from dala_search.data.preflight import check_search_data
     from dala_search.search.tuner import plan_search
 
     plan = plan_search(
@@ -532,9 +529,6 @@ def start_cmd(
         fold=fold,
         max_retries=max_retries,
     )
-    # The data must be searchable before the search folder, the MLflow experiment or Ray
-    # exist: a folder without images, an empty magnification or a bad split fails here.
-    check_search_data(plan.data_dir, plan.magnifications, seed=plan.seed, fold=plan.fold)
     click.echo(
         f"search {plan.name}: space {plan.space}, {plan.trials} trial(s) x "
         f"{', '.join(plan.magnifications)}; folder {plan.folder}",
@@ -560,13 +554,13 @@ def resume_cmd(name: str, runs_dir: Path | None) -> None:
 def _run(plan: Any, *, resume: bool) -> None:
     from dala_search.search.tuner import SearchInterrupted, run_search
 
-    # SIGTERM (a scheduler, `kill`, a preempted node) stops the search like Ctrl+C: Ray
-    # Tune's SIGINT handler saves the experiment state and the driver says how to resume.
-    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     try:
         outcomes = run_search(plan, resume=resume)
     except SearchInterrupted as e:
         _print_outcomes(e.outcomes)
+        click.echo(f"Interrupted: continue with `dala-search resume {plan.name}`", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:  # before Tune took over the signal (indexing, caching)
         click.echo(f"Interrupted: continue with `dala-search resume {plan.name}`", err=True)
         sys.exit(130)
     _print_outcomes(outcomes)

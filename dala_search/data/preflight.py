@@ -1,6 +1,6 @@
 """Check a search's data before anything starts: no folder, no MLflow run, no Ray.
 
-``dala-search start`` calls `check_search_data` right after the plan is checked: a data
+``plan_search`` (so ``dala-search start``) calls `check_search_data` before anything starts: a data
 folder without BreakHis images, a magnification without images, a split without both
 classes on every side, or a bad ``Folds.csv`` then fails in seconds with the path named,
 instead of after the search folder, the MLflow experiment and the Ray session exist.
@@ -30,7 +30,7 @@ def check_search_data(
 ) -> BreakHisIndex:
     """Index ``data_dir`` and make every magnification's split; return the index.
 
-    Called by the CLI's ``start`` before ``run_search``. Raises DataError naming the folder
+    Called by ``search.tuner.plan_search``. Raises DataError naming the folder
     and the magnification (or the Folds.csv and its fold) when one cannot be searched.
     The split arguments are ``prepare_data``'s defaults, so a split that passes here is the
     one the search will use.

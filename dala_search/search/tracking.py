@@ -22,7 +22,7 @@ from dala_search.errors import DalaError
 # Tags we set; the MLflow UI can filter on any of them.
 TAG_ROLE = "dala.role"  # "search" | "magnification" | "trial"
 TAG_MAG = "dala.magnification"
-TAG_STATE = "dala.state"  # "running" | "completed" | "pruned" | "failed"
+TAG_STATE = "dala.state"  # "running" | "completed" | "pruned" | "failed" | "interrupted"
 TAG_RAY_ID = "dala.ray_trial_id"
 TAG_OPTUNA_NUMBER = "dala.optuna_trial_number"
 TAG_SYNTHETIC = "dala.synthetic_data"
@@ -198,6 +198,13 @@ class SearchTracker:
                     _retry(self.client.set_tag, run.info.run_id, "dala.error", error[:4000])
                 if run.info.status == "RUNNING":
                     _retry(self.client.set_terminated, run.info.run_id, status)
+
+    def close_interrupted(self, parent_run_id: str) -> None:
+        """Mark the trial runs an interrupted driver left RUNNING as KILLED/interrupted."""
+        for run in self.trial_runs(parent_run_id):
+            if run.info.status == "RUNNING":
+                _retry(self.client.set_tag, run.info.run_id, TAG_STATE, "interrupted")
+                _retry(self.client.set_terminated, run.info.run_id, "KILLED")
 
     def close_parent(self, parent_run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(parent_run_id, status)

@@ -211,6 +211,11 @@ def plan_search(
         data_path = Path(data_dir).expanduser().resolve()
         if not data_path.is_dir():
             raise DalaError(f"--data {data_dir}: no such directory")
+    # The data must be searchable before the search folder, the MLflow experiment or Ray
+    # exist: a folder without images, an empty magnification or a bad split fails here.
+    from dala_search.data.preflight import check_search_data
+
+    check_search_data(data_path, mags, seed=seed, fold=fold)
     return SearchPlan(
         name=name,
         space=str(sp.path),
@@ -299,6 +304,7 @@ def run_search(plan: SearchPlan, *, resume: bool = False) -> list[MagnificationO
             log_to_driver=True,
             logging_level="WARNING",
         )
+        _stop_on_sigterm()
     deadline = time.monotonic() + plan.time_budget_s if plan.time_budget_s else None
     outcomes = []
     for i, mag in enumerate(plan.magnifications):
@@ -313,6 +319,19 @@ def run_search(plan: SearchPlan, *, resume: bool = False) -> list[MagnificationO
         if outcome.interrupted:
             raise SearchInterrupted(plan.name, outcomes)
     return outcomes
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler, ``kill``, a preempted node) stops the search like Ctrl+C.
+
+    Ray Tune's SIGINT handler saves the experiment state and the driver says how to
+    resume. Installed after ``ray.init``, whose own SIGTERM handler aborts the process.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
 
 
 def _worker_env(plan: SearchPlan) -> dict[str, str]:
@@ -509,6 +528,9 @@ def _summarise(
         current = tracker.client.get_run(parent).data.tags.get("dala.best_run_id")
         if current != best[0].info.run_id:
             version = tracker.record_best(parent, mag, best[0])
+    if interrupted:
+        # Trials cut by the interrupt: KILLED, state "interrupted"; `resume` reopens them.
+        tracker.close_interrupted(parent)
     tracker.close_parent(parent, "KILLED" if interrupted else "FINISHED")
     return MagnificationOutcome(
         magnification=mag,

@@ -1,0 +1,301 @@
+"""Faults injected for real and the record checked afterwards (issue: reliability).
+
+Each test runs a real search (Ray, Optuna sqlite study, MLflow store) on the tiny synthetic
+set; faults come from ``$DALA_FAULTS`` (dala_search/faults.py), raised inside the real
+trial processes. Afterwards: the Optuna study, the MLflow runs and the outcome agree, and
+nothing is left RUNNING.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from dala_search.search import tracking
+from dala_search.search.tuner import plan_search, run_search
+
+pytestmark = pytest.mark.slow
+
+
+def _search(tmp: Path, demo_root: Path, space: Path, uri: str | None = None, **kw):  # noqa: ANN202
+    import ray
+
+    uri = uri or f"sqlite:///{tmp / 'mlflow.db'}"
+    plan = plan_search(
+        space=str(space), data_dir=demo_root, tracking_uri=uri, runs_dir=tmp / "runs", **kw
+    )
+    try:
+        outcomes = run_search(plan)
+    finally:
+        ray.shutdown()
+    return plan, outcomes
+
+
+def _records(plan) -> tuple[list, list]:  # noqa: ANN001
+    """(Optuna trials, MLflow trial runs) of the plan's only magnification."""
+    (mag,) = plan.magnifications
+    study = optuna.load_study(study_name=plan.study_name(mag), storage=plan.storage)
+    client = MlflowClient(plan.tracking_uri)
+    exp = client.get_experiment_by_name(tracking.experiment_name(plan.name))
+    runs = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{tracking.TAG_ROLE}` = 'trial'"
+    )
+    return study.get_trials(deepcopy=False), runs
+
+
+def _check_consistent(trials: list, runs: list) -> None:
+    """One MLflow run per Optuna trial, same state, nothing RUNNING."""
+    assert all(t.state.is_finished() for t in trials), [t.state for t in trials]
+    assert all(r.info.status != "RUNNING" for r in runs), [r.info.status for r in runs]
+    by_number = {int(r.data.tags[tracking.TAG_OPTUNA_NUMBER]): r for r in runs}
+    assert len(by_number) == len(runs) == len(trials)  # no duplicate, no orphan
+    assert len({r.data.tags[tracking.TAG_RAY_ID] for r in runs}) == len(runs)
+    state = {"COMPLETE": "completed", "PRUNED": "pruned", "FAIL": "failed"}
+    for t in trials:
+        assert by_number[t.number].data.tags[tracking.TAG_STATE] == state[t.state.name]
+
+
+def _faults(monkeypatch: pytest.MonkeyPatch, tmp: Path, *faults: dict) -> None:
+    for i, f in enumerate(faults):
+        f.setdefault("once", str(tmp / f"token-{i}"))
+    monkeypatch.setenv("DALA_FAULTS", json.dumps(list(faults)))
+
+
+def test_raising_trials_fail_alone_and_are_not_rerun(
+    tmp_path: Path, demo_root: Path, tiny_space: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug, an out-of-memory error and a NaN loss, one trial each, in one search."""
+    _faults(
+        monkeypatch,
+        tmp_path,
+        {"kind": "raise", "epoch": 1},
+        {"kind": "oom", "epoch": 1},
+        {"kind": "nan"},
+    )
+    plan, (outcome,) = _search(tmp_path, demo_root, tiny_space, trials=4, max_retries=2)
+    trials, runs = _records(plan)
+    _check_consistent(trials, runs)
+    assert outcome.finished == 4 and outcome.failed == 3 and outcome.completed == 1
+    errors = sorted(r.data.tags.get("dala.error", "").split(":")[0] for r in runs)
+    assert errors == ["", "NonFiniteLossError", "OutOfMemoryError", "RuntimeError"], errors
+    nan_run = next(r for r in runs if r.data.tags.get("dala.error", "").startswith("NonFinite"))
+    # The NaN was caught in the first epoch: no epoch was ever reported.
+    assert "val_balanced_accuracy" not in nan_run.data.metrics
+    # Tune restarted them (max_retries=2) but none trained again: one attempt each.
+    assert {r.data.tags[tracking.TAG_ATTEMPT] for r in runs} == {"1"}
+    # The failed configurations are not proposed again unchanged.
+    failed = [t.params for t in trials if t.state.name == "FAIL"]
+    others = [t.params for t in trials]
+    assert all(others.count(p) == 1 for p in failed)
+    # The best is the one completed trial.
+    done = next(r for r in runs if r.data.tags[tracking.TAG_STATE] == "completed")
+    assert outcome.best_run_id == done.info.run_id
+    (row,) = tracking.best_table(plan.tracking_uri, plan.name)
+    assert row["best_run_id"] == done.info.run_id
+
+
+@pytest.mark.parametrize("retries", [1, 0])
+def test_trial_process_killed_mid_epoch(
+    tmp_path: Path,
+    demo_root: Path,
+    tiny_space: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    retries: int,
+) -> None:
+    """SIGKILL in the second epoch: restarted into its own run (retries), or failed (0)."""
+    _faults(monkeypatch, tmp_path, {"kind": "sigkill", "epoch": 1, "delay_s": 0.2})
+    plan, (outcome,) = _search(
+        tmp_path, demo_root, tiny_space, trials=2, epochs=3, max_retries=retries
+    )
+    assert (tmp_path / "token-0").exists()  # the fault really fired
+    trials, runs = _records(plan)
+    _check_consistent(trials, runs)
+    attempts = sorted(r.data.tags[tracking.TAG_ATTEMPT] for r in runs)
+    if retries:
+        assert outcome.completed == 2 and outcome.failed == 0
+        assert attempts == ["1", "2"]
+        killed = next(r for r in runs if r.data.tags[tracking.TAG_ATTEMPT] == "2")
+        history = MlflowClient(plan.tracking_uri).get_metric_history(
+            killed.info.run_id, "val_balanced_accuracy"
+        )
+        assert max(m.step for m in history) == 3  # trained to the end after the restart
+    else:
+        assert outcome.completed == 1 and outcome.failed == 1
+        assert attempts == ["1", "1"]
+
+
+def _cli(*args: str, env: dict) -> subprocess.Popen:  # noqa: ANN202
+    return subprocess.Popen(
+        [sys.executable, "-m", "dala_search.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_driver_interrupted_then_resumed_completes_exactly(
+    tmp_path: Path, demo_root: Path, tiny_space: Path, sig: signal.Signals
+) -> None:
+    env = {**os.environ, "DALA_RUNS_DIR": str(tmp_path / "runs")}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["--data", str(demo_root), "--tracking-uri", uri]
+    proc = _cli(
+        "start",
+        "--space",
+        str(tiny_space),
+        "--name",
+        "cut",
+        "--trials",
+        "4",
+        "--epochs",
+        "3",
+        "--max-concurrent",
+        "1",
+        *common,
+        env=env,
+    )
+    lines: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:  # wait for one finished trial, then interrupt
+        lines.append(line)
+        if "1/4 trials done" in line:
+            break
+    else:
+        pytest.fail("search ended before it could be interrupted:\n" + "".join(lines))
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    rest, _ = proc.communicate(timeout=120)
+    out = "".join(lines) + rest
+    assert proc.returncode == 130, out
+    assert time.monotonic() - sent < 60, "did not stop within a minute"
+    assert "dala-search resume cut" in out
+
+    plan_path = tmp_path / "runs" / "cut" / "search.json"
+    assert plan_path.is_file()
+    resumed = subprocess.run(
+        [sys.executable, "-m", "dala_search.cli", "resume", "cut"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    from dala_search.search.tuner import SearchPlan
+
+    plan = SearchPlan.load(plan_path.parent)
+    trials, runs = _records(plan)
+    _check_consistent(trials, runs)
+    assert len(trials) == 4  # exactly the requested trials, none lost, none duplicated
+    client = MlflowClient(uri)
+    parent = client.get_run(runs[0].data.tags[tracking.PARENT_TAG])
+    assert parent.info.status == "FINISHED"
+
+
+def test_mlflow_server_briefly_unreachable(
+    tmp_path: Path, demo_root: Path, tiny_space: Path
+) -> None:
+    """The server goes away mid-trial for a few seconds: nothing recorded is lost."""
+    port = tracking.free_port()
+    backend = f"sqlite:///{tmp_path / 'server.db'}"
+    artifacts = tmp_path / "artifacts"
+
+    def serve() -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+                "--port", str(port), "--backend-store-uri", backend,
+                "--artifacts-destination", str(artifacts), "--workers", "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                tracking.check_tracking_uri(f"http://127.0.0.1:{port}", timeout=1)
+                return proc
+            except Exception:
+                time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("mlflow server did not start")
+
+    server = serve()
+    uri = f"http://127.0.0.1:{port}"
+    outage: dict[str, float] = {}
+
+    def cut_when_logging_started() -> None:
+        nonlocal server
+        client = MlflowClient(uri)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                runs = client.search_runs(
+                    [e.experiment_id for e in client.search_experiments()],
+                    filter_string=f"tags.`{tracking.TAG_ROLE}` = 'trial'",
+                )
+            except Exception:
+                runs = []
+            if any("val_balanced_accuracy" in r.data.metrics for r in runs):
+                break
+            time.sleep(0.3)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        outage["start"] = time.monotonic()
+        time.sleep(6)
+        server = serve()
+        outage["end"] = time.monotonic()
+
+    cutter = threading.Thread(target=cut_when_logging_started, daemon=True)
+    cutter.start()
+    try:
+        plan, (outcome,) = _search(
+            tmp_path, demo_root, tiny_space, uri=uri, trials=1, epochs=6, max_concurrent=1
+        )
+        cutter.join(timeout=120)
+        assert "end" in outage, "the outage never happened"
+        trials, runs = _records(plan)
+        _check_consistent(trials, runs)
+        assert outcome.completed == 1
+        (run,) = runs
+        history = MlflowClient(uri).get_metric_history(run.info.run_id, "val_balanced_accuracy")
+        assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]  # no gap
+        assert run.data.tags[tracking.TAG_STATE] == "completed"
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_two_searches_with_one_name_are_refused(
+    tmp_path: Path, demo_root: Path, tiny_space: Path
+) -> None:
+    from dala_search.errors import DalaError
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    kw = {"space": str(tiny_space), "name": "twin", "data_dir": demo_root, "tracking_uri": uri}
+    first = plan_search(runs_dir=tmp_path / "a", **kw)
+    rival = plan_search(runs_dir=tmp_path / "a", **kw)  # both pass the check before either saves
+    first.save(new=True)
+    with pytest.raises(DalaError, match="already exists"):
+        rival.save(new=True)  # the race is lost cleanly, the first plan untouched
+    assert json.loads((tmp_path / "a" / "twin" / "search.json").read_text()) == json.loads(
+        json.dumps(first.__dict__, default=list)
+    )
+    with pytest.raises(DalaError, match="resume twin"):
+        plan_search(runs_dir=tmp_path / "a", **kw)
+    # Another folder, same tracking store: the experiment belongs to the first search.
+    tracking.SearchTracker(uri, "twin", folder=first.folder)
+    with pytest.raises(DalaError, match="already has a search named 'twin'"):
+        plan_search(runs_dir=tmp_path / "b", **kw)
+    assert not (tmp_path / "b").exists()
