@@ -57,6 +57,14 @@ class WorkerLayout:
     cpus: float  # per worker (its torch threads on the CPU)
     gpus: float  # per worker; 0: CPU training with gloo
 
+    def __post_init__(self) -> None:
+        if 0 < self.gpus < 1:  # NCCL refuses two ranks of one group on the same GPU
+            raise ConfigError(
+                f"--gpus-per-trial {self.gpus:g} with --workers-per-trial {self.workers}: each "
+                "data-parallel worker needs whole GPUs (NCCL runs one rank per GPU); use "
+                "--gpus-per-trial 1, or one worker per trial to pack trials on a GPU"
+            )
+
     @property
     def use_gpu(self) -> bool:
         return self.gpus > 0

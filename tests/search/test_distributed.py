@@ -215,6 +215,8 @@ def test_layout_concurrency_and_fit() -> None:
     assert gpu.per_worker() == {"CPU": 2.0, "GPU": 1.0}
     assert max_concurrent_trials(0, gpu, {"CPU": 64.0, "GPU": 8.0}) == 2  # GPUs limit
     check_fits(cpu2, {"CPU": 2.0})
+    with pytest.raises(ConfigError, match="--gpus-per-trial 0.5 with --workers-per-trial 2"):
+        WorkerLayout(workers=2, cpus=1.0, gpus=0.5)
     with pytest.raises(ConfigError, match="--workers-per-trial 4.*8 CPU and 4 GPU"):
         check_fits(gpu, {"CPU": 64.0, "GPU": 2.0})
 
