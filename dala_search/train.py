@@ -22,7 +22,7 @@ from torch import nn
 
 from dala_search import faults
 from dala_search.config import TrialConfig
-from dala_search.data.augment import AugmentSpec, augment, normalize, to_float
+from dala_search.data.augment import AugmentSpec, augment_normalized, to_normalized
 from dala_search.data.breakhis import (
     BreakHisIndex,
     ImageRecord,
@@ -181,14 +181,32 @@ class _Batches:
             self.resident = torch.from_numpy(host).to(device)
         self.images = data.cache.images
 
-    def get(self, positions: np.ndarray) -> torch.Tensor:
+    def get(self, positions: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC batch at ``positions`` (numpy, or a tensor from `device_positions`)."""
         if self.resident is not None:
-            return self.resident[torch.from_numpy(positions).to(self.device, non_blocking=True)]
+            if isinstance(positions, np.ndarray):
+                positions = device_positions(positions, self.device)
+            return self.resident[positions]
+        if isinstance(positions, torch.Tensor):
+            positions = positions.cpu().numpy()
         rows = self.rows[positions]
         order = np.argsort(rows)  # sorted reads are kinder to the page cache
         batch = np.empty((len(rows), *self.images.shape[1:]), dtype=np.uint8)
         batch[order] = self.images[rows[order]]
         return torch.from_numpy(batch)
+
+
+def device_positions(positions: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Batch positions as an int64 tensor on ``device``, without stalling a GPU.
+
+    A copy from pageable host memory synchronises the CUDA stream (the host waits for all
+    queued kernels) on every batch; from pinned memory with ``non_blocking`` it is queued like
+    a kernel. PyTorch's caching host allocator makes ``pin_memory`` cheap after warm-up.
+    """
+    t = torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _cuda_modes(
@@ -262,11 +280,11 @@ def train_one_epoch(
             continue
         n_global = len(pos)
         pos = pos[rank::world_size]
-        x = to_float(batches.get(pos).to(device, non_blocking=True))
-        x = normalize(augment(x, spec, generator))
+        idx = device_positions(pos, device)  # images and labels both index with it
+        x = augment_normalized(batches.get(idx).to(device, non_blocking=True), spec, generator)
         if memory_format is not None:
             x = x.contiguous(memory_format=memory_format)
-        y = labels[torch.from_numpy(pos).to(device)]
+        y = labels[idx]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             logits = model(x)
         loss = loss_fn(logits.float(), y)
@@ -310,7 +328,7 @@ def predict(
     bs = max(config.batch_size, 64)
     for lo in range(0, n, bs):
         pos = np.arange(lo, min(lo + bs, n))
-        x = normalize(to_float(batches.get(pos).to(device, non_blocking=True)))
+        x = to_normalized(batches.get(device_positions(pos, device)).to(device, non_blocking=True))
         if memory_format is not None:
             x = x.contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):

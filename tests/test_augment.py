@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dala_search.data.augment import AugmentSpec, augment, normalize, to_float
+from dala_search.data.augment import (
+    AugmentSpec,
+    augment,
+    augment_normalized,
+    normalize,
+    to_float,
+    to_normalized,
+)
 
 
 def _batch(n: int = 6, size: int = 16) -> torch.Tensor:
@@ -61,3 +68,25 @@ def test_stain_jitter_is_small_for_small_sigma() -> None:
 def test_normalize_uses_imagenet_statistics() -> None:
     x = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     assert torch.allclose(normalize(x), torch.zeros(1, 3, 1, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        AugmentSpec(crop_scale=0.8, color_jitter=0.1, stain_jitter=0.05),
+        AugmentSpec(crop_scale=0.5, stain_jitter=0.3),
+        AugmentSpec(flip=False, rotate90=False, color_jitter=0.4),
+        AugmentSpec(flip=False, rotate90=False),
+        AugmentSpec(),
+    ],
+)
+def test_fused_training_path_equals_the_reference(spec: AugmentSpec) -> None:
+    # train.py uses the fused path; the readable composition above is its definition.
+    u8 = torch.randint(0, 256, (6, 20, 20, 3), generator=torch.Generator().manual_seed(2)).to(
+        torch.uint8
+    )
+    fused = augment_normalized(u8, spec, torch.Generator().manual_seed(5))
+    ref = normalize(augment(to_float(u8), spec, torch.Generator().manual_seed(5)))
+    assert fused.shape == ref.shape == (6, 3, 20, 20)
+    assert torch.allclose(fused, ref, atol=1e-4)
+    assert torch.allclose(to_normalized(u8), normalize(to_float(u8)), atol=1e-6)

@@ -1,0 +1,167 @@
+"""Benchmark 4: fixed cost per trial of a real search vs a plain loop over ``train_trial``.
+
+N short trials (1 epoch, no pruning, one at a time) through ``plan_search`` + ``run_search``
+(Ray Tune trial start, Optuna, MLflow child run, per-epoch metrics, figures, model), then
+the same N configurations (read back from the Optuna study) in a plain loop over
+``train_trial`` in this process. Overhead per trial = (search - loop) / N; it includes the
+per-search costs (parent run, study, best-model registration) shared over the N trials.
+A warm-up search of one trial first starts Ray and builds the image cache, which a real
+search pays once. The MLflow part is broken down by timing the trial's own record calls.
+Goal: < 1.5 s per trial.
+
+    python bench/overhead.py [--quick] [--record]
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as c  # noqa: E402
+
+SPACE = Path(__file__).resolve().parent / "search_space.yaml"
+SIZES = {  # trials per search, repetitions (search, loop alternately)
+    "tiny": dict(trials=1, reps=1),
+    "quick": dict(trials=4, reps=1),
+    "full": dict(trials=8, reps=2),
+}
+
+
+def _configs(plan, space):  # noqa: ANN001, ANN202
+    """The configurations the search's trials ran, rebuilt as the trial function does."""
+    import optuna
+
+    study = optuna.load_study(study_name=plan.study_name("40X"), storage=plan.storage)
+    overrides = {"epochs": 1, "select_metric": plan.metric, "device": "cpu"}
+    overrides["num_threads"] = max(1, int(plan.cpus_per_trial))
+    return [space.trial_config(t.params, **overrides) for t in study.get_trials()]
+
+
+def _record_costs(configs, data, uri: str) -> dict[str, float]:  # noqa: ANN001
+    """Seconds per trial of each MLflow step run_trial takes, on this process's clock."""
+    from dala_search.search import tracking
+    from dala_search.search.trainable import _log_figures
+    from dala_search.train import train_trial
+
+    search = tracking.SearchTracker(uri, f"overhead-records-{time.time_ns()}")
+    parent = search.parent_run("40X", tags={})
+    costs = {"run_and_params_s": 0.0, "epoch_metrics_s": 0.0, "figures_s": 0.0, "model_s": 0.0}
+    for i, config in enumerate(configs):
+        result = train_trial(config, data, keep_model=True)
+        t0 = time.perf_counter()
+        tracker = tracking.TrialTracker(
+            uri, search.experiment_id, parent, f"t{i}", tags={}, params=config.to_dict()
+        )
+        tracker.log_dict(config.to_dict(), "trial_config.json")
+        t1 = time.perf_counter()
+        for epoch, metrics in enumerate(result.history, 1):
+            tracker.log_metrics(metrics, step=epoch)
+        tracker.log_metrics(result.summary(), step=result.epochs_run)
+        t2 = time.perf_counter()
+        _log_figures(tracker, result)
+        t3 = time.perf_counter()
+        tracker.log_model(result.model)  # a search logs it only for a new best
+        tracker.finish("completed")
+        t4 = time.perf_counter()
+        for k, dt in zip(costs, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            costs[k] += dt / len(configs)
+    return {k: round(v, 3) for k, v in costs.items()}
+
+
+def main() -> None:
+    p = c.parser(__doc__.splitlines()[0])
+    args = p.parse_args()
+    load0 = c.load_start()
+    size = SIZES[c.size_of(args)]
+    n = size["trials"]
+
+    import ray
+    import torch
+
+    from dala_search.search.tuner import plan_search, run_search
+    from dala_search.space import load_space
+    from dala_search.train import prepare_data, train_trial
+
+    torch.set_num_threads(args.threads)
+    space = load_space(SPACE)
+    base = c.work_dir(args)
+    root = c.demo_data(base, images_per_mag=2, width=96, height=64)
+    searches: list[float] = []
+    loops: list[float] = []
+    with tempfile.TemporaryDirectory(dir=base) as scratch:
+        s = Path(scratch)
+        uri = f"sqlite:///{s / 'mlflow.db'}"
+
+        def search(name: str, trials: int) -> tuple[float, object]:
+            plan = plan_search(
+                space=str(SPACE),
+                name=name,
+                data_dir=root,
+                trials=trials,
+                epochs=1,
+                pruner="none",
+                seed=len(searches),  # each repetition samples other configurations
+                tracking_uri=uri,
+                runs_dir=s / "runs",
+                cpus_per_trial=args.threads,
+            )
+            start = time.perf_counter()
+            outcome = run_search(plan)[0]
+            wall = time.perf_counter() - start
+            if outcome.completed != trials:
+                raise SystemExit(f"search {name}: {outcome} (expected {trials} completed)")
+            return wall, plan
+
+        try:
+            if not args.tiny:  # --tiny (the tests) keeps only the structure, and its time
+                c.log("warm-up search (Ray start, image cache)")
+                search("warmup", 1)
+            data = prepare_data(root, "40X", image_size=int(space.fixed["image_size"]))
+            configs = []
+            for r in range(size["reps"]):
+                wall, plan = search(f"measured-{r}", n)
+                searches.append(wall)
+                c.log(f"rep {r + 1}: search of {n} trials {wall:.1f} s")
+                configs = _configs(plan, space)
+                start = time.perf_counter()
+                for config in configs:
+                    train_trial(config, data)
+                loops.append(time.perf_counter() - start)
+                c.log(f"rep {r + 1}: plain loop over the same {n} configs {loops[-1]:.1f} s")
+        finally:
+            ray.shutdown()
+        records = _record_costs(configs, data, uri)
+
+    search_s, loop_s = c.median(searches), c.median(loops)
+    per_trial = (search_s - loop_s) / n
+    result = {
+        "per_trial_overhead_s": round(per_trial, 3),
+        "search_s_per_trial": round(search_s / n, 3),
+        "loop_s_per_trial": round(loop_s / n, 3),
+        "trials": n,
+        "reps": size["reps"],
+        "runs_s": {"search": [round(v, 2) for v in searches], "loop": [round(v, 2) for v in loops]},
+        "mlflow_per_trial": records,
+        "goal": "per_trial_overhead_s < 1.5",
+        "meets_goal": per_trial < 1.5,
+        "_load_start": load0,
+    }
+    c.finite_positive(result, ["search_s_per_trial", "loop_s_per_trial"])
+    summary = (
+        f"{n} trials of 1 epoch at 40X (32 px), one at a time, median of {size['reps']}\n"
+        f"through the search (Ray Tune + Optuna + MLflow): {search_s / n:6.2f} s per trial\n"
+        f"plain loop over train_trial, same configs:        {loop_s / n:6.2f} s per trial\n"
+        f"fixed overhead per trial: {per_trial:.2f} s (goal < 1.5 s)\n"
+        f"of which MLflow, timed in-process per trial: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in records.items())
+        + " (model_s only for a trial that beats the best so far)"
+    )
+    c.finish("overhead", args, result, summary)
+
+
+if __name__ == "__main__":
+    main()

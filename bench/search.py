@@ -1,0 +1,125 @@
+"""Benchmark 3: Optuna pruning on vs off, same sampler, seed and trial count.
+
+Two real searches (``plan_search`` + ``run_search``, Ray Tune, Optuna, MLflow) of
+``bench/search_space.yaml`` on one synthetic data set, in one Ray session: one with the
+space's pruner (successive halving by default), one with ``--pruner none``. Figures:
+epochs consumed (intermediate values reported to each Optuna study) and the best
+validation balanced accuracy of a completed trial (what the search would pick).
+Goal: <= 40% of the epochs, best within 1 point (0.01).
+
+    python bench/search.py [--quick] [--pruner sha|hyperband|median|percentile] [--record]
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as c  # noqa: E402
+
+SPACE = Path(__file__).resolve().parent / "search_space.yaml"
+SIZES = {  # trials, epochs (None: the space's), images per magnification (x 24 patients)
+    "tiny": dict(trials=1, epochs=1, per_mag=2),
+    "quick": dict(trials=4, epochs=4, per_mag=3),
+    "full": dict(trials=None, epochs=None, per_mag=3),
+}
+
+
+def _study_figures(plan) -> dict:  # noqa: ANN001
+    import optuna
+
+    study = optuna.load_study(study_name=plan.study_name("40X"), storage=plan.storage)
+    trials = study.get_trials(deepcopy=False)
+    return {
+        "epochs": sum(len(t.intermediate_values) for t in trials),
+        "states": {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED")},
+    }
+
+
+def main() -> None:
+    p = c.parser(__doc__.splitlines()[0])
+    p.add_argument("--pruner", default=None, help="pruned side's pruner (default: the space's)")
+    args = p.parse_args()
+    load0 = c.load_start()
+    size = SIZES[c.size_of(args)]
+
+    import ray
+
+    from dala_search.search.tuner import plan_search, run_search
+    from dala_search.space import load_space
+
+    settings = load_space(SPACE).settings
+    pruner = args.pruner or settings.pruner
+    base = c.work_dir(args)
+    root = c.demo_data(base, images_per_mag=size["per_mag"], width=96, height=64)
+    figures = {}
+    with tempfile.TemporaryDirectory(dir=base) as scratch:
+        s = Path(scratch)
+        uri = f"sqlite:///{s / 'mlflow.db'}"
+        try:
+            for side, name in ((pruner, "pruned"), ("none", "unpruned")):
+                plan = plan_search(
+                    space=str(SPACE),
+                    name=f"bench-{name}",
+                    data_dir=root,
+                    trials=size["trials"],
+                    epochs=size["epochs"],
+                    pruner=side,
+                    seed=0,
+                    tracking_uri=uri,
+                    runs_dir=s / "runs",
+                    cpus_per_trial=args.threads,
+                )
+                c.log(f"search with pruner {side!r}: {plan.trials} trials")
+                start = time.perf_counter()
+                outcome = run_search(plan)[0]
+                wall = time.perf_counter() - start
+                figures[name] = {
+                    "pruner": side,
+                    "best_val_balanced_accuracy": outcome.best_value,
+                    "wall_s": round(wall, 1),
+                    **_study_figures(plan),
+                }
+                c.log(f"{name}: {figures[name]}")
+                trials, epochs = plan.trials, plan.epochs or 8
+        finally:
+            ray.shutdown()
+
+    on, off = figures["pruned"], figures["unpruned"]
+    share = on["epochs"] / off["epochs"]
+    gap = (off["best_val_balanced_accuracy"] or 0.0) - (on["best_val_balanced_accuracy"] or 0.0)
+    result = {
+        "epochs_pruned": on["epochs"],
+        "epochs_unpruned": off["epochs"],
+        "ratio": round(share, 3),
+        "best_pruned": on["best_val_balanced_accuracy"],
+        "best_unpruned": off["best_val_balanced_accuracy"],
+        "best_gap_points": round(100 * gap, 2),
+        "pruner": pruner,
+        "trials": trials,
+        "epochs_per_trial": epochs,
+        "sides": figures,
+        "goal": "ratio <= 0.40 and best within 1 point",
+        "meets_epochs": share <= 0.40,
+        "meets_best": gap <= 0.01,
+        "_load_start": load0,
+    }
+    c.finite_positive(result, ["epochs_pruned", "epochs_unpruned", "ratio"])
+    summary = (
+        f"{trials} trials x up to {epochs} epochs at 40X, TPE seed 0, one trial at a time\n"
+        f"pruner {pruner!r}: {on['epochs']:4d} epochs, best val balanced accuracy "
+        f"{on['best_val_balanced_accuracy']}, {on['states']}, {on['wall_s']} s\n"
+        f"pruner 'none':  {off['epochs']:4d} epochs, best val balanced accuracy "
+        f"{off['best_val_balanced_accuracy']}, {off['states']}, {off['wall_s']} s\n"
+        f"epochs consumed with pruning: {100 * share:.0f}% (goal <= 40%); best "
+        f"{'within' if gap <= 0.01 else 'NOT within'} 1 point (gap {100 * gap:+.1f} points)"
+    )
+    c.finish("search", args, result, summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Benchmark 2: a trial's training throughput vs a bare ResNet50 on in-memory tensors.
+
+Trial: ``train_trial`` (one epoch per repetition; its ``train_images_per_s`` covers the
+training loop: cache rows, device augmentation, DALAResNet50 forward/backward, AdamW).
+Bare: torchvision's ``resnet50`` (2 classes) stepping AdamW on one fixed in-memory batch
+of the same shape and batch size, on the same device, as many steps as the trial's epoch.
+Also measured: the same DALAResNet50 on the fixed batch, which splits the gap into the
+data path's share and the model's (attention and head). Measured alternately.
+Goal: ratio >= 0.9 on the CPU, >= 0.8 on a GPU.
+
+    python bench/trial.py [--quick] [--device cpu|cuda] [--record]
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as c  # noqa: E402
+
+SIZES = {  # synthetic images per magnification (x 24 patients), px, batch, reps
+    "tiny": dict(per_mag=2, px=32, batch=8, reps=1),
+    "quick": dict(per_mag=3, px=64, batch=16, reps=2),
+    "full": dict(per_mag=3, px=128, batch=16, reps=3),  # 224 px: ~1 img/s on a shared CPU
+}
+GPU_SIZE = dict(per_mag=60, px=224, batch=64, reps=3)  # ~1,400 images, one magnification
+
+
+def main() -> None:
+    p = c.parser(__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    args = p.parse_args()
+    load0 = c.load_start()
+    size = SIZES[c.size_of(args)]
+    if args.device.startswith("cuda") and not args.tiny:
+        size = GPU_SIZE
+
+    import torch
+    import torchvision
+
+    from dala_search.config import TrialConfig
+    from dala_search.model.dalaresnet import build_dalaresnet
+    from dala_search.train import prepare_data, train_trial
+
+    device = torch.device(args.device)
+    base = c.work_dir(args)
+    # Small sources: decoding is not what this benchmark measures (bench/pipeline does).
+    root = c.demo_data(base, images_per_mag=size["per_mag"], width=256, height=168)
+    config = TrialConfig(
+        pretrained="none",
+        image_size=size["px"],
+        batch_size=size["batch"],
+        epochs=1,
+        device=str(device),
+        num_threads=args.threads if device.type == "cpu" else 0,
+    )
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(dir=base) as cache_dir:
+        data = prepare_data(root, "40X", image_size=size["px"], cache_dir=cache_dir)
+        n_train = len(data.split.train)
+        steps = sum(
+            1 for lo in range(0, n_train, config.batch_size) if n_train - lo >= 2
+        )  # the batches train_one_epoch runs
+        c.log(f"{n_train} training images at {size['px']} px, {steps} batches per epoch")
+
+        def trial() -> float:
+            result = train_trial(config, data)
+            return result.history[0]["train_images_per_s"]
+
+        def fixed_batch(model: torch.nn.Module) -> float:
+            """Forward/backward/AdamW on one in-memory batch, `steps` times."""
+            model = model.to(device)
+            if device.type == "cuda":
+                model = model.to(memory_format=torch.channels_last)
+            model.train()
+            opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
+            x = torch.randn(config.batch_size, 3, size["px"], size["px"], device=device)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = torch.randint(0, 2, (config.batch_size,), device=device)
+            use_amp = device.type == "cuda" and config.amp
+            start = time.perf_counter()
+            for _ in range(steps):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    logits = model(x)
+                loss = torch.nn.functional.cross_entropy(logits.float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return steps * config.batch_size / (time.perf_counter() - start)
+
+        def bare() -> float:
+            torch.manual_seed(0)
+            return fixed_batch(torchvision.models.resnet50(num_classes=2))
+
+        def dala_fixed() -> float:
+            torch.manual_seed(0)
+            return fixed_batch(build_dalaresnet(config))
+
+        runs = c.interleave(
+            {"trial": trial, "bare_resnet50": bare, "dala_fixed_batch": dala_fixed},
+            size["reps"],
+        )
+
+    t, b, d = (c.median(runs[k]) for k in ("trial", "bare_resnet50", "dala_fixed_batch"))
+    goal = 0.8 if device.type == "cuda" else 0.9
+    result = {
+        "trial_img_s": round(t, 2),
+        "bare_img_s": round(b, 2),
+        "ratio": round(t / b, 3),
+        "dala_fixed_batch_img_s": round(d, 2),
+        "data_path_ratio": round(t / d, 3),
+        "image_size": size["px"],
+        "batch_size": config.batch_size,
+        "train_images": n_train,
+        "device": str(device),
+        "reps": size["reps"],
+        "runs_img_s": {k: [round(v, 2) for v in vs] for k, vs in runs.items()},
+        "goal": f"ratio >= {goal}",
+        "meets_goal": t / b >= goal,
+        "_load_start": load0,
+    }
+    c.finite_positive(result, ["trial_img_s", "bare_img_s", "ratio", "dala_fixed_batch_img_s"])
+    summary = (
+        f"{n_train} training images at {size['px']} px, batch {config.batch_size}, "
+        f"{device}, median of {size['reps']} interleaved epochs\n"
+        f"trial (train_trial, cache + device augmentation, DALAResNet50): {t:8.2f} img/s\n"
+        f"bare torchvision resnet50 on one in-memory batch:               {b:8.2f} img/s\n"
+        f"ratio trial/bare: {t / b:.3f} (goal >= {goal})\n"
+        f"DALAResNet50 on one in-memory batch: {d:.2f} img/s -> the data path keeps "
+        f"{t / d:.3f} of the model's own speed"
+    )
+    c.finish("trial", args, result, summary, device=str(device))
+
+
+if __name__ == "__main__":
+    main()
