@@ -296,7 +296,9 @@ def run_search(plan: SearchPlan, *, resume: bool = False) -> list[MagnificationO
 
     if not ray.is_initialized():
         ray.init(
-            address=plan.address,
+            # No --address: a Ray of our own ("local"), never a `ray start` cluster that
+            # happens to run on this host (address=None would join it); "auto" joins one.
+            address=plan.address or "local",
             runtime_env={"env_vars": _worker_env(plan)},
             # Data-parallel trials: Ray Train's placement-group cleaner asks the state API,
             # which the dashboard serves (distributed.py frees the workers either way).
