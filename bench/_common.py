@@ -144,8 +144,8 @@ def finish(
     result = {"benchmark": name, "size": size_of(args), **result}
     result["machine"] = {**machine(device), "load_1m_at_start": result.pop("_load_start", None)}
     print(summary)
-    if args.record:
-        record(name, args, result, summary)
+    if args.record:  # GPU figures get their own block: they never replace the CPU record
+        record(f"{name}-gpu" if "gpu" in result["machine"] else name, args, result, summary)
     print(json.dumps(result, sort_keys=False))
 
 
