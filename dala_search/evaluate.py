@@ -25,7 +25,8 @@ The confidence interval is a two-sided 95 % Student t-interval over the K per-fo
 values (``scipy.stats.t``, K - 1 degrees of freedom): mean +- t * sd / sqrt(K). Values that are
 undefined in a fold (e.g. ROC AUC on a test part with one class) are written as ``null`` and
 left out of the mean and interval; with fewer than two defined values the interval is
-``null``.
+``null``. The interval is not clipped to [0, 1]: with K = 2 the t quantile is 12.7 and an
+interval wider than the metric's range says honestly how little two folds tell.
 
 Files (written atomically: temp file + rename; strict JSON, undefined numbers are ``null``):
 
@@ -193,7 +194,9 @@ def best_config(
 
     The parent run's ``dala.best_run_id`` names the trial; its ``trial_config.json``
     artifact is the config it trained with (params are strings; the artifact is typed).
-    ``epochs`` and ``device`` override it; CPU thread counts of the search are dropped.
+    ``epochs`` and ``device`` (default ``auto``) override it; a warmup longer than the new
+    epochs is shortened to fit (the written config shows it); the search's CPU thread
+    count is dropped (torch's default for this process).
     """
     from dala_search.search import tracking
 
@@ -719,6 +722,17 @@ def evaluation_table(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+# Column titles of the comparison table (the paper's names).
+_LABELS = {
+    "accuracy": "accuracy",
+    "f1": "F1",
+    "iba": "IBA",
+    "gmean": "G-mean",
+    "balanced_accuracy": "bal. accuracy",
+    "roc_auc": "ROC AUC",
+}
+
+
 def baselines_table(doc: dict[str, Any]) -> list[str]:
     """Plain-text comparison table of one magnification (mean ± CI half-width)."""
     tag = " (SYNTHETIC data)" if doc["synthetic"] else ""
@@ -726,10 +740,11 @@ def baselines_table(doc: dict[str, Any]) -> list[str]:
     rows = list(doc["rows"])
     if doc.get("dalaresnet50"):
         rows = [doc["dalaresnet50"], *rows]
-    width = max(len(r["model"]) for r in rows) + 2
-    lines.append(f"  {'model':{width}}" + "".join(f"{n:>17}" for n in BASELINE_METRICS))
+    width = max(len(r["model"]) for r in rows)
+    header = "".join(f"  {_LABELS[n]:>16}" for n in BASELINE_METRICS)
+    lines.append(f"  {'model':{width}}{header}")
     for r in rows:
-        cells = "".join(f"{_cell(r['metrics'].get(n)):>17}" for n in BASELINE_METRICS)
+        cells = "".join(f"  {_cell(r['metrics'].get(n)):>16}" for n in BASELINE_METRICS)
         lines.append(f"  {r['model']:{width}}{cells}")
     lines.append("  (mean ± half-width of the 95% t-interval over the folds)")
     return lines

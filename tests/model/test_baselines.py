@@ -157,3 +157,16 @@ def test_pretrained_vit_gets_its_position_embeddings_resampled(
     assert torch.equal(net.conv_proj.weight, pretrained["conv_proj.weight"])
     with torch.no_grad():
         assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 2)
+
+
+def test_baselines_and_evaluate_import_no_framework() -> None:
+    # model/ is core (DESIGN.md); evaluate.py reaches MLflow only inside its functions.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, dala_search.model.baselines, dala_search.evaluate\n"
+        "bad = [m for m in ('ray', 'optuna', 'mlflow') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
