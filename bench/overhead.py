@@ -27,7 +27,7 @@ SPACE = Path(__file__).resolve().parent / "search_space.yaml"
 SIZES = {  # trials per search, repetitions (search, loop alternately)
     "tiny": dict(trials=1, reps=1),
     "quick": dict(trials=4, reps=1),
-    "full": dict(trials=8, reps=2),
+    "full": dict(trials=5, reps=2),
 }
 
 
