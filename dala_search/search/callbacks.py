@@ -107,8 +107,9 @@ class SearchCallback(Callback):
 
     # -- progress -------------------------------------------------------------------------
 
-    def status(self, trials: list) -> str:
-        running = sum(1 for t in trials if t.status == "RUNNING")
+    def status(self, trials: list, ended: Any = None) -> str:
+        """One progress line; ``ended``: a trial Tune is ending (still RUNNING to Tune)."""
+        running = sum(1 for t in trials if t.status == "RUNNING" and t is not ended)
         done = sum(self.counts.values())
         best = f"{self.best:.4f}" if self.best > float("-inf") else "-"
         minutes = (time.monotonic() - self.start) / 60
@@ -128,7 +129,7 @@ class SearchCallback(Callback):
             f"[{self.magnification}] trial {trial.trial_id} {state} after "
             f"{last.get('training_iteration', 0)} epoch(s); {self.metric} {shown}"
         )
-        self._echo(self.status(trials))
+        self._echo(self.status(trials, ended=trial))
 
     @staticmethod
     def _echo(text: str) -> None:
