@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# MLflow servers the tests start need no GenAI job runner (it forks ~10 huey consumers).
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+
 # Keep every test's caches out of the user's home.
 os.environ.setdefault(
     "DALA_CACHE_DIR", str(Path(__file__).parent / ".." / ".pytest_cache" / "dala")
