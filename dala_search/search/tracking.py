@@ -29,7 +29,7 @@ TAG_SYNTHETIC = "dala.synthetic_data"
 TAG_SEARCH = "dala.search"
 TAG_CODE = "dala.code_version"
 TAG_HAS_MODEL = "dala.has_model"
-TAG_NODE = "dala.node_id"  # the Ray node the trial ran on (its first attempt)
+TAG_NODE = "dala.node_id"  # the Ray node of the first attempt; "dala.node_id.2".. of restarts
 TAG_FOLDER = "dala.search_folder"  # the search's folder: one name, one search
 TAG_FAILURE = "dala.failure"  # "exception": the trial raised; it is not retried
 TAG_ATTEMPT = "dala.attempt"  # 1, then 2.. when Tune restarted a dead trial process
@@ -310,6 +310,8 @@ class TrialTracker:
             attempt = int(ptags.get(TAG_ATTEMPT, "1")) + 1
             _retry(self.client.update_run, self.run_id, status="RUNNING")
             _retry(self.client.set_tag, self.run_id, TAG_ATTEMPT, str(attempt))
+            if tags.get(TAG_NODE):  # where this attempt runs (a restart may move nodes)
+                _retry(self.client.set_tag, self.run_id, f"{TAG_NODE}.{attempt}", tags[TAG_NODE])
             _retry(self.client.set_tag, self.run_id, TAG_STATE, "running")
             return
         run = _retry(

@@ -282,18 +282,6 @@ def run_search(plan: SearchPlan, *, resume: bool = False) -> list[MagnificationO
 
     space = load_space(plan.space)
     folder = Path(plan.folder)
-    if not resume:
-        plan.save(new=True)
-    tracker = tracking.SearchTracker(plan.tracking_uri, plan.name, folder=plan.folder)
-    index = index_breakhis(plan.data_dir, progress=True)
-    if index.skipped:
-        print(
-            f"note: {len(index.skipped)} unreadable or non-BreakHis file(s) skipped "
-            f"(`dala-search data check {plan.data_dir}` lists them)",
-            file=sys.stderr,
-        )
-    image_size = int(space.fixed.get("image_size", 224))
-
     if not ray.is_initialized():
         ray.init(
             # No --address: a Ray of our own ("local"), never a `ray start` cluster that
@@ -307,6 +295,19 @@ def run_search(plan: SearchPlan, *, resume: bool = False) -> list[MagnificationO
             logging_level="WARNING",
         )
         _stop_on_sigterm()
+    _check_cluster_tracking(plan)
+    if not resume:
+        plan.save(new=True)
+    tracker = tracking.SearchTracker(plan.tracking_uri, plan.name, folder=plan.folder)
+    index = index_breakhis(plan.data_dir, progress=True)
+    if index.skipped:
+        print(
+            f"note: {len(index.skipped)} unreadable or non-BreakHis file(s) skipped "
+            f"(`dala-search data check {plan.data_dir}` lists them)",
+            file=sys.stderr,
+        )
+    image_size = int(space.fixed.get("image_size", 224))
+
     deadline = time.monotonic() + plan.time_budget_s if plan.time_budget_s else None
     outcomes = []
     for i, mag in enumerate(plan.magnifications):
@@ -321,6 +322,20 @@ def run_search(plan: SearchPlan, *, resume: bool = False) -> list[MagnificationO
         if outcome.interrupted:
             raise SearchInterrupted(plan.name, outcomes)
     return outcomes
+
+
+def _check_cluster_tracking(plan: SearchPlan) -> None:
+    """Trials on other nodes cannot write to a local tracking store: refuse before any
+    record exists (``plan_search`` cannot tell what ``--address auto`` joins)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and not plan.tracking_uri.startswith(("http://", "https://")):
+        ray.shutdown()
+        raise ConfigError(
+            f"the Ray cluster has {len(nodes)} nodes: trials on other nodes cannot write to "
+            f"{plan.tracking_uri}; pass --tracking-uri http://HEAD:5000 (an MLflow server)"
+        )
 
 
 def _stop_on_sigterm() -> None:

@@ -308,5 +308,29 @@ def test_search_on_two_nodes_survives_a_killed_worker_node(
     # The killed trial kept its one run, finished by a second attempt (on the head: the
     # worker was gone); every other trial ran once.
     attempts = {r.info.run_id: int(r.data.tags[tracking.TAG_ATTEMPT]) for r in runs}
+    last = attempts[killed["run"]]
+    restarted = next(r for r in runs if r.info.run_id == killed["run"])
+    assert restarted.data.tags[f"{tracking.TAG_NODE}.{last}"] == head  # where it finished
     assert attempts.pop(killed["run"]) >= 2
     assert set(attempts.values()) == {1}
+
+
+@pytest.mark.slow
+def test_a_local_tracking_store_is_refused_on_a_multi_node_cluster(
+    two_nodes: Any, tiny_space: Path, demo_root: Path, tmp_path: Path
+) -> None:
+    """``--address auto`` can join a cluster plan_search cannot see: run_search refuses a
+    sqlite store once it sees several nodes, before any folder or record exists."""
+    import dataclasses
+
+    from dala_search.errors import ConfigError
+    from dala_search.search.tuner import plan_search, run_search
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    plan = plan_search(
+        space=str(tiny_space), data_dir=demo_root, tracking_uri=uri, runs_dir=tmp_path / "runs"
+    )
+    plan = dataclasses.replace(plan, address=two_nodes.address)  # what "auto" would join
+    with pytest.raises(ConfigError, match="2 nodes.*--tracking-uri http"):
+        run_search(plan)
+    assert not (tmp_path / "runs").exists()
