@@ -76,10 +76,34 @@ class ImageCache:
 
     @property
     def images(self) -> np.ndarray:
-        """The ``(N, S, S, 3)`` uint8 array, memory-mapped read-only on first use."""
+        """The ``(N, S, S, 3)`` uint8 array, memory-mapped read-only on first use.
+
+        On a node that does not share the driver's cache folder (a cluster without a
+        shared file system) the cache is built once on this node from the same images.
+        """
         if self._images is None:
+            if not self.path.is_file():
+                self._rebuild_here()
             self._images = np.load(self.path, mmap_mode="r")
         return self._images
+
+    def _rebuild_here(self) -> None:
+        from types import SimpleNamespace
+
+        missing = [p for p in self.paths if not os.path.isfile(p)]
+        if missing:
+            raise DataError(
+                f"image cache {self.path} is not on this node and {len(missing)} of its "
+                f"images are not either (e.g. {missing[0]}): put the data (or the cache "
+                "folder, $DALA_CACHE_DIR) on a file system every node mounts at one path"
+            )
+        local = build_cache([SimpleNamespace(path=p) for p in self.paths], self.image_size)
+        if local.paths != self.paths:
+            raise DataError(
+                f"image cache rebuilt on this node ({local.path}) differs from the driver's "
+                f"({self.path}): {len(local.paths)} vs {len(self.paths)} decodable images"
+            )
+        self.path = local.path
 
     def __len__(self) -> int:
         return len(self.paths)

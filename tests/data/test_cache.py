@@ -307,3 +307,33 @@ def test_core_module_imports_no_framework() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_node_without_the_drivers_cache_builds_its_own(
+    images: list[ImageRecord], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trial unpickled on a node that does not mount the driver's cache folder (no shared
+    file system) decodes the same images there once; rows stay the same."""
+    import shutil
+
+    driver = build_cache(images, 8, tmp_path / "driver", workers=1)
+    expected = np.array(driver.images)
+    shipped = pickle.dumps(driver)
+    shutil.rmtree(tmp_path / "driver")  # "another node": the driver's folder is not here
+    monkeypatch.setenv("DALA_CACHE_DIR", str(tmp_path / "node"))
+    on_node = pickle.loads(shipped)
+    assert (on_node.images == expected).all()
+    assert on_node.path.parent == tmp_path / "node"
+    assert on_node.rows_for(images).tolist() == driver.rows_for(images).tolist()
+
+
+def test_a_node_with_neither_cache_nor_images_says_what_to_share(
+    images: list[ImageRecord], tmp_path: Path
+) -> None:
+    import shutil
+
+    shipped = pickle.dumps(build_cache(images, 8, tmp_path / "driver", workers=1))
+    shutil.rmtree(tmp_path / "driver")
+    shutil.rmtree(images[0].path.parent)
+    with pytest.raises(DataError, match="not on this node.*file system every node mounts"):
+        _ = pickle.loads(shipped).images
