@@ -553,7 +553,7 @@ def test_resume_with_an_unreachable_server_starts_nothing(env: Env, good_tree: P
     from dala_search.search.tuner import plan_search
 
     plan = plan_search(space="smoke", name="s", data_dir=good_tree, tracking_uri=env.uri,
-                       runs_dir=env.runs)  # fmt: skip
+                       runs_dir=env.runs, magnifications="40X")  # fmt: skip
     url = f"http://127.0.0.1:{closed_port()}"
     dataclasses.replace(plan, tracking_uri=url).save()
     result = env.run("resume", "s", "--runs-dir", env.runs)

@@ -26,10 +26,8 @@ CASES = {
     "overhead": ["search_s_per_trial", "loop_s_per_trial"],
 }
 # memory (five trial processes), search (two Ray searches) and overhead (a Ray search) take
-# ~150 s together at --tiny on 2 cores: over this file's share of the CI budget (60 s).
-# They run when DALA_BENCH_TESTS=all; otherwise they are skipped, with this reason shown.
+# ~100 s together at --tiny on 2 cores: marked slow (CI still runs them).
 HEAVY = {"memory", "search", "overhead"}
-RUN_HEAVY = os.environ.get("DALA_BENCH_TESTS") == "all"
 
 
 def _run(name: str, work: Path) -> dict:
@@ -47,14 +45,9 @@ def _run(name: str, work: Path) -> dict:
     return json.loads(last)
 
 
-_SKIP_HEAVY = pytest.mark.skipif(
-    not RUN_HEAVY, reason="over the CI time budget; run with DALA_BENCH_TESTS=all"
-)
-
-
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=[pytest.mark.slow, _SKIP_HEAVY]) if n in HEAVY else n for n in CASES],
+    [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in CASES],
 )
 def test_benchmark_runs_and_prints_its_json_last(name: str, tmp_path_factory) -> None:
     work = tmp_path_factory.getbasetemp() / "bench-work"  # data shared between benchmarks
