@@ -8,6 +8,7 @@ other nodes, and a global "active run" would be one more piece of hidden state.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import subprocess
 import time
@@ -29,6 +30,7 @@ TAG_SYNTHETIC = "dala.synthetic_data"
 TAG_SEARCH = "dala.search"
 TAG_CODE = "dala.code_version"
 TAG_HAS_MODEL = "dala.has_model"
+TAG_MODEL_URI = "dala.model_uri"  # models:/m-... of the trial's logged model
 TAG_NODE = "dala.node_id"  # the Ray node of the first attempt; "dala.node_id.2".. of restarts
 TAG_FOLDER = "dala.search_folder"  # the search's folder: one name, one search
 TAG_FAILURE = "dala.failure"  # "exception": the trial raised; it is not retried
@@ -238,7 +240,7 @@ class SearchTracker:
 
         mlflow.set_tracking_uri(self.uri)
         version = mlflow.register_model(
-            f"runs:/{best_run.info.run_id}/model",
+            best_run.data.tags.get(TAG_MODEL_URI, f"runs:/{best_run.info.run_id}/model"),
             model_name(magnification),
             tags={TAG_SEARCH: self.search, TAG_MAG: magnification},
         )
@@ -372,13 +374,22 @@ class TrialTracker:
         import mlflow.pytorch
 
         mlflow.set_tracking_uri(self.client.tracking_uri)
-        with mlflow.start_run(run_id=self.run_id):
-            mlflow.pytorch.log_model(
-                model,
-                name="model",
-                serialization_format="pickle",
-                pip_requirements=["torch", "torchvision", "dala-search"],
-            )
+        # mlflow.pytorch warns about pickle on every call; our own models are what it loads.
+        quiet = logging.getLogger("mlflow.pytorch")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            with mlflow.start_run(run_id=self.run_id):
+                info = mlflow.pytorch.log_model(
+                    model,
+                    name="model",
+                    serialization_format="pickle",
+                    pip_requirements=["torch", "torchvision", "dala-search"],
+                )
+        finally:
+            quiet.setLevel(level)
+        # MLflow 3 stores it as a LoggedModel (models:/m-...), not under the run's artifacts.
+        _retry(self.client.set_tag, self.run_id, TAG_MODEL_URI, info.model_uri)
         _retry(self.client.set_tag, self.run_id, TAG_HAS_MODEL, "true")
 
     def finish(self, state: str, error: str | None = None, raised: bool = False) -> None:

@@ -93,6 +93,9 @@ def test_best_is_on_the_parent_and_registered(records) -> None:
     assert parent.data.metrics["best_test_accuracy"] == chosen_run.data.metrics["test_accuracy"]
     version = client.get_model_version_by_alias(tracking.model_name("40X"), "best")
     assert version.run_id == chosen
+    # Registered from the trial's own LoggedModel (MLflow 3), not a guessed artifact path.
+    assert version.source == chosen_run.data.tags[tracking.TAG_MODEL_URI]
+    assert version.source.startswith("models:/m-")
     # The registered model loads and classifies a batch of the right shape.
     import torch
 
