@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -146,3 +152,80 @@ def write_result_jsons():
         return evaluation, baselines
 
     return write
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1: sqlite store and artifacts under ``root``,
+    its own process group (its workers stop with it), restartable on the same port."""
+
+    def __init__(self, root: Path) -> None:
+        from dala_search.search.tracking import free_port
+
+        self.root = root
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    def start(self, timeout: float = 120) -> None:
+        """Start and wait for ``/health`` (a cold start on a busy 2-core machine is slow)."""
+        self._log = (self.root / "server.log").open("a")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+                "--port", str(self.port), "--workers", "1",
+                "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+                "--serve-artifacts", "--artifacts-destination", str(self.root / "artifacts"),
+            ],
+            cwd=self.root,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop(signal.SIGKILL)
+                pytest.fail(
+                    f"mlflow server did not start:\n{(self.root / 'server.log').read_text()}"
+                )
+            time.sleep(0.5)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the whole process group (SIGKILL: an abrupt outage); idempotent."""
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(timeout=20)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+            self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+@pytest.fixture(scope="session")
+def start_mlflow_server() -> Iterator[Callable[[Path], MlflowServer]]:
+    """Factory: ``start_mlflow_server(root)`` returns a started server; all are stopped at
+    the end of the session (tests may stop, restart or stop them earlier)."""
+    servers: list[MlflowServer] = []
+
+    def start(root: Path) -> MlflowServer:
+        server = MlflowServer(root)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

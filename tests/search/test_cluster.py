@@ -7,14 +7,8 @@ trials land on both nodes, and a worker node killed mid-trial costs no trial.
 from __future__ import annotations
 
 import copy
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -115,61 +109,13 @@ def test_cluster_yaml_runs_mlflow_gpu_workers_and_installs_the_project(
 # ----------------------------------------------------------------- two nodes on loopback
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory, start_mlflow_server) -> Iterator[str]:
     """A real ``mlflow server`` on 127.0.0.1 (sqlite store, proxied artifacts), as on the
-    cluster's head; killed at the end."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log = (root / "server.log").open("w")
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--serve-artifacts",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its workers go with it when the group is killed
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(uri + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()}")
-            time.sleep(0.5)
-        yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+    cluster's head; stopped at the end."""
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+    yield server.uri
+    server.stop()
 
 
 @pytest.fixture

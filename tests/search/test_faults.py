@@ -204,40 +204,15 @@ def test_driver_interrupted_then_resumed_completes_exactly(
 
 
 def test_mlflow_server_briefly_unreachable(
-    tmp_path: Path, demo_root: Path, tiny_space: Path
+    tmp_path: Path, demo_root: Path, tiny_space: Path, start_mlflow_server
 ) -> None:
     """The server goes away mid-trial for a few seconds: nothing recorded is lost."""
-    port = tracking.free_port()
-    backend = f"sqlite:///{tmp_path / 'server.db'}"
-    artifacts = tmp_path / "artifacts"
-
-    def serve() -> subprocess.Popen:
-        proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-                "--port", str(port), "--backend-store-uri", backend,
-                "--artifacts-destination", str(artifacts), "--workers", "1",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                tracking.check_tracking_uri(f"http://127.0.0.1:{port}", timeout=1)
-                return proc
-            except Exception:
-                time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError("mlflow server did not start")
-
-    server = serve()
-    uri = f"http://127.0.0.1:{port}"
+    (tmp_path / "server").mkdir()
+    server = start_mlflow_server(tmp_path / "server")
+    uri = server.uri
     outage: dict[str, float] = {}
 
     def cut_when_logging_started() -> None:
-        nonlocal server
         client = MlflowClient(uri)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -251,11 +226,10 @@ def test_mlflow_server_briefly_unreachable(
             if any("val_balanced_accuracy" in r.data.metrics for r in runs):
                 break
             time.sleep(0.3)
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
+        server.stop(signal.SIGKILL)  # abrupt: no graceful shutdown
         outage["start"] = time.monotonic()
         time.sleep(6)
-        server = serve()
+        server.start()  # same port, same store
         outage["end"] = time.monotonic()
 
     cutter = threading.Thread(target=cut_when_logging_started, daemon=True)
@@ -274,7 +248,7 @@ def test_mlflow_server_briefly_unreachable(
         assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]  # no gap
         assert run.data.tags[tracking.TAG_STATE] == "completed"
     finally:
-        os.killpg(server.pid, signal.SIGKILL)
+        server.stop(signal.SIGKILL)
 
 
 def test_two_searches_with_one_name_are_refused(
