@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import urllib.error
 from pathlib import Path
 
 import pytest
@@ -84,23 +83,13 @@ def test_resnet50_weights_file_is_refused_by_other_families(tmp_path: Path) -> N
         build_baseline("densenet121", config)
 
 
-def _no_download(monkeypatch: pytest.MonkeyPatch, calls: list[str]) -> None:
-    # As in test_dalaresnet.py: what an offline machine raises, without touching the network.
-    def fail(url: str, dst: str, *args: object, **kwargs: object) -> None:
-        calls.append(url)
-        raise urllib.error.URLError("[Errno -2] Name or service not known")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", fail)
-
-
 def test_imagenet_without_weights_says_where_to_put_them(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hub_downloads: list[str]
 ) -> None:
     from torchvision.models import DenseNet121_Weights
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    calls: list[str] = []
-    _no_download(monkeypatch, calls)
+    calls = hub_downloads
     with pytest.raises(ConfigError) as info:
         build_baseline("densenet121", SMALLEST.replace(pretrained="imagenet"))
     url = DenseNet121_Weights.IMAGENET1K_V1.url
@@ -111,7 +100,7 @@ def test_imagenet_without_weights_says_where_to_put_them(
 
 
 def test_imagenet_weights_from_the_cache_are_loaded(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hub_downloads: list[str]
 ) -> None:
     from torchvision.models import DenseNet121_Weights, densenet121
 
@@ -121,8 +110,7 @@ def test_imagenet_weights_from_the_cache_are_loaded(
     cache.mkdir(parents=True)
     torch.save(state, cache / Path(DenseNet121_Weights.IMAGENET1K_V1.url).name)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    calls: list[str] = []
-    _no_download(monkeypatch, calls)
+    calls = hub_downloads
     torch.manual_seed(2)
     model = build_baseline("densenet121", SMALLEST.replace(pretrained="imagenet"))
     assert calls == []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -301,24 +300,11 @@ def test_pretrained_file_values_are_copied(resnet50_file: tuple[Path, dict], pos
     )  # a fresh init differs, so the comparisons above are meaningful
 
 
-def _no_download(monkeypatch: pytest.MonkeyPatch, calls: list[str]) -> None:
-    # Stand-in for torch.hub's downloader: raises what a machine without network raises
-    # (URLError, checked here by hand: "[Errno -2] Name or service not known" within ~2 s).
-    # Faking it keeps the test hermetic: with internet it would otherwise download 100 MB
-    # and not raise; without, it can never hang on a network timeout.
-    def fail(url: str, dst: str, *args: object, **kwargs: object) -> None:
-        calls.append(url)
-        raise urllib.error.URLError("[Errno -2] Name or service not known")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", fail)
-
-
 def test_imagenet_without_network_or_cache_says_how_to_provide_weights(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hub_downloads: list[str]
 ) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    calls: list[str] = []
-    _no_download(monkeypatch, calls)
+    calls = hub_downloads
     with pytest.raises(ConfigError) as info:
         DALAResNet50(pretrained="imagenet")
     message = str(info.value)
@@ -331,28 +317,29 @@ def test_imagenet_without_network_or_cache_says_how_to_provide_weights(
 
 
 def test_imagenet_uses_the_torch_home_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resnet50_file: tuple[Path, dict]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    hub_downloads: list[str],
+    resnet50_file: tuple[Path, dict],
 ) -> None:
     path, state = resnet50_file
     cache = tmp_path / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     (cache / IMAGENET_FILE).symlink_to(path)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    calls: list[str] = []
-    _no_download(monkeypatch, calls)
+    calls = hub_downloads
     model = DALAResNet50(pretrained="imagenet")
     assert calls == []
     assert torch.equal(model.backbone.layer3[5].conv2.weight, state["layer3.5.conv2.weight"])
 
 
 def test_imagenet_corrupt_cache_names_the_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hub_downloads: list[str]
 ) -> None:
     cache = tmp_path / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     (cache / IMAGENET_FILE).write_bytes(b"truncated download")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    _no_download(monkeypatch, [])
     with pytest.raises(ConfigError) as info:
         DALAResNet50(pretrained="imagenet")
     message = str(info.value)
