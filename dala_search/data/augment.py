@@ -1,15 +1,24 @@
 """Batched, per-sample augmentation on the trial's device.
 
-Images arrive as uint8 NHWC straight from the decoded-image cache; everything below is a
-few tensor ops over the whole batch, so a GPU does it in microseconds and no DataLoader
-workers are needed. Histology has no canonical orientation, so flips and 90-degree turns
-are label-preserving; stain jitter follows Tellez et al. 2018 (perturb in HED space).
+Images arrive as uint8 NHWC straight from the decoded-image cache; augmentation is a few
+tensor ops per batch (a GPU) or per few samples (a CPU), so no DataLoader workers are
+needed. Histology has no canonical orientation, so flips and 90-degree turns are
+label-preserving; stain jitter follows Tellez et al. 2018 (perturb in HED space).
+
+Geometry, per sample: a random crop box (its side a fraction ``sqrt(a)`` of the image's,
+``a`` uniform in ``[crop_scale, 1]``, placed uniformly inside the image) resized back to the
+image size by bilinear interpolation (``F.interpolate``, ``antialias=True``), then a left-right
+mirror and ``k`` quarter turns (``torch.rot90``). ``augment`` is the readable definition;
+``augment_normalized`` (the training path) computes the same thing fast.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +31,9 @@ _RGB_FROM_HED = torch.tensor(
     [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float32
 )
 _HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
+_MIN_INTENSITY = 1e-6  # optical density is -log(intensity): keep black pixels finite
+
+Rand = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -72,13 +84,51 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+class Geometry(NamedTuple):
+    """Per-sample geometric draws, int64 tensors of shape (n,) on the batch's device."""
+
+    turns: torch.Tensor  # quarter turns 0..3 (``torch.rot90`` over H, W), after the mirror
+    flip: torch.Tensor  # 1: mirror left-right first
+    top: torch.Tensor  # crop box: rows top..top+height-1, columns left..left+width-1
+    left: torch.Tensor
+    height: torch.Tensor
+    width: torch.Tensor
+
+
+def draw_geometry(
+    n: int, h: int, w: int, spec: AugmentSpec, rand: Rand, device: torch.device
+) -> Geometry:
+    """Draw every sample's mirror, quarter turns and crop box (in this order).
+
+    Called by ``augment`` and ``augment_normalized`` with the same ``rand`` stream, so both
+    paths see identical boxes. The box keeps an area fraction of at least ``crop_scale``
+    (its sides are rounded up) and lies inside the image.
+    """
+    if spec.rotate90 and h != w:
+        raise ValueError(f"quarter turns need square images, got {h}x{w}")
+    zeros = torch.zeros(n, dtype=torch.int64, device=device)
+    turns = (rand(n) * 4).floor().long().clamp_(max=3) if spec.rotate90 else zeros
+    flip = (rand(n) < 0.5).long() if spec.flip else zeros
+    if spec.crop_scale >= 1.0:
+        full = torch.ones_like(zeros)
+        return Geometry(turns, flip, zeros, zeros, full * h, full * w)
+    side = (spec.crop_scale + (1.0 - spec.crop_scale) * rand(n)).sqrt()
+    height = (side * h).ceil().long().clamp_(1, h)
+    width = (side * w).ceil().long().clamp_(1, w)
+    # rand() < 1, but rand() * (slack + 1) can round up to slack + 1 in float32
+    top = torch.minimum((rand(n) * (h - height + 1)).floor().long(), h - height)
+    left = torch.minimum((rand(n) * (w - width + 1)).floor().long(), w - width)
+    return Geometry(turns, flip, top, left, height, width)
+
+
 def augment(
     x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Augment a float NCHW batch in [0, 1]; every sample draws its own parameters.
 
-    ``generator`` must live on ``x``'s device: drawing there keeps the GPU loop free of
-    host-device copies (and so of synchronisation).
+    The readable definition of the augmentation (``augment_normalized`` must equal
+    ``normalize(augment(to_float(u8)))``; tests check it). ``generator`` must live on ``x``'s
+    device.
     """
     dev = x.device
 
@@ -86,7 +136,7 @@ def augment(
         return torch.rand(*shape, generator=generator, device=dev)
 
     if spec.geometric:
-        x = _geometric(x, spec, rand)
+        x = _geometric(x, draw_geometry(x.shape[0], x.shape[2], x.shape[3], spec, rand, dev))
     if spec.stain_jitter > 0:
         x = _stain_jitter(x, spec.stain_jitter, rand)
     if spec.color_jitter > 0:
@@ -94,34 +144,25 @@ def augment(
     return x.clamp_(0.0, 1.0)
 
 
-def _geometric(x: torch.Tensor, spec: AugmentSpec, rand) -> torch.Tensor:  # noqa: ANN001
-    """Flip, quarter turn and random crop folded into one affine grid per sample."""
-    n = x.shape[0]
-    dev, dt = x.device, x.dtype
-    k = (rand(n) * 4).floor() if spec.rotate90 else torch.zeros(n, device=dev)
-    angle = k * (torch.pi / 2)
-    cos, sin = torch.cos(angle).round(), torch.sin(angle).round()  # exact quarter turns
-    flip = torch.where(rand(n) < 0.5, -1.0, 1.0) if spec.flip else torch.ones(n, device=dev)
-    area = spec.crop_scale + (1.0 - spec.crop_scale) * rand(n)
-    side = area.sqrt()  # fraction of the side kept
-    tx = (rand(n) * 2 - 1) * (1 - side)
-    ty = (rand(n) * 2 - 1) * (1 - side)
-    theta = torch.zeros(n, 2, 3, device=dev, dtype=dt)
-    theta[:, 0, 0] = side * cos * flip
-    theta[:, 0, 1] = -side * sin
-    theta[:, 1, 0] = side * sin * flip
-    theta[:, 1, 1] = side * cos
-    theta[:, 0, 2] = tx
-    theta[:, 1, 2] = ty
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+def _geometric(x: torch.Tensor, geo: Geometry) -> torch.Tensor:
+    """Crop, resize back, mirror, turn: one sample at a time, as written in the module doc."""
+    h, w = x.shape[2:]
+    out = torch.empty_like(x)
+    for i, (k, f, top, left, ch, cw) in enumerate(zip(*(t.tolist() for t in geo), strict=True)):
+        img = x[i : i + 1, :, top : top + ch, left : left + cw]
+        if (ch, cw) != (h, w):
+            img = F.interpolate(img, size=(h, w), mode="bilinear", antialias=True)
+        if f:
+            img = img.flip(-1)
+        out[i] = torch.rot90(img, k, (-2, -1))[0]
+    return out
 
 
-def _stain_jitter(x: torch.Tensor, sigma: float, rand) -> torch.Tensor:  # noqa: ANN001
+def _stain_jitter(x: torch.Tensor, sigma: float, rand: Rand) -> torch.Tensor:
     """Scale and shift each stain's optical density (haematoxylin, eosin, DAB)."""
     n = x.shape[0]
     dev, dt = x.device, x.dtype
-    od = -torch.log(x.clamp(min=1e-6))  # optical density, NCHW
+    od = -torch.log(x.clamp(min=_MIN_INTENSITY))  # optical density, NCHW
     hed = torch.einsum("nchw,cd->ndhw", od, _HED_FROM_RGB.to(dev, dt))
     alpha = 1 + (rand(n, 3) * 2 - 1) * sigma
     beta = (rand(n, 3) * 2 - 1) * sigma
@@ -130,7 +171,7 @@ def _stain_jitter(x: torch.Tensor, sigma: float, rand) -> torch.Tensor:  # noqa:
     return torch.exp(-od)
 
 
-def _color_jitter(x: torch.Tensor, amount: float, rand) -> torch.Tensor:  # noqa: ANN001
+def _color_jitter(x: torch.Tensor, amount: float, rand: Rand) -> torch.Tensor:
     """Brightness, contrast and saturation, one factor each per sample."""
     n = x.shape[0]
     dt = x.dtype
@@ -148,12 +189,25 @@ def _color_jitter(x: torch.Tensor, amount: float, rand) -> torch.Tensor:  # noqa
 # ----- the training path: uint8 in, augmented and normalised float out, in few passes ------
 #
 # ``normalize(augment(to_float(u8)))`` above is the readable definition; it makes ~20 passes
-# over the batch. The functions below compute the same thing (same random draws in the same
-# order, equal to ~1e-5; ``tests/test_augment.py`` checks it) in ~8, which is what a CPU
-# trial can afford: stain jitter is one 3x3 matrix per sample in optical-density space,
-# colour jitter and normalisation are one affine map per sample plus a per-channel clamp,
-# the affine grid is built by broadcasting, and everything stays channels_last (one
-# contiguous RGB triple per pixel), where ``grid_sample`` and the 3x3 products are fastest.
+# over the batch. ``augment_normalized`` draws the same numbers in the same order and makes
+#   geometry  on the CPU in uint8: per sample a view of the crop box, torch's vectorised
+#             uint8 bilinear resize (channels_last), the mirror and turns as uint8 flips and
+#             a transposed view; on a GPU one batched ``grid_sample`` (see _geometry_grid);
+#   colour    in planar float (C, H*W): stain jitter is log, one 3x3 product per sample, exp
+#             (od' = od @ H diag(alpha) R + beta @ R); colour jitter AND the ImageNet
+#             normalisation are one more 3x3 product plus offset per sample; one clamp.
+# Planar, because a 3x3 product over (3, H*W) runs ~10x faster on a CPU than over (H*W, 3).
+# On a CPU the work goes a few samples at a time so the float intermediates stay in the
+# core's cache (each float pass over a whole 224 px batch from memory costs as much as the
+# log or the exp from cache).
+
+# floats per colour step on a CPU (two buffers of this many: ~1.2 MB each, cache-sized);
+# two 224 px samples, measured fastest here with 1 and 2 threads (4: ~3% slower, 16: ~20%)
+_CPU_CHUNK_VALUES = 2 * 3 * 224 * 224
+_LOG_255 = math.log(255.0)
+# clamping to [0, 1] and then normalising == normalising then clamping to these bounds
+_LO = [(0.0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]
+_HI = [(1.0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]
 
 
 def to_normalized(batch_u8: torch.Tensor) -> torch.Tensor:
@@ -169,74 +223,176 @@ def to_normalized(batch_u8: torch.Tensor) -> torch.Tensor:
 def augment_normalized(
     batch_u8: torch.Tensor, spec: AugmentSpec, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """``normalize(augment(to_float(batch_u8), spec, generator))`` in a few fused passes.
+    """``normalize(augment(to_float(batch_u8), spec, generator))``, fast.
 
     Called by ``train.train_one_epoch`` for every training batch. Input uint8 NHWC on the
-    trial's device; output float NCHW with channels_last strides. ``generator`` must live on
-    the same device (no host-device copies, so no synchronisation on a GPU).
+    trial's device; output float NCHW, contiguous (``train`` converts it to channels_last
+    where the model wants that, on CUDA; CPU convolutions run no faster either way).
+    ``generator`` must live on the same device: on a GPU nothing here copies to the host,
+    so nothing synchronises. Equal to the readable definition up to float rounding (~1e-5),
+    except that the CPU resize rounds to uint8 (within one 8-bit step, 1/255, before the
+    colour maps) and the GPU resize interpolates in float (within float rounding).
     """
     n, h, w, _ = batch_u8.shape
     dev = batch_u8.device
-    c = _constants(dev)
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.rand(*shape, generator=generator, device=dev)
 
-    x = batch_u8.permute(0, 3, 1, 2).float()  # 0..255, channels_last strides
-    if spec.geometric:
-        x = _geometric_fast(x, spec, rand)
-    pix = x.permute(0, 2, 3, 1).reshape(n, h * w, 3)  # a view when x is channels_last
-    scale = 1.0 / 255.0  # folded into the first linear step below
+    geo = draw_geometry(n, h, w, spec, rand, dev) if spec.geometric else None
+    maps = _colour_maps(n, spec, rand, dev)
+    if dev.type == "cpu":
+        return _augment_cpu(batch_u8, geo, maps)
+    return _augment_batched(batch_u8, geo, maps)
+
+
+def _augment_batched(
+    batch_u8: torch.Tensor, geo: Geometry | None, maps: _ColourMaps
+) -> torch.Tensor:
+    """The whole batch at once, nothing read back to the host: the GPU path."""
+    n, h, w, _ = batch_u8.shape
+    out = torch.empty(n, 3, h, w, device=batch_u8.device)
+    if geo is not None:
+        x = _geometry_grid(batch_u8, geo).reshape(n, 3, h * w)
+    else:
+        x = batch_u8.permute(0, 3, 1, 2).reshape(n, 3, h * w).float()
+    scratch = torch.empty_like(x) if maps.stain_mix is not None else x
+    _colour_normalize(x, maps, slice(0, n), out.view(n, 3, h * w), scratch)
+    return out
+
+
+def _augment_cpu(batch_u8: torch.Tensor, geo: Geometry | None, maps: _ColourMaps) -> torch.Tensor:
+    """A few samples at a time, geometry in uint8: the CPU path."""
+    n, h, w, _ = batch_u8.shape
+    out = torch.empty(n, 3, h, w)
+    geo_lists = [t.tolist() for t in geo] if geo is not None else None
+    chunk = max(1, min(_CPU_CHUNK_VALUES // (3 * h * w), n))
+    planar = torch.empty(chunk, 3, h * w)
+    scratch = torch.empty_like(planar) if maps.stain_mix is not None else planar
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n)
+        for j, i in enumerate(range(lo, hi)):
+            img = batch_u8[i] if geo_lists is None else _geometry_u8(batch_u8[i], geo_lists, i)
+            # uint8 HWC (maybe a transposed view) -> float planar: one pass, in cache
+            planar[j].view(3, h, w).copy_(img.permute(2, 0, 1))
+        m = hi - lo
+        out_rows = out[lo:hi].view(m, 3, h * w)
+        _colour_normalize(planar[:m], maps, slice(lo, hi), out_rows, scratch[:m])
+    return out
+
+
+def _geometry_u8(img: torch.Tensor, geo: list[list[int]], i: int) -> torch.Tensor:
+    """Sample ``i``'s crop, resize, mirror and turns on one uint8 HWC image (CPU path).
+
+    The result may be a transposed view; the caller's float conversion reads it in place.
+    """
+    k, f, top, left, ch, cw = (g[i] for g in geo)
+    h, w, _ = img.shape
+    img = img[top : top + ch, left : left + cw]
+    if (ch, cw) != (h, w):
+        # channels_last uint8 is the layout torch's vectorised (AVX2) resize kernel takes
+        chw = img.permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)
+        img = F.interpolate(chw, size=(h, w), mode="bilinear", antialias=True)[0]
+        img = img.permute(1, 2, 0)  # HWC again, a view
+    if f:
+        img = img.flip(1)
+    return torch.rot90(img, k, (0, 1))  # flips copy uint8 rows; the transpose is a view
+
+
+def _geometry_grid(batch_u8: torch.Tensor, geo: Geometry) -> torch.Tensor:
+    """The same crop, resize, mirror and turns as one ``grid_sample`` (the GPU path).
+
+    Float NCHW out, values 0..255. The CPU path needs the boxes on the host (Python ints for
+    slicing); on a GPU that read would synchronise the stream on every batch, so here the
+    boxes stay device tensors and each output pixel's source position is computed directly:
+    undo the turns, then the mirror, then map the resized crop's pixel centre into the crop
+    (``align_corners=False``, clamped to the crop's edge pixels as ``interpolate`` does).
+    For upscaling, ``antialias=True`` bilinear is plain bilinear, so the two paths agree to
+    float rounding (plus the CPU path's rounding to uint8); tests check it on the CPU.
+    """
+    n, h, w, _ = batch_u8.shape
+    dev = batch_u8.device
+    i = torch.arange(h, device=dev, dtype=torch.float32).view(1, h, 1)
+    j = torch.arange(w, device=dev, dtype=torch.float32).view(1, 1, w)
+    k = geo.turns.view(n, 1, 1)
+    # rot90 by k: out[i, j] = in[j, w-1-i] (k=1), in[h-1-i, w-1-j] (k=2), in[h-1-j, i] (k=3)
+    a = torch.where(k == 0, i, torch.where(k == 1, j, torch.where(k == 2, h - 1 - i, h - 1 - j)))
+    b = torch.where(k == 0, j, torch.where(k == 1, w - 1 - i, torch.where(k == 2, w - 1 - j, i)))
+    b = torch.where(geo.flip.view(n, 1, 1) == 1, w - 1 - b, b)
+
+    def source(pos: torch.Tensor, start: torch.Tensor, size: torch.Tensor, out: int):
+        size = size.view(n, 1, 1).float()
+        p = ((pos + 0.5) * size / out - 0.5).clamp(min=0.0)
+        return torch.minimum(p, size - 1) + start.view(n, 1, 1).float()
+
+    sy = source(a, geo.top, geo.height, h)
+    sx = source(b, geo.left, geo.width, w)
+    grid = torch.stack(((sx + 0.5) * (2.0 / w) - 1, (sy + 0.5) * (2.0 / h) - 1), dim=-1)
+    x = batch_u8.permute(0, 3, 1, 2).float()
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class _ColourMaps(NamedTuple):
+    """Per-sample maps of the colour step, (n, ...) tensors on the batch's device."""
+
+    stain_mix: torch.Tensor | None  # (n, 3, 3): log-intensity in -> stained log-intensity
+    stain_bias: torch.Tensor | None  # (n, 3, 1)
+    colour: torch.Tensor  # (n, 3, 3): intensity -> normalised value (planar, out = M @ in)
+    colour_gain: torch.Tensor | None  # (n,): fb, the image mean's factor in the offset
+    contrast: torch.Tensor | None  # (n,): fc
+
+
+def _colour_maps(n: int, spec: AugmentSpec, rand: Rand, dev: torch.device) -> _ColourMaps:
+    """Draw stain then colour factors (the readable path's order) and fold them into maps."""
+    c = _constants(dev)
+    std = c["std"]
+    mix = bias = fb = fc = None
+    scale = 1.0 / 255.0  # the input's 0..255 scale, folded into the first linear map
     if spec.stain_jitter > 0:
         s = spec.stain_jitter
         alpha = 1 + (rand(n, 3) * 2 - 1) * s
         beta = (rand(n, 3) * 2 - 1) * s
-        # od' = od @ (H diag(alpha) R) + beta @ R with od = -log(x): one 3x3 per sample.
-        mix = (c["hed_from_rgb"].unsqueeze(0) * alpha.unsqueeze(1)) @ c["rgb_from_hed"]
-        shift = (beta @ c["rgb_from_hed"]).unsqueeze(1)
-        log_x = pix.mul(scale).clamp_(min=1e-6).log_()
-        pix = torch.baddbmm(-shift, log_x, mix).exp_()  # exp(-od')
+        # od = -log(x / 255); od' = od @ M + beta @ R with M = H diag(alpha) R (one 3x3);
+        # log of the output: -od' = log(x) @ M - (log(255) 1 @ M + beta @ R).
+        rows = (c["hed_from_rgb"].unsqueeze(0) * alpha.unsqueeze(1)) @ c["rgb_from_hed"]
+        bias = -(_LOG_255 * rows.sum(dim=1) + beta @ c["rgb_from_hed"]).unsqueeze(2)
+        mix = rows.transpose(1, 2).contiguous()  # planar: out = mix @ in
         scale = 1.0
-    std = c["std"]
     if spec.color_jitter > 0:
         a = spec.color_jitter
         fb, fc, fs = ((1 + (rand(n) * 2 - 1) * a) for _ in range(3))  # same order as above
         # brightness, contrast (about the image mean), saturation (about the luma) are one
         # affine map: x @ A + (1 - fc) * mean(fb * x), A = fc fb (fs I + (1 - fs) gray 1^T).
-        mean = pix.mean(dim=(1, 2)) * scale * fb
         sat = fs.view(n, 1, 1) * c["eye"] + (1 - fs).view(n, 1, 1) * c["gray"].view(1, 3, 1)
-        mat = sat * (fc * fb * scale).view(n, 1, 1)
-        offset = ((1 - fc) * mean).view(n, 1, 1).expand(n, 1, 3)
-        pix = torch.baddbmm(offset, pix, mat)
-    elif scale != 1.0:
-        pix = pix.mul(scale)
-    # clamp to [0, 1] then normalise == normalise then clamp to the normalised bounds
-    lo, hi = (0 - c["mean"]) / std, (1 - c["mean"]) / std
-    pix = pix.sub_(c["mean"]).div_(std).clamp_(min=lo, max=hi)  # pix is our own buffer
-    return pix.view(n, h, w, 3).permute(0, 3, 1, 2)
+        rows = sat * (fc * fb * scale).view(n, 1, 1)
+        fb = fb * scale
+    else:
+        rows = (c["eye"] * scale).expand(n, 3, 3)
+    colour = (rows / std).transpose(1, 2).contiguous()  # normalised: column c divided by std_c
+    return _ColourMaps(mix, bias, colour, fb, fc)
 
 
-def _geometric_fast(x: torch.Tensor, spec: AugmentSpec, rand) -> torch.Tensor:  # noqa: ANN001
-    """``_geometric`` with the grid built by broadcasting (``affine_grid`` is a batched
-    matmul over a (N, H*W, 3) base grid, slower than the sampling itself on a CPU)."""
-    n, _, h, w = x.shape
-    dev = x.device
-    k = (rand(n) * 4).floor() if spec.rotate90 else torch.zeros(n, device=dev)
-    angle = k * (torch.pi / 2)
-    cos, sin = torch.cos(angle).round(), torch.sin(angle).round()  # exact quarter turns
-    flip = torch.where(rand(n) < 0.5, -1.0, 1.0) if spec.flip else torch.ones(n, device=dev)
-    area = spec.crop_scale + (1.0 - spec.crop_scale) * rand(n)
-    side = area.sqrt()
-    tx = (rand(n) * 2 - 1) * (1 - side)
-    ty = (rand(n) * 2 - 1) * (1 - side)
-    # pixel centres in [-1, 1] (align_corners=False), as affine_grid places them
-    u = ((torch.arange(w, device=dev, dtype=torch.float32) * 2 + 1) / w - 1).view(1, 1, w)
-    v = ((torch.arange(h, device=dev, dtype=torch.float32) * 2 + 1) / h - 1).view(1, h, 1)
+def _colour_normalize(
+    x: torch.Tensor, maps: _ColourMaps, rows: slice, out: torch.Tensor, scratch: torch.Tensor
+) -> torch.Tensor:
+    """Stain and colour jitter, normalisation and clamp of planar (m, 3, H*W) 0..255 floats.
 
-    def col(t: torch.Tensor) -> torch.Tensor:
-        return t.view(n, 1, 1)
-
-    grid = torch.empty(n, h, w, 2, device=dev)
-    grid[..., 0] = col(side * cos * flip) * u + col(-side * sin) * v + col(tx)
-    grid[..., 1] = col(side * sin * flip) * u + col(side * cos) * v + col(ty)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    ``x`` is overwritten; ``scratch`` (x's shape) takes the stained image, so that no new
+    tensor (no fresh pages to fault in) is made per chunk; ``rows`` picks the samples'
+    maps; the result is written to ``out``.
+    """
+    c = _constants(x.device)
+    if maps.stain_mix is not None:
+        log_x = x.clamp_(min=255.0 * _MIN_INTENSITY).log_()
+        x = torch.baddbmm(maps.stain_bias[rows], maps.stain_mix[rows], log_x, out=scratch)
+        x = x.exp_()
+    if maps.colour_gain is not None:
+        mean = x.mean(dim=(1, 2)) * maps.colour_gain[rows]  # mean(fb * x), 0..1 scale
+        offset = ((1 - maps.contrast[rows]) * mean).unsqueeze(1) - c["mean"]
+    else:
+        offset = -c["mean"].expand(x.shape[0], 3)
+    offset = (offset / c["std"]).unsqueeze(2)
+    torch.baddbmm(offset, maps.colour[rows], x, out=out)
+    for ch in range(3):  # scalar bounds per plane: ~10x cheaper than tensor bounds
+        out[:, ch].clamp_(_LO[ch], _HI[ch])
+    return out
