@@ -31,6 +31,7 @@ TAG_SEARCH = "dala.search"
 TAG_CODE = "dala.code_version"
 TAG_HAS_MODEL = "dala.has_model"
 TAG_MODEL_URI = "dala.model_uri"  # models:/m-... of the trial's logged model
+TAG_PID = "dala.worker_pid"  # the trial's process (reused: it runs trial after trial)
 TAG_NODE = "dala.node_id"  # the Ray node of the first attempt; "dala.node_id.2".. of restarts
 TAG_FOLDER = "dala.search_folder"  # the search's folder: one name, one search
 TAG_FAILURE = "dala.failure"  # "exception": the trial raised; it is not retried
@@ -312,8 +313,9 @@ class TrialTracker:
             attempt = int(ptags.get(TAG_ATTEMPT, "1")) + 1
             _retry(self.client.update_run, self.run_id, status="RUNNING")
             _retry(self.client.set_tag, self.run_id, TAG_ATTEMPT, str(attempt))
-            if tags.get(TAG_NODE):  # where this attempt runs (a restart may move nodes)
-                _retry(self.client.set_tag, self.run_id, f"{TAG_NODE}.{attempt}", tags[TAG_NODE])
+            for key in (TAG_NODE, TAG_PID):  # where this attempt runs (it may move nodes)
+                if tags.get(key):
+                    _retry(self.client.set_tag, self.run_id, f"{key}.{attempt}", tags[key])
             _retry(self.client.set_tag, self.run_id, TAG_STATE, "running")
             return
         run = _retry(

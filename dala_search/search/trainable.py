@@ -10,6 +10,7 @@ run (``callbacks.py``).
 from __future__ import annotations
 
 import math
+import os
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,6 +92,7 @@ def record_trial(
             tracking.TAG_MAG: ctx.magnification,
             tracking.TAG_RAY_ID: trial_id,
             tracking.TAG_NODE: ray.get_runtime_context().get_node_id(),
+            tracking.TAG_PID: str(os.getpid()),
             tracking.TAG_OPTUNA_NUMBER: str(optuna_number),
             tracking.TAG_SYNTHETIC: str(ctx.synthetic).lower(),
             tracking.TAG_SEARCH: ctx.search,

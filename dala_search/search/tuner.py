@@ -494,6 +494,10 @@ def _run_magnification(
                 num_samples=plan.trials,
                 max_concurrent_trials=max_concurrent,
                 time_budget_s=budget_s,
+                # One trial process per concurrent slot, reused by the next trial: a fresh
+                # process per trial re-imports torch, MLflow and this package (seconds per
+                # trial). Not for data-parallel trials, whose Ray Train workers are their own.
+                reuse_actors=plan.workers_per_trial == 1,
             ),
             run_config=tune.RunConfig(
                 name=mag,

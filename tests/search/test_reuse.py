@@ -1,0 +1,103 @@
+"""Trial processes are reused (``reuse_actors``): one process runs trial after trial.
+
+Tune ends a pruned function trial by letting its training thread leave at its next report
+(``sys.exit`` in the thread) and hands the process to the next trial. These tests run a
+real search whose trials are pruned (ASHA on ROC AUC, a continuous metric, so rung values
+do not tie) with one trial at a time, and check that every trial's record is its own: its
+epochs, its state, nothing left RUNNING, and that a trial after a pruned one in the same
+process trained normally.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from dala_search.search import tracking
+from dala_search.search.tuner import plan_search, run_search
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def pruned_search(tmp_path_factory: pytest.TempPathFactory, demo_root: Path, tiny_space: Path):  # noqa: ANN201
+    import ray
+
+    tmp = tmp_path_factory.mktemp("reuse")
+    space = tmp / "auc.yaml"
+    space.write_text(
+        tiny_space.read_text()
+        .replace("metric: balanced_accuracy", "metric: roc_auc")
+        .replace("max_concurrent: 2", "max_concurrent: 1")
+    )
+    plan = plan_search(
+        space=str(space),
+        data_dir=demo_root,
+        trials=6,
+        epochs=EPOCHS,
+        pruner="asha",
+        tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
+        runs_dir=tmp / "runs",
+    )
+    try:
+        (outcome,) = run_search(plan)
+    finally:
+        ray.shutdown()
+    study = optuna.load_study(study_name=plan.study_name("40X"), storage=plan.storage)
+    client = MlflowClient(plan.tracking_uri)
+    exp = client.get_experiment_by_name(tracking.experiment_name(plan.name))
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{tracking.TAG_ROLE}` = 'trial'",
+        order_by=["attributes.start_time ASC"],
+    )
+    return plan, outcome, study.get_trials(deepcopy=False), runs, client
+
+
+def test_pruned_and_completed_trials_share_processes(pruned_search) -> None:  # noqa: ANN001
+    plan, outcome, trials, runs, _ = pruned_search
+    assert outcome.finished == 6 and outcome.failed == 0
+    assert outcome.pruned >= 1 and outcome.completed >= 1, outcome
+    pids = [r.data.tags[tracking.TAG_PID] for r in runs]
+    assert len(set(pids)) < len(runs), pids  # a process ran more than one trial
+    # A trial after a pruned one, in the same process, trained to its own end.
+    after_pruned = [
+        later
+        for i, run in enumerate(runs)
+        if run.data.tags[tracking.TAG_STATE] == "pruned"
+        for later in runs[i + 1 :]
+        if later.data.tags[tracking.TAG_PID] == run.data.tags[tracking.TAG_PID]
+    ]
+    assert after_pruned, [
+        (r.data.tags[tracking.TAG_STATE], p) for r, p in zip(runs, pids, strict=True)
+    ]
+    status = {"completed": "FINISHED", "pruned": "KILLED"}  # how the search closes each
+    for run in after_pruned:
+        assert run.info.status == status[run.data.tags[tracking.TAG_STATE]]
+        assert plan.tune_metric in run.data.metrics  # it trained and reported
+
+
+def test_every_record_is_its_own_trial(pruned_search) -> None:  # noqa: ANN001
+    plan, _, trials, runs, client = pruned_search
+    assert all(r.info.status != "RUNNING" for r in runs)
+    assert len({r.data.tags[tracking.TAG_RAY_ID] for r in runs}) == len(runs) == len(trials)
+    state = {"COMPLETE": "completed", "PRUNED": "pruned"}
+    by_number = {int(r.data.tags[tracking.TAG_OPTUNA_NUMBER]): r for r in runs}
+    for t in trials:
+        run = by_number[t.number]
+        assert run.data.tags[tracking.TAG_STATE] == state[t.state.name]
+        history = client.get_metric_history(run.info.run_id, plan.tune_metric)
+        steps = sorted(m.step for m in history if m.step <= EPOCHS)
+        # Its own epochs, once each, and the values Optuna was told for them.
+        assert steps == list(range(1, len(t.intermediate_values) + 1)), (t.number, steps)
+        values = {m.step: m.value for m in history if m.step <= EPOCHS}
+        assert values == pytest.approx(t.intermediate_values)
+        if t.state.name == "PRUNED":
+            assert len(steps) < EPOCHS
+        else:
+            assert len(steps) == EPOCHS
