@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dala_search.data.breakhis import MAGNIFICATIONS, check_magnification
+from dala_search.data.breakhis import MAGNIFICATIONS, BreakHisIndex, check_magnification
 from dala_search.errors import ConfigError, DalaError
 from dala_search.search import tracking
 
@@ -215,7 +215,7 @@ def plan_search(
     # exist: a folder without images, an empty magnification or a bad split fails here.
     from dala_search.data.preflight import check_search_data
 
-    check_search_data(data_path, mags, seed=seed, fold=fold)
+    _PREFLIGHT_INDEX[str(data_path)] = check_search_data(data_path, mags, seed=seed, fold=fold)
     return SearchPlan(
         name=name,
         space=str(sp.path),
@@ -269,6 +269,20 @@ class MagnificationOutcome:
     interrupted: bool
 
 
+# plan_search's data preflight indexes (and verifies) every PNG; run_search in the same
+# process takes that index instead of reading the whole data set a second time.
+_PREFLIGHT_INDEX: dict[str, BreakHisIndex] = {}
+
+
+def search_index(plan: SearchPlan) -> BreakHisIndex:
+    """The data index ``run_search`` uses: the one ``plan_search`` just built in this
+    process (taken once), else a fresh ``index_breakhis`` (e.g. on resume)."""
+    from dala_search.data.breakhis import index_breakhis
+
+    index = _PREFLIGHT_INDEX.pop(plan.data_dir, None)
+    return index if index is not None else index_breakhis(plan.data_dir, progress=True)
+
+
 def run_search(plan: SearchPlan, *, resume: bool = False) -> list[MagnificationOutcome]:
     """Run (or continue) every magnification of ``plan``; returns one outcome each.
 
@@ -276,7 +290,6 @@ def run_search(plan: SearchPlan, *, resume: bool = False) -> list[MagnificationO
     """
     import ray
 
-    from dala_search.data.breakhis import index_breakhis
     from dala_search.space import load_space
     from dala_search.train import prepare_data
 
@@ -299,7 +312,7 @@ def run_search(plan: SearchPlan, *, resume: bool = False) -> list[MagnificationO
     if not resume:
         plan.save(new=True)
     tracker = tracking.SearchTracker(plan.tracking_uri, plan.name, folder=plan.folder)
-    index = index_breakhis(plan.data_dir, progress=True)
+    index = search_index(plan)
     if index.skipped:
         print(
             f"note: {len(index.skipped)} unreadable or non-BreakHis file(s) skipped "
