@@ -232,3 +232,21 @@ def test_fused_path_repeats_with_a_seed_and_stays_in_bounds() -> None:
     x = _unnormalize_255(a) / 255
     assert x.min() >= -1e-5 and x.max() <= 1 + 1e-5
     assert augment_normalized(u8[:0], spec).shape == (0, 3, 20, 20)
+
+
+def test_cpu_worker_threads_give_the_same_result_as_one_thread(monkeypatch) -> None:
+    # with torch threads > 1 the CPU path shares its chunks out to single-threaded workers
+    spec = AugmentSpec(crop_scale=0.8, color_jitter=0.2, stain_jitter=0.1)
+    u8 = _u8(9, 32)
+    monkeypatch.setattr(augment_module, "_CPU_CHUNK_VALUES", 2 * 3 * 32 * 32)  # 5 chunks
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = augment_normalized(u8, spec, torch.Generator().manual_seed(2))
+        torch.set_num_threads(2)
+        two = augment_normalized(u8, spec, torch.Generator().manual_seed(2))
+        assert torch.get_num_threads() == 2  # the caller's setting survives the workers
+        assert augment_module._WORKERS is not None and augment_module._WORKERS[1] == 2
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)

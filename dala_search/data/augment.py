@@ -15,8 +15,12 @@ mirror and ``k`` quarter turns (``torch.rot90``). ``augment`` is the readable de
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+import os
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -262,23 +266,80 @@ def _augment_batched(
 
 
 def _augment_cpu(batch_u8: torch.Tensor, geo: Geometry | None, maps: _ColourMaps) -> torch.Tensor:
-    """A few samples at a time, geometry in uint8: the CPU path."""
+    """A few samples at a time, geometry in uint8: the CPU path.
+
+    With ``torch.get_num_threads() > 1`` that many worker threads, each running its torch ops
+    single-threaded (see ``_cpu_workers``), take chunks in turn until none is left, so a
+    worker that the OS holds back (a busy, shared machine) just does fewer of them.
+    """
     n, h, w, _ = batch_u8.shape
     out = torch.empty(n, 3, h, w)
     geo_lists = [t.tolist() for t in geo] if geo is not None else None
     chunk = max(1, min(_CPU_CHUNK_VALUES // (3 * h * w), n))
-    planar = torch.empty(chunk, 3, h * w)
-    scratch = torch.empty_like(planar) if maps.stain_mix is not None else planar
-    for lo in range(0, n, chunk):
-        hi = min(lo + chunk, n)
-        for j, i in enumerate(range(lo, hi)):
-            img = batch_u8[i] if geo_lists is None else _geometry_u8(batch_u8[i], geo_lists, i)
-            # uint8 HWC (maybe a transposed view) -> float planar: one pass, in cache
-            planar[j].view(3, h, w).copy_(img.permute(2, 0, 1))
-        m = hi - lo
-        out_rows = out[lo:hi].view(m, 3, h * w)
-        _colour_normalize(planar[:m], maps, slice(lo, hi), out_rows, scratch[:m])
+    starts = list(range(0, n, chunk))
+    claims = itertools.count()  # each worker claims the next chunk (next() holds the GIL)
+
+    def work() -> None:
+        planar = torch.empty(chunk, 3, h * w)
+        scratch = torch.empty_like(planar) if maps.stain_mix is not None else planar
+        while (c := next(claims)) < len(starts):
+            lo, hi = starts[c], min(starts[c] + chunk, n)
+            for j, i in enumerate(range(lo, hi)):
+                img = batch_u8[i] if geo_lists is None else _geometry_u8(batch_u8[i], geo_lists, i)
+                # uint8 HWC (maybe a transposed view) -> float planar: one pass, in cache
+                planar[j].view(3, h, w).copy_(img.permute(2, 0, 1))
+            m = hi - lo
+            out_rows = out[lo:hi].view(m, 3, h * w)
+            _colour_normalize(planar[:m], maps, slice(lo, hi), out_rows, scratch[:m])
+
+    threads = min(torch.get_num_threads(), len(starts))
+    if threads <= 1:
+        work()
+        return out
+    pool = _cpu_workers(torch.get_num_threads())
+    for f in [pool.submit(work) for _ in range(threads)]:
+        f.result()
     return out
+
+
+_WORKERS: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, threads, pool)
+_WORKERS_LOCK = threading.Lock()
+
+
+def _single_threaded() -> None:
+    """A worker's initializer: its own torch ops run on one thread."""
+    # torch sets a thread's count from the process default on the thread's first parallel
+    # op (once); trigger that first, or it would later overwrite the 1 set here.
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
+def _cpu_workers(threads: int) -> ThreadPoolExecutor:
+    """``threads`` threads whose torch ops run single-threaded, made once per process.
+
+    Why not torch's own intra-op threads: the CPU path is many small ops (one or two samples
+    each), and every op is an OpenMP fork-join. On a shared machine a descheduled OpenMP
+    thread stalls each join: measured here at load ~4 on 2 cores, 2 intra-op threads ran
+    this path 7x SLOWER than 1. Whole chunks per thread join once per batch instead.
+    ``torch.set_num_threads`` is per thread for OpenMP and MKL (it also sets the default
+    that new threads pick up, which the caller's setting restores below).
+    """
+    global _WORKERS
+    with _WORKERS_LOCK:
+        if _WORKERS is not None and _WORKERS[:2] == (os.getpid(), threads):
+            return _WORKERS[2]
+        if _WORKERS is not None and _WORKERS[0] == os.getpid():
+            _WORKERS[2].shutdown(wait=False)
+        ready = threading.Barrier(threads)
+        pool = ThreadPoolExecutor(
+            threads, thread_name_prefix="dala-augment", initializer=_single_threaded
+        )
+        # the pool starts a thread per submit while none is idle: hold each until all exist
+        for f in [pool.submit(ready.wait) for _ in range(threads)]:
+            f.result()
+        torch.set_num_threads(threads)  # the default for threads made later, as before
+        _WORKERS = (os.getpid(), threads, pool)
+        return pool
 
 
 def _geometry_u8(img: torch.Tensor, geo: list[list[int]], i: int) -> torch.Tensor:
