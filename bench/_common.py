@@ -145,12 +145,21 @@ def finish(
     result["machine"] = {**machine(device), "load_1m_at_start": result.pop("_load_start", None)}
     print(summary)
     if args.record:  # GPU figures get their own block: they never replace the CPU record
-        record(f"{name}-gpu" if "gpu" in result["machine"] else name, args, result, summary)
+        block = f"{name}-gpu" if "gpu" in result["machine"] else name
+        record(block, args, result, summary, script=name)
     print(json.dumps(result, sort_keys=False))
 
 
-def record(name: str, args: argparse.Namespace, result: dict[str, Any], summary: str) -> None:
-    """Replace the text between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->``."""
+def record(
+    name: str,
+    args: argparse.Namespace,
+    result: dict[str, Any],
+    summary: str,
+    *,
+    script: str | None = None,
+) -> None:
+    """Replace the text between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->``
+    (``script``: the benchmark that wrote it, when the block is not named after it)."""
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     text = README.read_text()
     if start not in text or end not in text:
@@ -161,7 +170,7 @@ def record(name: str, args: argparse.Namespace, result: dict[str, Any], summary:
     block = "\n".join(
         [
             start,
-            f"Recorded {time.strftime('%Y-%m-%d %H:%M %Z')} by `python bench/{name}.py"
+            f"Recorded {time.strftime('%Y-%m-%d %H:%M %Z')} by `python bench/{script or name}.py"
             f"{' ' + argv if argv else ''} --record` on {m['cpu']}, {m['cores']} cores{gpu}, "
             f"torch {m['torch']}; 1-minute load average {m.get('load_1m_at_start')} at the "
             f"start and {m['load_1m']} at the end (the machine is shared: other jobs ran).",

@@ -37,9 +37,12 @@ def _study_figures(plan) -> dict:  # noqa: ANN001
 
     study = optuna.load_study(study_name=plan.study_name("40X"), storage=plan.storage)
     trials = study.get_trials(deepcopy=False)
+    ran = [len(t.intermediate_values) for t in trials]
     return {
-        "epochs": sum(len(t.intermediate_values) for t in trials),
+        "epochs": sum(ran),
         "states": {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED")},
+        # how many trials stopped after each number of epochs (the pruner's rungs)
+        "trials_by_epochs": {str(e): ran.count(e) for e in sorted(set(ran))},
     }
 
 
@@ -55,7 +58,8 @@ def main() -> None:
     from dala_search.search.tuner import plan_search, run_search
     from dala_search.space import load_space
 
-    settings = load_space(SPACE).settings
+    space = load_space(SPACE)
+    settings = space.settings
     pruner = args.pruner or settings.pruner
     base = c.work_dir(args)
     root = c.demo_data(base, images_per_mag=size["per_mag"], width=96, height=64)
@@ -88,7 +92,7 @@ def main() -> None:
                     **_study_figures(plan),
                 }
                 c.log(f"{name}: {figures[name]}")
-                trials, epochs = plan.trials, plan.epochs or 8
+                trials, epochs = plan.trials, plan.epochs or int(space.fixed["epochs"])
         finally:
             ray.shutdown()
 
