@@ -250,3 +250,16 @@ def test_cpu_worker_threads_give_the_same_result_as_one_thread(monkeypatch) -> N
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
+
+
+def test_large_cpu_outputs_come_from_huge_page_memory(monkeypatch) -> None:
+    # a 224 px training batch is ~38 MB: its buffer is a 2 MB-aligned huge-page map
+    monkeypatch.setattr(augment_module, "_HUGE_PAGES_FROM", 0)
+    spec = AugmentSpec(crop_scale=0.8, color_jitter=0.2, stain_jitter=0.1)
+    u8 = _u8(5, 24)
+    mapped = augment_normalized(u8, spec, torch.Generator().manual_seed(1))
+    assert mapped.data_ptr() % (2 << 20) == 0 and mapped.is_contiguous()
+    monkeypatch.setattr(augment_module, "_HUGE_PAGES_FROM", 1 << 62)
+    plain = augment_normalized(u8, spec, torch.Generator().manual_seed(1))
+    assert torch.equal(mapped, plain)
+    mapped.add_(1.0).sum()  # writable, usable like any tensor

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import mmap
 import os
 import threading
 from collections.abc import Callable
@@ -273,7 +274,7 @@ def _augment_cpu(batch_u8: torch.Tensor, geo: Geometry | None, maps: _ColourMaps
     worker that the OS holds back (a busy, shared machine) just does fewer of them.
     """
     n, h, w, _ = batch_u8.shape
-    out = torch.empty(n, 3, h, w)
+    out = _empty_float_cpu((n, 3, h, w))
     geo_lists = [t.tolist() for t in geo] if geo is not None else None
     chunk = max(1, min(_CPU_CHUNK_VALUES // (3 * h * w), n))
     starts = list(range(0, n, chunk))
@@ -300,6 +301,31 @@ def _augment_cpu(batch_u8: torch.Tensor, geo: Geometry | None, maps: _ColourMaps
     for f in [pool.submit(work) for _ in range(threads)]:
         f.result()
     return out
+
+
+_HUGE_PAGE = 2 << 20
+_HUGE_PAGES_FROM = 8 << 20  # bytes; smaller outputs come from malloc's reused heap anyway
+
+
+def _empty_float_cpu(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 CPU tensor, in transparent huge pages when it is large.
+
+    Why: a training batch (64 x 224 px: 38.5 MB) is a fresh allocation every step, which
+    glibc maps anew, and the first write to each of its 9,400 4 KB pages faults: measured
+    here 15 ms per batch, a quarter of this whole path. Huge pages (2 MB) make that ~3 ms.
+    torch only asks for them when THP_MEM_ALLOC_ENABLE=1 is set before it starts; this asks
+    for this one buffer (a private anonymous map, advised MADV_HUGEPAGE, 2 MB-aligned; the
+    tensor keeps the map alive and it is unmapped with the tensor). Where the platform has
+    no MADV_HUGEPAGE, or the kernel's THP setting is ``never``, it is ordinary memory.
+    """
+    nbytes = math.prod(shape) * 4
+    if nbytes < _HUGE_PAGES_FROM or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape)
+    buf = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE)
+    buf.madvise(mmap.MADV_HUGEPAGE)
+    raw = torch.frombuffer(buf, dtype=torch.uint8)
+    start = -raw.data_ptr() % _HUGE_PAGE
+    return raw[start : start + nbytes].view(torch.float32).view(shape)
 
 
 _WORKERS: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, threads, pool)
