@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -247,7 +248,7 @@ def test_cpu_worker_threads_give_the_same_result_as_one_thread(monkeypatch) -> N
         torch.set_num_threads(2)
         two = augment_normalized(u8, spec, torch.Generator().manual_seed(2))
         assert torch.get_num_threads() == 2  # the caller's setting survives the workers
-        assert augment_module._WORKERS is not None and augment_module._WORKERS[1] == 2
+        assert augment_module._WORKERS is not None and augment_module._WORKERS[0] == 2
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
@@ -264,3 +265,28 @@ def test_large_cpu_outputs_come_from_huge_page_memory(monkeypatch) -> None:
     plain = augment_normalized(u8, spec, torch.Generator().manual_seed(1))
     assert torch.equal(mapped, plain)
     mapped.add_(1.0).sum()  # writable, usable like any tensor
+
+
+def test_a_forked_child_makes_its_own_workers() -> None:
+    # the parent's pool threads do not survive a fork: the child must not wait on them
+    import multiprocessing
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        u8 = _u8(4, 224)  # 2 chunks of 2 samples: the workers run
+        parent = augment_normalized(u8, AugmentSpec(), torch.Generator().manual_seed(0))
+        assert augment_module._WORKERS is not None
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(1) as pool:
+            child = pool.apply_async(_augment_in_child, (u8.numpy(),)).get(timeout=60)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(parent, torch.from_numpy(child))
+
+
+def _augment_in_child(u8: np.ndarray) -> np.ndarray:
+    # numpy in and out: torch's own tensor pickling shares memory through file descriptors
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(0)
+    return augment_normalized(torch.from_numpy(u8), AugmentSpec(), gen).numpy()

@@ -335,8 +335,18 @@ def _empty_float_cpu(shape: tuple[int, ...]) -> torch.Tensor:
     return raw[start : start + nbytes].view(torch.float32).view(shape)
 
 
-_WORKERS: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, threads, pool)
+_WORKERS: tuple[int, ThreadPoolExecutor] | None = None  # (threads, pool) of this process
 _WORKERS_LOCK = threading.Lock()
+
+
+def _forget_workers() -> None:
+    """In a forked child: the parent's threads do not exist here (and its lock may be held)."""
+    global _WORKERS, _WORKERS_LOCK
+    _WORKERS, _WORKERS_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_workers)
 
 
 def _single_threaded() -> None:
@@ -359,10 +369,10 @@ def _cpu_workers(threads: int) -> ThreadPoolExecutor:
     """
     global _WORKERS
     with _WORKERS_LOCK:
-        if _WORKERS is not None and _WORKERS[:2] == (os.getpid(), threads):
-            return _WORKERS[2]
-        if _WORKERS is not None and _WORKERS[0] == os.getpid():
-            _WORKERS[2].shutdown(wait=False)
+        if _WORKERS is not None and _WORKERS[0] == threads:
+            return _WORKERS[1]
+        if _WORKERS is not None:  # torch.set_num_threads changed: a pool of the new size
+            _WORKERS[1].shutdown(wait=False)
         ready = threading.Barrier(threads)
         pool = ThreadPoolExecutor(
             threads, thread_name_prefix="dala-augment", initializer=_single_threaded
@@ -371,7 +381,7 @@ def _cpu_workers(threads: int) -> ThreadPoolExecutor:
         for f in [pool.submit(ready.wait) for _ in range(threads)]:
             f.result()
         torch.set_num_threads(threads)  # the default for threads made later, as before
-        _WORKERS = (os.getpid(), threads, pool)
+        _WORKERS = (threads, pool)
         return pool
 
 
