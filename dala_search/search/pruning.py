@@ -147,13 +147,21 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
+# A result with this key true is the trial's last epoch (set by ``trainable.record_trial``).
+# No pruner is asked then: stopping a trial that has used its whole budget saves nothing,
+# and it would drop a fully trained trial from the completed ones (e.g. successive halving
+# with rungs at 1, 3, 9 epochs and a 9-epoch budget would "prune" trials at epoch 9).
+FINAL_EPOCH_KEY = "final_epoch"
+
+
 class OptunaPruningScheduler(FIFOScheduler):
     """Asks an Optuna pruner, on every result, whether to stop the Ray trial; marks it PRUNED.
 
     Runs trials first-in first-out like `FIFOScheduler`. On each result it reports the
     metric to the trial's Optuna counterpart, installs `pruner` as the study's pruner and asks
     `Trial.should_prune()`; True answers STOP and the searcher tells the study PRUNED.
-    `pruner=None` never stops anything (pruner "none").
+    `pruner=None` never stops anything (pruner "none"), and no trial is stopped on a result
+    that says it is its last (``FINAL_EPOCH_KEY``).
 
     `metric`, `mode` and `step_key` must match the `PruningOptunaSearch` (checked on first
     use); pass them here rather than to `TuneConfig`, which would refuse a second metric.
@@ -201,8 +209,8 @@ class OptunaPruningScheduler(FIFOScheduler):
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         """Called by Ray on each result, before the searcher sees it: STOP if Optuna prunes."""
-        if self._pruner is None:
-            return TrialScheduler.CONTINUE
+        if self._pruner is None or result.get(FINAL_EPOCH_KEY):
+            return TrialScheduler.CONTINUE  # the searcher still records the result
         searcher = self._searcher(tune_controller)
         if searcher.should_prune(trial.trial_id, result, self._pruner):
             return TrialScheduler.STOP

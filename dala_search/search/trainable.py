@@ -19,6 +19,7 @@ from typing import Any
 from dala_search import faults
 from dala_search.config import TrialConfig
 from dala_search.search import tracking
+from dala_search.search.pruning import FINAL_EPOCH_KEY
 from dala_search.space import SearchSpace
 from dala_search.train import TrialData, TrialResult, train_trial
 
@@ -112,7 +113,9 @@ def record_trial(
         out = dict(metrics)
         out[f"best_{ctx.metric}"] = best_so_far if math.isfinite(best_so_far) else float("nan")
         tracker.log_metrics(out, step=epoch)
-        send(out)
+        # Tune (not MLflow) is told which epoch is the last: no pruner judges it. A trial
+        # that early-stops (patience) is not flagged: its end is decided after the report.
+        send({**out, FINAL_EPOCH_KEY: float(epoch >= config.epochs)})
         faults.after_epoch(epoch)  # no-op unless a reliability test injects a fault
 
     try:

@@ -37,6 +37,7 @@ from dala_search.search.optuna_search import (
     PruningOptunaSearch,
 )
 from dala_search.search.pruning import (
+    FINAL_EPOCH_KEY,
     PRUNERS,
     SAMPLERS,
     OptunaPruningScheduler,
@@ -98,11 +99,20 @@ def searcher(tmp_path: Path, points: list[float] | None = None, **kw) -> Pruning
     )
 
 
-def fit(tmp_path, trainable, search_alg, scheduler, num_samples, param_space=None, **tune_kw):
+def fit(
+    tmp_path,
+    trainable,
+    search_alg,
+    scheduler,
+    num_samples,
+    param_space=None,
+    max_concurrent=2,
+    **tune_kw,
+):
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=ConcurrencyLimiter(search_alg, max_concurrent=2),
+            search_alg=ConcurrencyLimiter(search_alg, max_concurrent=max_concurrent),
             scheduler=scheduler,
             num_samples=num_samples,
             reuse_actors=True,
@@ -532,6 +542,40 @@ def test_asha_early_stops_are_pruned_full_runs_complete(ray_session, tmp_path):
     for q, trial in trials.items():
         assert trial.state == (TrialState.PRUNED if epochs[q] < EPOCHS else TrialState.COMPLETE)
         assert_climb_history(trial, epochs[q])
+
+
+def climb_then_dip(config: dict) -> None:
+    """``climb``, except that a trial of quality > 0.8 collapses to 0 in its last epoch."""
+    for epoch in range(1, EPOCHS + 1):
+        value = score(config["quality"], epoch)
+        if epoch == EPOCHS and config["quality"] > 0.8:
+            value = 0.0
+        final = {FINAL_EPOCH_KEY: float(epoch == EPOCHS)} if config["flag_final"] else {}
+        tune.report({"score": value, "epoch": epoch, **final})
+
+
+@pytest.mark.parametrize("flag_final", [False, True])
+def test_no_trial_is_pruned_on_its_last_epoch(ray_session, tmp_path, flag_final):
+    # Successive halving with rungs at 1, 2, 4 and 8 = the whole budget. The second trial
+    # leads at every rung until its last epoch, where it falls below the first: judged
+    # there it would be "pruned" after using its whole budget (and left out of the
+    # completed trials). A result flagged as the last epoch is not judged.
+    sha = make_pruner("sha", min_resource=1, reduction_factor=2)
+    results = fit(
+        tmp_path,
+        climb_then_dip,
+        searcher(tmp_path, [0.5, 0.9]),
+        OptunaPruningScheduler(sha, metric="score", mode="max"),
+        num_samples=2,
+        param_space={"flag_final": flag_final},
+        max_concurrent=1,  # the first trial's rungs are all recorded before the second's
+    )
+    assert results.num_errors == 0
+    assert set(epochs_by_quality(results).values()) == {EPOCHS}
+    trials = by_quality(load(tmp_path))
+    assert trials[0.5].state == TrialState.COMPLETE
+    assert len(trials[0.9].intermediate_values) == EPOCHS
+    assert trials[0.9].state == (TrialState.COMPLETE if flag_final else TrialState.PRUNED)
 
 
 def test_trials_cut_by_the_time_budget_end_pruned(ray_session, tmp_path):
