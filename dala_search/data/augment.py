@@ -295,8 +295,8 @@ def _augment_cpu(batch_u8: torch.Tensor, geo: Geometry | None, maps: _ColourMaps
                 # uint8 HWC (maybe a transposed view) -> float planar: one pass, in cache
                 dst = planar[j].view(3, h, w)
                 if reversed_channels:
-                    for c in range(3):
-                        dst[c].copy_(img[..., 2 - c])
+                    for ch in range(3):
+                        dst[ch].copy_(img[..., 2 - ch])
                 else:
                     dst.copy_(img.permute(2, 0, 1))
             m = hi - lo
