@@ -44,7 +44,12 @@ def parser(description: str) -> argparse.ArgumentParser:
     # One intra-op thread by default: on a machine shared with other jobs, OpenMP threads
     # that wait at barriers for a descheduled sibling run 10-20x slower than one thread
     # (measured here at load ~16 on 2 cores). Pass --threads 2 on an idle machine.
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1; pipeline.py: one per core)",
+    )
     return p
 
 
