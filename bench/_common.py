@@ -144,13 +144,15 @@ def finish(
     summary: str,
     *,
     device: str = "cpu",
+    block: str | None = None,
 ) -> None:
-    """Print the summary and the JSON line; with --record, rewrite README's block."""
+    """Print the summary and the JSON line; with --record, rewrite README's block
+    (``block``: another block than the benchmark's own, e.g. a variant's)."""
     result = {"benchmark": name, "size": size_of(args), **result}
     result["machine"] = {**machine(device), "load_1m_at_start": result.pop("_load_start", None)}
     print(summary)
     if args.record:  # GPU figures get their own block: they never replace the CPU record
-        block = f"{name}-gpu" if "gpu" in result["machine"] else name
+        block = block or (f"{name}-gpu" if "gpu" in result["machine"] else name)
         record(block, args, result, summary, script=name)
     print(json.dumps(result, sort_keys=False))
 

@@ -5,9 +5,10 @@ Two real searches (``plan_search`` + ``run_search``, Ray Tune, Optuna, MLflow) o
 space's pruner (successive halving by default), one with ``--pruner none``. Figures:
 epochs consumed (intermediate values reported to each Optuna study) and the best
 validation balanced accuracy of a completed trial (what the search would pick).
-Goal: <= 40% of the epochs, best within 1 point (0.01).
+Goal: <= 40% of the epochs, best within 1 point (0.01). ``--metric roc_auc`` searches
+another validation metric instead (a variant, recorded in a block of its own).
 
-    python bench/search.py [--quick] [--pruner sha|hyperband|median|percentile] [--record]
+    python bench/search.py [--quick] [--pruner sha|...] [--metric roc_auc|...] [--record]
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c  # noqa: E402
+
+from dala_search.config import SELECT_METRICS  # noqa: E402
 
 SPACE = Path(__file__).resolve().parent / "search_space.yaml"
 SIZES = {  # trials, epochs (None: the space's), images per magnification (x 24 patients)
@@ -46,9 +49,19 @@ def _study_figures(plan) -> dict:  # noqa: ANN001
     }
 
 
+def _fmt(value: float | None) -> str:
+    return "none completed" if value is None else f"{value:.4f}"
+
+
 def main() -> None:
     p = c.parser(__doc__.splitlines()[0])
     p.add_argument("--pruner", default=None, help="pruned side's pruner (default: the space's)")
+    p.add_argument(
+        "--metric",
+        default=None,
+        choices=SELECT_METRICS,
+        help="the searched validation metric (default: the space's, balanced_accuracy)",
+    )
     args = p.parse_args()
     load0 = c.load_start()
     size = SIZES[c.size_of(args)]
@@ -61,16 +74,23 @@ def main() -> None:
     space = load_space(SPACE)
     settings = space.settings
     pruner = args.pruner or settings.pruner
+    metric = args.metric or settings.metric
+    best_key = f"best_val_{metric}"
     base = c.work_dir(args)
     root = c.demo_data(base, images_per_mag=size["per_mag"], width=96, height=64)
     figures = {}
     with tempfile.TemporaryDirectory(dir=base) as scratch:
         s = Path(scratch)
         uri = f"sqlite:///{s / 'mlflow.db'}"
+        space_file = SPACE
+        if metric != settings.metric:  # the same space, searching another metric
+            space_file = s / "space.yaml"
+            text = SPACE.read_text()
+            space_file.write_text(text.replace(f"metric: {settings.metric}", f"metric: {metric}"))
         try:
             for side, name in ((pruner, "pruned"), ("none", "unpruned")):
                 plan = plan_search(
-                    space=str(SPACE),
+                    space=str(space_file),
                     name=f"bench-{name}",
                     data_dir=root,
                     trials=size["trials"],
@@ -87,7 +107,7 @@ def main() -> None:
                 wall = time.perf_counter() - start
                 figures[name] = {
                     "pruner": side,
-                    "best_val_balanced_accuracy": outcome.best_value,
+                    best_key: outcome.best_value,
                     "wall_s": round(wall, 1),
                     **_study_figures(plan),
                 }
@@ -98,13 +118,14 @@ def main() -> None:
 
     on, off = figures["pruned"], figures["unpruned"]
     share = on["epochs"] / off["epochs"]
-    gap = (off["best_val_balanced_accuracy"] or 0.0) - (on["best_val_balanced_accuracy"] or 0.0)
+    gap = (off[best_key] or 0.0) - (on[best_key] or 0.0)
     result = {
         "epochs_pruned": on["epochs"],
         "epochs_unpruned": off["epochs"],
         "ratio": round(share, 3),
-        "best_pruned": on["best_val_balanced_accuracy"],
-        "best_unpruned": off["best_val_balanced_accuracy"],
+        "metric": f"val_{metric}",
+        "best_pruned": on[best_key],
+        "best_unpruned": off[best_key],
         "best_gap_points": round(100 * gap, 2),
         "pruner": pruner,
         "trials": trials,
@@ -118,14 +139,22 @@ def main() -> None:
     c.finite_positive(result, ["epochs_pruned", "epochs_unpruned", "ratio"])
     summary = (
         f"{trials} trials x up to {epochs} epochs at 40X, TPE seed 0, one trial at a time\n"
-        f"pruner {pruner!r}: {on['epochs']:4d} epochs, best val balanced accuracy "
-        f"{on['best_val_balanced_accuracy']}, {on['states']}, {on['wall_s']} s\n"
-        f"pruner 'none':  {off['epochs']:4d} epochs, best val balanced accuracy "
-        f"{off['best_val_balanced_accuracy']}, {off['states']}, {off['wall_s']} s\n"
+        f"pruner {pruner!r}: {on['epochs']:4d} epochs, best val {metric} "
+        f"{_fmt(on[best_key])}, {on['states']}, by epochs run {on['trials_by_epochs']}, "
+        f"{on['wall_s']} s\n"
+        f"pruner 'none':  {off['epochs']:4d} epochs, best val {metric} "
+        f"{_fmt(off[best_key])}, {off['states']}, {off['wall_s']} s\n"
         f"epochs consumed with pruning: {100 * share:.0f}% (goal <= 40%); best "
         f"{'within' if gap <= 0.01 else 'NOT within'} 1 point (gap {100 * gap:+.1f} points)"
     )
-    c.finish("search", args, result, summary)
+    # another metric than the space's is a variant with a block of its own
+    c.finish(
+        "search",
+        args,
+        result,
+        summary,
+        block=None if metric == settings.metric else f"search-{metric}",
+    )
 
 
 if __name__ == "__main__":
