@@ -252,6 +252,35 @@ class SearchTracker:
         return version.version
 
 
+def best_completed_run(client: Any, experiment_id: str, parent_run_id: str, key: str) -> Any:
+    """The completed trial run of ``parent_run_id`` with the highest metric ``key``, or None.
+
+    Among runs tied at the top, the one holding a model (trials log a model only when they
+    beat every trial completed before them, so of tied runs only the first has one); then
+    the earliest. Called by the tuner's summary (the best to register) and by the trials
+    (whether to log a model).
+    """
+    flt = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TAG_STATE}` = 'completed'"
+    top = _retry(
+        client.search_runs,
+        [experiment_id],
+        filter_string=flt,
+        order_by=[f"metrics.`{key}` DESC", "attributes.start_time ASC"],
+        max_results=1,
+    )
+    if not top or key not in top[0].data.metrics:
+        return top[0] if top else None
+    value = top[0].data.metrics[key]
+    with_model = _retry(
+        client.search_runs,
+        [experiment_id],
+        filter_string=f"{flt} and metrics.`{key}` = {value!r} and tags.`{TAG_HAS_MODEL}` = 'true'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1,
+    )
+    return with_model[0] if with_model else top[0]
+
+
 def best_table(uri: str, search: str) -> list[dict[str, Any]]:
     """Best configuration and metrics per magnification, read back from MLflow."""
     client = _client(uri)

@@ -137,7 +137,7 @@ def record_trial(
 
 
 def _beats_completed(ctx: TrialContext, result: TrialResult) -> bool:
-    """Log a model only when this trial beats every trial completed before it.
+    """Log a model only when this trial beats every trial completed before it (strictly).
 
     The search's final best then always has its model, while hundreds of trials do not
     each store ~100 MB of weights.
@@ -149,16 +149,10 @@ def _beats_completed(ctx: TrialContext, result: TrialResult) -> bool:
     if not math.isfinite(mine):
         return False
     client = MlflowClient(tracking_uri=ctx.tracking_uri)
-    runs = client.search_runs(
-        [ctx.experiment_id],
-        filter_string=(
-            f"tags.`{tracking.PARENT_TAG}` = '{ctx.parent_run_id}' and "
-            f"tags.`{tracking.TAG_STATE}` = 'completed'"
-        ),
-        order_by=[f"metrics.`{key}` DESC"],
-        max_results=1,
-    )
-    return not runs or mine >= runs[0].data.metrics.get(key, -math.inf)
+    best = tracking.best_completed_run(client, ctx.experiment_id, ctx.parent_run_id, key)
+    # Strictly better: a tie with a completed trial adds no model (that trial holds one,
+    # and the search's best among tied runs is the one with a model).
+    return best is None or mine > best.data.metrics.get(key, -math.inf)
 
 
 def _log_figures(tracker: tracking.TrialTracker, result: TrialResult) -> None:

@@ -548,15 +548,8 @@ def _summarise(
     finished = sum(s in ("COMPLETE", "PRUNED", "FAIL") for s in states)
     interrupted = finished < plan.trials and budget_s is None
     key = f"best_{plan.tune_metric}"
-    best = tracker.client.search_runs(
-        [tracker.experiment_id],
-        filter_string=(
-            f"tags.`{tracking.PARENT_TAG}` = '{parent}' and "
-            f"tags.`{tracking.TAG_STATE}` = 'completed'"
-        ),
-        order_by=[f"metrics.`{key}` DESC"],
-        max_results=1,
-    )
+    top = tracking.best_completed_run(tracker.client, tracker.experiment_id, parent, key)
+    best = [top] if top is not None else []
     version = None
     if best:
         current = tracker.client.get_run(parent).data.tags.get("dala.best_run_id")
