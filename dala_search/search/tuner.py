@@ -558,13 +558,12 @@ def _summarise(
     finished = sum(s in ("COMPLETE", "PRUNED", "FAIL") for s in states)
     interrupted = finished < plan.trials and budget_s is None
     key = f"best_{plan.tune_metric}"
-    top = tracking.best_completed_run(tracker.client, tracker.experiment_id, parent, key)
-    best = [top] if top is not None else []
+    best = tracking.best_completed_run(tracker.client, tracker.experiment_id, parent, key)
     version = None
-    if best:
+    if best is not None:
         current = tracker.client.get_run(parent).data.tags.get("dala.best_run_id")
-        if current != best[0].info.run_id:
-            version = tracker.record_best(parent, mag, best[0])
+        if current != best.info.run_id:
+            version = tracker.record_best(parent, mag, best)
     if interrupted:
         # Trials cut by the interrupt: KILLED, state "interrupted"; `resume` reopens them.
         tracker.close_interrupted(parent)
@@ -575,8 +574,8 @@ def _summarise(
         completed=states.count("COMPLETE"),
         pruned=states.count("PRUNED"),
         failed=states.count("FAIL"),
-        best_value=best[0].data.metrics.get(key) if best else None,
-        best_run_id=best[0].info.run_id if best else None,
+        best_value=best.data.metrics.get(key) if best is not None else None,
+        best_run_id=best.info.run_id if best is not None else None,
         registered_version=version,
         interrupted=interrupted,
     )
