@@ -15,9 +15,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import optuna
 import pytest
 from mlflow import MlflowClient
 
@@ -41,30 +41,6 @@ def _search(tmp: Path, demo_root: Path, space: Path, uri: str | None = None, **k
     return plan, outcomes
 
 
-def _records(plan) -> tuple[list, list]:  # noqa: ANN001
-    """(Optuna trials, MLflow trial runs) of the plan's only magnification."""
-    (mag,) = plan.magnifications
-    study = optuna.load_study(study_name=plan.study_name(mag), storage=plan.storage)
-    client = MlflowClient(plan.tracking_uri)
-    exp = client.get_experiment_by_name(tracking.experiment_name(plan.name))
-    runs = client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.`{tracking.TAG_ROLE}` = 'trial'"
-    )
-    return study.get_trials(deepcopy=False), runs
-
-
-def _check_consistent(trials: list, runs: list) -> None:
-    """One MLflow run per Optuna trial, same state, nothing RUNNING."""
-    assert all(t.state.is_finished() for t in trials), [t.state for t in trials]
-    assert all(r.info.status != "RUNNING" for r in runs), [r.info.status for r in runs]
-    by_number = {int(r.data.tags[tracking.TAG_OPTUNA_NUMBER]): r for r in runs}
-    assert len(by_number) == len(runs) == len(trials)  # no duplicate, no orphan
-    assert len({r.data.tags[tracking.TAG_RAY_ID] for r in runs}) == len(runs)
-    state = {"COMPLETE": "completed", "PRUNED": "pruned", "FAIL": "failed"}
-    for t in trials:
-        assert by_number[t.number].data.tags[tracking.TAG_STATE] == state[t.state.name]
-
-
 def _faults(monkeypatch: pytest.MonkeyPatch, tmp: Path, *faults: dict) -> None:
     for i, f in enumerate(faults):
         f.setdefault("once", str(tmp / f"token-{i}"))
@@ -72,7 +48,11 @@ def _faults(monkeypatch: pytest.MonkeyPatch, tmp: Path, *faults: dict) -> None:
 
 
 def test_raising_trials_fail_alone_and_are_not_rerun(
-    tmp_path: Path, demo_root: Path, tiny_space: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    demo_root: Path,
+    tiny_space: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    checked_records: Callable,
 ) -> None:
     """A bug, an out-of-memory error and a NaN loss, one trial each, in one search."""
     _faults(
@@ -83,8 +63,7 @@ def test_raising_trials_fail_alone_and_are_not_rerun(
         {"kind": "nan"},
     )
     plan, (outcome,) = _search(tmp_path, demo_root, tiny_space, trials=4, max_retries=2)
-    trials, runs = _records(plan)
-    _check_consistent(trials, runs)
+    trials, runs = checked_records(plan)
     assert outcome.finished == 4 and outcome.failed == 3 and outcome.completed == 1
     errors = sorted(r.data.tags.get("dala.error", "").split(":")[0] for r in runs)
     assert errors == ["", "NonFiniteLossError", "OutOfMemoryError", "RuntimeError"], errors
@@ -111,6 +90,7 @@ def test_trial_process_killed_mid_epoch(
     tiny_space: Path,
     monkeypatch: pytest.MonkeyPatch,
     retries: int,
+    checked_records: Callable,
 ) -> None:
     """SIGKILL in the second epoch: restarted into its own run (retries), or failed (0)."""
     _faults(monkeypatch, tmp_path, {"kind": "sigkill", "epoch": 1, "delay_s": 0.2})
@@ -118,8 +98,7 @@ def test_trial_process_killed_mid_epoch(
         tmp_path, demo_root, tiny_space, trials=2, epochs=3, max_retries=retries
     )
     assert (tmp_path / "token-0").exists()  # the fault really fired
-    trials, runs = _records(plan)
-    _check_consistent(trials, runs)
+    trials, runs = checked_records(plan)
     attempts = sorted(r.data.tags[tracking.TAG_ATTEMPT] for r in runs)
     if retries:
         assert outcome.completed == 2 and outcome.failed == 0
@@ -146,7 +125,11 @@ def _cli(*args: str, env: dict) -> subprocess.Popen:  # noqa: ANN202
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_driver_interrupted_then_resumed_completes_exactly(
-    tmp_path: Path, demo_root: Path, tiny_space: Path, sig: signal.Signals
+    tmp_path: Path,
+    demo_root: Path,
+    tiny_space: Path,
+    sig: signal.Signals,
+    checked_records: Callable,
 ) -> None:
     env = {**os.environ, "DALA_RUNS_DIR": str(tmp_path / "runs")}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -195,8 +178,7 @@ def test_driver_interrupted_then_resumed_completes_exactly(
     from dala_search.search.tuner import SearchPlan
 
     plan = SearchPlan.load(plan_path.parent)
-    trials, runs = _records(plan)
-    _check_consistent(trials, runs)
+    trials, runs = checked_records(plan)
     assert len(trials) == 4  # exactly the requested trials, none lost, none duplicated
     client = MlflowClient(uri)
     parent = client.get_run(runs[0].data.tags[tracking.PARENT_TAG])
@@ -204,7 +186,11 @@ def test_driver_interrupted_then_resumed_completes_exactly(
 
 
 def test_mlflow_server_briefly_unreachable(
-    tmp_path: Path, demo_root: Path, tiny_space: Path, start_mlflow_server
+    tmp_path: Path,
+    demo_root: Path,
+    tiny_space: Path,
+    start_mlflow_server,  # noqa: ANN001
+    checked_records: Callable,
 ) -> None:
     """The server goes away mid-trial for a few seconds: nothing recorded is lost."""
     (tmp_path / "server").mkdir()
@@ -240,8 +226,7 @@ def test_mlflow_server_briefly_unreachable(
         )
         cutter.join(timeout=120)
         assert "end" in outage, "the outage never happened"
-        trials, runs = _records(plan)
-        _check_consistent(trials, runs)
+        trials, runs = checked_records(plan)
         assert outcome.completed == 1
         (run,) = runs
         history = MlflowClient(uri).get_metric_history(run.info.run_id, "val_balanced_accuracy")
