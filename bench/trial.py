@@ -6,9 +6,11 @@ Bare: torchvision's ``resnet50`` (2 classes) stepping AdamW on one fixed in-memo
 of the same shape and batch size, on the same device, as many steps as the trial's epoch.
 Also measured: the same DALAResNet50 on the fixed batch, which splits the gap into the
 data path's share and the model's (attention and head). Measured alternately.
-Goal: ratio >= 0.9 on the CPU, >= 0.8 on a GPU.
+Goal: ratio >= 0.9 on the CPU, >= 0.8 on a GPU. ``--compile`` runs all three under
+``torch.compile`` (the trial's ``compile: true``) and records its own block: compiled
+trial vs compiled bare model, and the one-off compile time the trial's first epoch pays.
 
-    python bench/trial.py [--quick] [--device cpu|cuda] [--record]
+    python bench/trial.py [--quick] [--device cpu|cuda] [--compile] [--record]
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ SIZES = {  # synthetic images per magnification (x 24 patients), px, batch, reps
 GPU_SIZE = dict(per_mag=60, px=224, batch=64, reps=3)  # 1,440 images at 40X, as BreakHis
 
 
-def _count_syncs(config, data) -> dict[str, int]:  # noqa: ANN001
-    """Synchronising CUDA calls inside ``train_one_epoch`` (torch's sync debug mode).
+def _count_syncs(config, data):  # noqa: ANN001, ANN202
+    """Synchronising CUDA calls inside ``train_one_epoch`` (torch's sync debug mode), and
+    the trial's result (this is the process's first trial: one-off costs land in it).
 
-    Expected: the one ``.item()`` reading the epoch's loss at the end; anything per batch
-    would stall the GPU behind the Python loop.
+    Expected: the one ``.item()`` reading the epoch's loss at the end, plus one-off copies
+    (the augmentation's constants, cached per device; compilation under --compile);
+    anything per batch would stall the GPU behind the Python loop.
     """
     import warnings
 
@@ -60,17 +64,22 @@ def _count_syncs(config, data) -> dict[str, int]:  # noqa: ANN001
 
     train.train_one_epoch = counted
     try:
-        train.train_trial(config, data)
+        result = train.train_trial(config, data)
     finally:
         train.train_one_epoch = original
     c.log(f"synchronising calls in one training epoch: {counts}")
-    return counts
+    return counts, result
 
 
 def main() -> None:
     p = c.parser(__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument(
+        "--compile", action="store_true", help="trial, bare and fixed-batch models compiled"
+    )
     args = p.parse_args()
+    if args.compile and args.record and not args.device.startswith("cuda"):
+        p.error("--compile --record: the compiled figures are recorded for a GPU only")
     load0 = c.load_start()
     size = SIZES[c.size_of(args)]
     if args.device.startswith("cuda") and not args.tiny:
@@ -94,6 +103,7 @@ def main() -> None:
         epochs=1,
         device=str(device),
         num_threads=args.threads if device.type == "cpu" else 0,
+        compile=args.compile,
     )
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(dir=base) as cache_dir:
@@ -106,8 +116,11 @@ def main() -> None:
 
         # Steady state on both sides: the trial's second epoch, the bare loop after one
         # untimed step (first steps pay cuDNN/cuBLAS set-up and allocator growth).
+        first_epoch_s: list[float] = []  # the compile (and cuDNN set-up) lands here
+
         def trial() -> float:
             result = train_trial(config.replace(epochs=2), data)
+            first_epoch_s.append(n_train / result.history[0]["train_images_per_s"])
             return result.history[1]["train_images_per_s"]
 
         def fixed_batch(model: torch.nn.Module) -> float:
@@ -117,6 +130,8 @@ def main() -> None:
                 model = model.to(memory_format=torch.channels_last)
             model.train()
             opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
+            if args.compile:
+                model = torch.compile(model)
             x = torch.randn(config.batch_size, 3, size["px"], size["px"], device=device)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -146,7 +161,10 @@ def main() -> None:
             torch.manual_seed(0)
             return fixed_batch(build_dalaresnet(config))
 
-        syncs = _count_syncs(config, data) if device.type == "cuda" else None
+        syncs = None
+        if device.type == "cuda":  # the first trial in this process: it pays the compile
+            syncs, first = _count_syncs(config, data)
+            first_epoch_s.append(n_train / first.history[0]["train_images_per_s"])
         runs = c.interleave(
             {"trial": trial, "bare_resnet50": bare, "dala_fixed_batch": dala_fixed},
             size["reps"],
@@ -166,6 +184,8 @@ def main() -> None:
         "device": str(device),
         "reps": size["reps"],
         "cuda_syncs_in_train_epoch": syncs,
+        "compile": args.compile,
+        "first_epoch_s": [round(v, 2) for v in first_epoch_s],
         "runs_img_s": {k: [round(v, 2) for v in vs] for k, vs in runs.items()},
         "goal": f"ratio >= {goal}",
         "meets_goal": t / b >= goal,
@@ -183,7 +203,16 @@ def main() -> None:
     )
     if syncs is not None:
         summary += f"\nhost-device synchronisations in one training epoch: {syncs}"
-    c.finish("trial", args, result, summary, device=str(device))
+    if args.compile:
+        summary += (
+            "\nall three under torch.compile; the process's first trial spent "
+            f"{first_epoch_s[0]:.1f} s in its first epoch (compile included), later trials "
+            f"{max(first_epoch_s[1:]):.1f} s at most"
+        )
+    block = None
+    if args.compile:
+        block = "trial-gpu-compile" if device.type == "cuda" else "trial-compile"
+    c.finish("trial", args, result, summary, device=str(device), block=block)
 
 
 if __name__ == "__main__":

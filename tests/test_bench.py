@@ -81,3 +81,17 @@ def test_record_rewrites_only_its_block(tmp_path, monkeypatch) -> None:
     assert text.startswith("a\n<!-- bench:x -->\nRecorded ") and "keep" in text
     with pytest.raises(SystemExit, match="markers"):
         _common.record("z", Args(), result, "")
+
+
+def test_trial_compile_record_on_cpu_is_refused_before_running() -> None:
+    """The compiled figures have a GPU block only: asking to record them from a CPU run
+    fails at once, naming the flags, instead of after minutes of compiling."""
+    proc = subprocess.run(
+        [sys.executable, "bench/trial.py", "--tiny", "--compile", "--record"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "--compile --record" in proc.stderr

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU benchmarks in one go, for a lent GPU machine with torch already installed:
+#   bash bench/gpu.sh OUTDIR
+# Records pipeline, trial and trial --compile into bench/README.md's GPU blocks and copies
+# README and logs to OUTDIR after each step (a step that runs out of time keeps the rest).
+# Wheels of missing pure-Python packages (imbalanced-learn, sklearn-compat) may sit in .whl/.
+set -u
+out=${1:?usage: bash bench/gpu.sh OUTDIR}
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+threads=$(nproc)
+step() {  # step NAME SECONDS ARGS...
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit} s)"
+  local t0=$SECONDS
+  timeout "$limit" python3 "$@" --threads "$threads" --record >"$out/$name.log" 2>&1
+  echo "== $name rc $? in $((SECONDS - t0)) s"; tail -n 12 "$out/$name.log"
+  cp bench/README.md "$out/README.md"
+}
+step pipeline 150 bench/pipeline.py --device cuda
+step trial 200 bench/trial.py --device cuda
+step trial_compile "${COMPILE_LIMIT:-300}" bench/trial.py --device cuda --compile
