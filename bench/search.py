@@ -6,9 +6,16 @@ space's pruner (successive halving by default), one with ``--pruner none``. Figu
 epochs consumed (intermediate values reported to each Optuna study) and the best
 validation balanced accuracy of a completed trial (what the search would pick).
 Goal: <= 40% of the epochs, best within 1 point (0.01). ``--metric roc_auc`` searches
-another validation metric instead (a variant, recorded in a block of its own).
+another validation metric instead, ``--sampler tpe`` samples with another sampler than the
+space's (variants, each recorded in a block of its own).
 
-    python bench/search.py [--quick] [--pruner sha|...] [--metric roc_auc|...] [--record]
+The space samples at random (seeded): both sides then train the same 24 configurations in
+the same order, so the comparison measures what pruning costs and saves. With TPE the two
+sides' later proposals depend on what each side saw, and the best of each mixes the
+sampler's luck into the pruner's effect (``--sampler tpe`` measures that).
+
+    python bench/search.py [--quick] [--pruner sha|...] [--metric roc_auc|...]
+                           [--sampler tpe|...] [--record]
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ def main() -> None:
         choices=SELECT_METRICS,
         help="the searched validation metric (default: the space's, balanced_accuracy)",
     )
+    p.add_argument("--sampler", default=None, help="both sides' sampler (default: the space's)")
     args = p.parse_args()
     load0 = c.load_start()
     size = SIZES[c.size_of(args)]
@@ -75,6 +83,7 @@ def main() -> None:
     settings = space.settings
     pruner = args.pruner or settings.pruner
     metric = args.metric or settings.metric
+    sampler = args.sampler or settings.sampler
     best_key = f"best_val_{metric}"
     base = c.work_dir(args)
     root = c.demo_data(base, images_per_mag=size["per_mag"], width=96, height=64)
@@ -96,6 +105,7 @@ def main() -> None:
                     trials=size["trials"],
                     epochs=size["epochs"],
                     pruner=side,
+                    sampler=sampler,
                     seed=0,
                     tracking_uri=uri,
                     runs_dir=s / "runs",
@@ -128,6 +138,7 @@ def main() -> None:
         "best_unpruned": off[best_key],
         "best_gap_points": round(100 * gap, 2),
         "pruner": pruner,
+        "sampler": sampler,
         "trials": trials,
         "epochs_per_trial": epochs,
         "sides": figures,
@@ -138,7 +149,8 @@ def main() -> None:
     }
     c.finite_positive(result, ["epochs_pruned", "epochs_unpruned", "ratio"])
     summary = (
-        f"{trials} trials x up to {epochs} epochs at 40X, TPE seed 0, one trial at a time\n"
+        f"{trials} trials x up to {epochs} epochs at 40X, sampler {sampler!r} seed 0, "
+        "one trial at a time\n"
         f"pruner {pruner!r}: {on['epochs']:4d} epochs, best val {metric} "
         f"{_fmt(on[best_key])}, {on['states']}, by epochs run {on['trials_by_epochs']}, "
         f"{on['wall_s']} s\n"
@@ -147,13 +159,12 @@ def main() -> None:
         f"epochs consumed with pruning: {100 * share:.0f}% (goal <= 40%); best "
         f"{'within' if gap <= 0.01 else 'NOT within'} 1 point (gap {100 * gap:+.1f} points)"
     )
-    # another metric than the space's is a variant with a block of its own
+    # another metric or sampler than the space's is a variant with a block of its own
+    variant = [
+        v for v, default in ((metric, settings.metric), (sampler, settings.sampler)) if v != default
+    ]
     c.finish(
-        "search",
-        args,
-        result,
-        summary,
-        block=None if metric == settings.metric else f"search-{metric}",
+        "search", args, result, summary, block="-".join(["search", *variant]) if variant else None
     )
 
 
