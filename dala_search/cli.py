@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from dala_search.config import SELECT_METRICS
 from dala_search.errors import DalaError
 
 
@@ -454,6 +455,12 @@ def spaces_cmd(verbose: bool) -> None:
     type=click.Choice(["median", "percentile", "sha", "hyperband", "asha", "none"]),
 )
 @click.option(
+    "--prune-on",
+    type=click.Choice(SELECT_METRICS),
+    default=None,
+    help="Validation metric the pruner judges epochs by (default: the searched metric).",
+)
+@click.option(
     "--gpus-per-trial",
     type=FiniteFloatRange(min=0),
     default=None,
@@ -494,6 +501,7 @@ def start_cmd(
     storage: str | None,
     sampler: str | None,
     pruner: str | None,
+    prune_on: str | None,
     gpus_per_trial: float | None,
     cpus_per_trial: float,
     workers_per_trial: int,
@@ -516,6 +524,7 @@ def start_cmd(
         epochs=epochs,
         sampler=sampler,
         pruner=pruner,
+        prune_on=prune_on,
         seed=seed or 0,
         cpus_per_trial=cpus_per_trial,
         gpus_per_trial=gpus_per_trial,

@@ -556,7 +556,8 @@ data-file="{{ f.file }}"><figcaption>{{ f.title }}{% if f.caption %}<br>{{ f.cap
 
 <section id="optuna"><h2>Optuna study</h2>
 <p>Optuna's own visualisations (target: {{ plan.tune_metric }}, sampler {{ plan.sampler }},
-pruner {{ plan.pruner }}).</p>
+pruner {{ plan.pruner }}{% if plan.prune_on %}, judging epochs by val_{{ plan.prune_on }}: the
+intermediate values, and a pruned trial's value, are in its units{% endif %}).</p>
 {% for s in sections %}<h3>{{ s.magnification }}</h3>{{ figs(s.optuna) }}{% endfor %}
 </section>
 

@@ -50,6 +50,7 @@ SEARCH_KEYS: tuple[str, ...] = (
     "magnifications",
     "sampler",
     "pruner",
+    "prune_on",
     "max_concurrent",
 )
 PARAM_FIELDS: tuple[str, ...] = ("type", "low", "high", "step", "log", "choices", "condition")
@@ -159,6 +160,9 @@ class SearchSettings:
     magnifications: tuple[str, ...] = MAGNIFICATIONS
     sampler: str = "tpe"
     pruner: str = "median"
+    # The validation metric the pruner judges epochs by (None: ``metric``). A trial is still
+    # ranked, and the best chosen, by ``metric``.
+    prune_on: str | None = None
     max_concurrent: int = 0  # 0: let the tuner decide from the resources
 
 
@@ -389,6 +393,9 @@ def _parse_search(path: Path, raw: dict[str, Any]) -> SearchSettings:
         magnifications=tuple(normalised),
         sampler=_choice(path, "search.sampler", raw.get("sampler", d.sampler), SAMPLERS),
         pruner=_choice(path, "search.pruner", raw.get("pruner", d.pruner), PRUNERS),
+        prune_on=None
+        if raw.get("prune_on") is None
+        else _choice(path, "search.prune_on", raw["prune_on"], SELECT_METRICS),
         max_concurrent=_count(
             path, "search.max_concurrent", raw.get("max_concurrent", d.max_concurrent), 0
         ),

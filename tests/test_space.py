@@ -443,6 +443,10 @@ BAD = {
         "search: {metric: auc}\n" + BASE_FIXED,
         ["search.metric", "'auc'", "roc_auc"],
     ),
+    "unknown prune_on": (
+        "search: {prune_on: loss}\n" + BASE_FIXED,
+        ["search.prune_on", "'loss'", "roc_auc"],
+    ),
     "unknown magnification": (
         "search: {magnifications: [40X, 50X]}\n" + BASE_FIXED,
         ["search.magnifications", "'50X'", "40X, 100X, 200X, 400X"],
@@ -527,3 +531,11 @@ def test_the_documented_example_loads(tmp_path: Path):
     assert (space.settings.trials, space.settings.max_concurrent) == (30, 4)
     assert space.params["effective_beta"].condition == {"loss_weighting": ("effective_number",)}
     assert space.params["attention_stages"].choices == ((4,), (3, 4), (1, 2, 3, 4))
+
+
+def test_prune_on_is_read_from_the_search_section(tmp_path: Path):
+    path = tmp_path / "s.yaml"
+    path.write_text("search: {prune_on: roc_auc}\n" + BASE_FIXED)
+    assert load_space(path).settings.prune_on == "roc_auc"
+    path.write_text(BASE_FIXED)
+    assert load_space(path).settings.prune_on is None  # the searched metric

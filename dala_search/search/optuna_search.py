@@ -103,6 +103,11 @@ class PruningOptunaSearch(OptunaSearch):
             told with.
         step_key: result key used as Optuna's step for intermediate values. Must match the
             scheduler's ``step_key``; ``training_iteration`` (1-based) by default.
+        prune_metric: result key reported as Optuna's intermediate values, which pruners
+            judge (default: ``metric``). A completed trial is still told its ``metric``
+            value; a pruned trial's value is Optuna's own choice, its last intermediate
+            value, so it is in ``prune_metric``'s units (the study's user attribute
+            ``prune_metric`` says which).
         fail_orphans_on_restore: after `Tuner.restore`, tell FAIL to RUNNING trials of the
             study that this searcher never handed to Tune (left by a driver killed between
             `ask` and Tune's next experiment checkpoint). Assumes one driver per study.
@@ -123,6 +128,7 @@ class PruningOptunaSearch(OptunaSearch):
         objective: str = "best",
         step_key: str = TRAINING_ITERATION,
         fail_orphans_on_restore: bool = True,
+        prune_metric: str | None = None,
     ) -> None:
         if isinstance(metric, list) or isinstance(mode, list):
             raise ConfigError(
@@ -138,6 +144,7 @@ class PruningOptunaSearch(OptunaSearch):
         # Set before super().__init__, which may already create the study.
         self._objective = objective
         self._step_key = step_key
+        self._prune_metric = prune_metric
         self._fail_orphans_on_restore = fail_orphans_on_restore
         self._values: dict[str, list[float]] = {}  # trial_id -> metric per result, in order
         self._last_step: dict[str, int] = {}  # trial_id -> last step reported to Optuna
@@ -170,11 +177,17 @@ class PruningOptunaSearch(OptunaSearch):
                 f"Optuna study {self._study_name!r} in storage already exists with direction "
                 f"{actual!r}, but mode={mode!r} asks for {wanted!r}"
             )
+        self._ot_study.set_user_attr("prune_metric", self.prune_metric)
 
     @property
     def study(self) -> optuna.Study:
         """The live Optuna study (None until the search space is known)."""
         return self._ot_study
+
+    @property
+    def prune_metric(self) -> str | None:
+        """The result key whose values Optuna's pruner judges (``metric`` unless set)."""
+        return self._prune_metric or self.metric
 
     @property
     def step_key(self) -> str:
@@ -224,11 +237,15 @@ class PruningOptunaSearch(OptunaSearch):
     # ----- results ------------------------------------------------------------------------
 
     def _record(self, trial_id: str, result: Mapping[str, Any]) -> None:
-        """Report one result's metric to Optuna at its step (once per step) and remember it."""
-        if self.metric not in result or trial_id not in self._ot_trials:
+        """Remember one result's metric and report its pruning metric to Optuna at its step
+        (once per step)."""
+        if trial_id not in self._ot_trials:
             return
-        value = float(result[self.metric])
-        self._values.setdefault(trial_id, []).append(value)
+        if self.metric in result:
+            self._values.setdefault(trial_id, []).append(float(result[self.metric]))
+        if self.prune_metric not in result:
+            return
+        value = float(result[self.prune_metric])
         step = result.get(self._step_key)
         if step is None:
             return

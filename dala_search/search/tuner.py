@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dala_search.config import SELECT_METRICS
 from dala_search.data.breakhis import MAGNIFICATIONS, BreakHisIndex, check_magnification
 from dala_search.errors import ConfigError, DalaError
 from dala_search.search import tracking
@@ -58,6 +59,9 @@ class SearchPlan:
     folder: str  # this search's folder
     fold: int | None = None  # official Folds.csv fold instead of a seeded patient split
     log_models: bool = True
+    # The validation metric the pruner judges by (None: ``metric``); trials are still
+    # ranked and the best chosen by ``metric``.
+    prune_on: str | None = None
     # Restarts of a trial whose process or node died (Tune FailureConfig). A trial that
     # raised (a bug, NaN loss, out of memory) is not retried: see trainable.py.
     max_retries: int = 2
@@ -65,6 +69,11 @@ class SearchPlan:
     @property
     def tune_metric(self) -> str:
         return f"val_{self.metric}"
+
+    @property
+    def tune_prune_metric(self) -> str:
+        """The result key the pruner judges (Optuna's intermediate values)."""
+        return f"val_{self.prune_on or self.metric}"
 
     def study_name(self, magnification: str) -> str:
         return f"{self.name}-{magnification}"
@@ -139,6 +148,7 @@ def plan_search(
     epochs: int | None = None,
     sampler: str | None = None,
     pruner: str | None = None,
+    prune_on: str | None = None,
     seed: int = 0,
     cpus_per_trial: float = 1.0,
     gpus_per_trial: float | None = None,
@@ -180,6 +190,13 @@ def plan_search(
         raise ConfigError(f"--epochs: {epochs} must be at least 1")
     sampler = sampler or s.sampler
     pruner = pruner or s.pruner
+    prune_on = prune_on or s.prune_on
+    if prune_on is not None and prune_on not in SELECT_METRICS:
+        raise ConfigError(
+            f"--prune-on: unknown metric {prune_on!r}; valid: {', '.join(SELECT_METRICS)}"
+        )
+    if prune_on == s.metric:
+        prune_on = None  # the searched metric itself
     make_sampler(sampler, seed=seed)  # raises ConfigError naming a bad one
     if pruner != "asha":
         make_pruner(pruner)
@@ -238,6 +255,7 @@ def plan_search(
         folder=str(folder),
         fold=fold,
         max_retries=max_retries,
+        prune_on=prune_on,
     )
 
 
@@ -495,11 +513,12 @@ def _run_magnification(
             study_name=plan.study_name(mag),
             storage=plan.storage,
             seed=plan.seed,
+            prune_metric=plan.tune_prune_metric,
         )
         if plan.pruner == "asha":
             scheduler = PrunedMarkingASHAScheduler(
                 time_attr="training_iteration",
-                metric=plan.tune_metric,
+                metric=plan.tune_prune_metric,
                 mode="max",
                 max_t=epochs,
                 grace_period=1,

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from dala_search.data import breakhis, preflight
+from dala_search.errors import ConfigError
 from dala_search.search import tuner
 
 
@@ -33,3 +34,26 @@ def test_run_search_takes_the_preflight_index_once(
     assert len(calls) == 1 and index.records  # ... and run_search takes that index
     again = tuner.search_index(plan)  # a second run (resume) of this plan reads the folder
     assert len(calls) == 2 and len(again.records) == len(index.records)
+
+
+def test_prune_on_is_checked_and_kept_in_the_saved_plan(
+    tmp_path: Path, demo_root: Path, tiny_space: Path
+) -> None:
+    def plan(name: str, prune_on: str | None) -> tuner.SearchPlan:
+        return tuner.plan_search(
+            space=str(tiny_space),
+            name=name,
+            data_dir=demo_root,
+            prune_on=prune_on,
+            tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+            runs_dir=tmp_path / "runs",
+        )
+
+    with pytest.raises(ConfigError, match=r"--prune-on: unknown metric 'loss'.*roc_auc"):
+        plan("bad", "loss")
+    p = plan("auc", "roc_auc")
+    assert (p.tune_metric, p.tune_prune_metric) == ("val_balanced_accuracy", "val_roc_auc")
+    p.save(new=True)
+    assert tuner.SearchPlan.load(Path(p.folder)).prune_on == "roc_auc"
+    same = plan("same", p.metric)  # the searched metric itself: nothing to switch
+    assert same.prune_on is None and same.tune_prune_metric == same.tune_metric

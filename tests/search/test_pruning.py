@@ -421,6 +421,64 @@ def test_scheduler_unwraps_searcher_and_answers_stop_when_optuna_prunes(tmp_path
     assert low.state == TrialState.PRUNED and low.intermediate_values == {1: 0.05, 2: 0.075}
 
 
+def test_prune_metric_feeds_the_pruner_and_trials_are_told_the_searched_metric(tmp_path):
+    """Trials that tie on the searched metric ("score", stuck at 0.5 as balanced accuracy is
+    after an epoch of a model predicting one class) differ on the pruning metric ("auc"):
+    the pruner judges "auc", the completed trials are told their best "score"."""
+    s = searcher(tmp_path, prune_metric="auc")
+    assert s.prune_metric == "auc"
+    controller = _Controller(SearchGenerator(ConcurrencyLimiter(s, max_concurrent=2)))
+    scheduler = OptunaPruningScheduler(make_pruner("median"), metric="score", mode="max")
+
+    def result(step: int, score: float, auc: float) -> dict:
+        return {"score": score, "auc": auc, "training_iteration": step}
+
+    for i in range(3):
+        s.suggest(f"done{i}")
+        for step, (sc, auc) in enumerate([(0.5, 0.7), (0.5, 0.8), (0.8, 0.9)], start=1):
+            s.on_trial_result(f"done{i}", result(step, sc, auc))
+        s.on_trial_complete(f"done{i}", {**result(3, 0.8, 0.9), "done": True})
+    s.suggest("low")
+    decisions = [
+        scheduler.on_trial_result(controller, _Trial("low"), result(step, 0.5, auc))
+        for step, auc in [(1, 0.55), (2, 0.6)]
+    ]
+    assert decisions == ["CONTINUE", "STOP"]  # score ties at 0.5; auc 0.6 < median 0.8
+    s.on_trial_complete("low", {**result(2, 0.5, 0.6), "done": True})
+
+    trials = load(tmp_path)
+    for done in trials[:3]:
+        assert done.state == TrialState.COMPLETE
+        assert done.value == pytest.approx(0.8)  # the best score, not an auc
+        assert done.intermediate_values == {1: 0.7, 2: 0.8, 3: 0.9}
+    low = trials[3]
+    assert low.state == TrialState.PRUNED and low.intermediate_values == {1: 0.55, 2: 0.6}
+    study = optuna.load_study(study_name="s", storage=sqlite_url(tmp_path))
+    assert study.user_attrs["prune_metric"] == "auc"
+
+
+def test_without_prune_metric_the_tie_on_the_searched_metric_is_not_pruned(tmp_path):
+    """The same trials judged by "score" itself: the median is 0.5 and 0.5 is not below
+    it, so the tied trial runs on (what prune_metric is for)."""
+    s = searcher(tmp_path)
+    assert s.prune_metric == "score"
+    controller = _Controller(SearchGenerator(ConcurrencyLimiter(s, max_concurrent=2)))
+    scheduler = OptunaPruningScheduler(make_pruner("median"), metric="score", mode="max")
+    for i in range(3):
+        s.suggest(f"done{i}")
+        for step, sc in enumerate([0.5, 0.5, 0.8], start=1):
+            s.on_trial_result(f"done{i}", {"score": sc, "training_iteration": step})
+        s.on_trial_complete(f"done{i}", {"score": 0.8, "training_iteration": 3, "done": True})
+    s.suggest("low")
+    decisions = [
+        scheduler.on_trial_result(
+            controller, _Trial("low"), {"score": 0.5, "training_iteration": step}
+        )
+        for step in (1, 2)
+    ]
+    assert decisions == ["CONTINUE", "CONTINUE"]
+
+
 def test_scheduler_refuses_a_mismatched_or_foreign_searcher(tmp_path):
     s = searcher(tmp_path)
     s.suggest("t")
