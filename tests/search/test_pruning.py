@@ -602,6 +602,32 @@ def test_asha_early_stops_are_pruned_full_runs_complete(ray_session, tmp_path):
         assert_climb_history(trial, epochs[q])
 
 
+def tie_and_climb(config: dict) -> None:
+    """Every trial's "score" ties at 0.5; its "auc" climbs with its quality."""
+    for epoch in range(1, EPOCHS + 1):
+        time.sleep(0.02)
+        tune.report({"score": 0.5, "auc": score(config["quality"], epoch), "epoch": epoch})
+
+
+def test_asha_judges_the_prune_metric_and_trials_are_told_the_searched_one(ray_session, tmp_path):
+    points = [0.9, 0.8, 0.1, 0.7, 0.05, 0.2]
+    asha = PrunedMarkingASHAScheduler(
+        metric="auc", mode="max", max_t=EPOCHS, grace_period=2, reduction_factor=2
+    )
+    s = searcher(tmp_path, points, prune_metric="auc")
+    results = fit(tmp_path, tie_and_climb, s, asha, num_samples=len(points))
+    epochs = epochs_by_quality(results)
+    trials = by_quality(load(tmp_path))
+    # On "score" every trial ties; on "auc" 0.05 is below rung 2's median: stopped there.
+    assert epochs[0.05] == 2 and trials[0.05].state == TrialState.PRUNED
+    for q, trial in trials.items():
+        if epochs[q] == EPOCHS:
+            assert trial.state == TrialState.COMPLETE and trial.value == 0.5, q
+        else:
+            assert trial.state == TrialState.PRUNED, q
+        assert_climb_history(trial, epochs[q])  # intermediate values are the auc
+
+
 def climb_then_dip(config: dict) -> None:
     """``climb``, except that a trial of quality > 0.8 collapses to 0 in its last epoch."""
     for epoch in range(1, EPOCHS + 1):
