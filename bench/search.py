@@ -47,11 +47,42 @@ SIZES = {  # trials, epochs (None: the space's), images per magnification (x 24 
 }
 
 
-def _study_figures(plan) -> dict:  # noqa: ANN001
+def _study_trials(plan) -> list:  # noqa: ANN001
     import optuna
 
     study = optuna.load_study(study_name=plan.study_name("40X"), storage=plan.storage)
-    trials = study.get_trials(deepcopy=False)
+    return study.get_trials(deepcopy=True)
+
+
+def _same_trials(pruned: list, unpruned: list) -> dict:
+    """Whether the two sides trained the same configurations to the same values: trial by
+    trial, the same parameters and equal intermediate values on the epochs both ran (the
+    premise of comparing them; a seeded random sampler and seeded trials should give it)."""
+    pairs = list(zip(pruned, unpruned, strict=False))
+    common = [
+        (a.intermediate_values[e], b.intermediate_values[e])
+        for a, b in pairs
+        for e in a.intermediate_values
+        if e in b.intermediate_values
+    ]
+    best = max(
+        (t for t in unpruned if t.state.name == "COMPLETE"), key=lambda t: t.value, default=None
+    )
+    return {
+        "trials_compared": len(pairs),
+        "same_params": all(a.params == b.params for a, b in pairs),
+        "equal_epoch_values": sum(x == y for x, y in common),
+        "common_epoch_values": len(common),
+        # the unpruned search's best trial, as the pruned search treated it
+        "unpruned_best_trial": None if best is None else best.number,
+        "its_fate_when_pruning": None
+        if best is None
+        else f"{pruned[best.number].state.name} after "
+        f"{len(pruned[best.number].intermediate_values)} epochs",
+    }
+
+
+def _study_figures(trials: list) -> dict:
     ran = [len(t.intermediate_values) for t in trials]
     return {
         "epochs": sum(ran),
@@ -100,6 +131,7 @@ def main() -> None:
     base = c.work_dir(args)
     root = c.demo_data(base, images_per_mag=size["per_mag"], width=96, height=64)
     figures = {}
+    studies: dict[str, list] = {}
     with tempfile.TemporaryDirectory(dir=base) as scratch:
         s = Path(scratch)
         uri = f"sqlite:///{s / 'mlflow.db'}"
@@ -132,7 +164,7 @@ def main() -> None:
                     "pruner": side,
                     best_key: outcome.best_value,
                     "wall_s": round(wall, 1),
-                    **_study_figures(plan),
+                    **_study_figures(studies.setdefault(name, _study_trials(plan))),
                 }
                 c.log(f"{name}: {figures[name]}")
                 trials, epochs = plan.trials, plan.epochs or int(space.fixed["epochs"])
@@ -156,6 +188,7 @@ def main() -> None:
         "trials": trials,
         "epochs_per_trial": epochs,
         "sides": figures,
+        "comparison": (cmp := _same_trials(studies["pruned"], studies["unpruned"])),
         "goal": "ratio <= 0.40 and best within 1 point",
         "meets_epochs": share <= 0.40,
         "meets_best": gap <= 0.01,
@@ -171,7 +204,11 @@ def main() -> None:
         f"pruner 'none':  {off['epochs']:4d} epochs, best val {metric} "
         f"{_fmt(off[best_key])}, {off['states']}, {off['wall_s']} s\n"
         f"epochs consumed with pruning: {100 * share:.0f}% (goal <= 40%); best "
-        f"{'within' if gap <= 0.01 else 'NOT within'} 1 point (gap {100 * gap:+.1f} points)"
+        f"{'within' if gap <= 0.01 else 'NOT within'} 1 point (gap {100 * gap:+.1f} points)\n"
+        f"same configurations on both sides: {cmp['same_params']}; equal per-epoch values on "
+        f"the epochs both ran: {cmp['equal_epoch_values']}/{cmp['common_epoch_values']}; the "
+        f"unpruned best (trial {cmp['unpruned_best_trial']}) when pruning: "
+        f"{cmp['its_fate_when_pruning']}"
     )
     # another metric or sampler than the space's is a variant with a block of its own
     variant = [
