@@ -1,0 +1,223 @@
+"""``evaluate``, ``baselines``, ``ui`` and ``report``: what a finished search gives."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from dala_search.cli._base import (
+    JSON_OPT,
+    MAX_EPOCHS,
+    RUNS_OPT,
+    TRACKING_OPT,
+    check_search_name,
+    main,
+)
+
+# ----------------------------------------------------------------------------- evaluation
+
+FOLDS_OPT = click.option(
+    "--folds",
+    type=int,
+    default=None,
+    help="K patient-disjoint folds (default 5; the official Folds.csv folds when present).",
+)
+SEEDS_OPT = click.option(
+    "--seeds", type=int, default=None, help="K seeded patient-disjoint splits instead of folds."
+)
+EVAL_MAG_OPT = click.option(
+    "--magnification", "-m", default=None, help="Comma list or 'all' (default: the search's)."
+)
+EVAL_EPOCHS_OPT = click.option(
+    "--epochs",
+    type=click.IntRange(1, MAX_EPOCHS),
+    default=None,
+    help="Override the best configuration's epochs.",
+)
+DEVICE_OPT = click.option("--device", default=None, help="auto (default) | cpu | cuda | cuda:N")
+
+
+def _protocol(folds: int | None, seeds: int | None) -> tuple[str, int]:
+    """--folds K or --seeds K (not both); folds 5 by default. The library checks K >= 2."""
+    from dala_search.errors import ConfigError
+
+    if folds is not None and seeds is not None:
+        raise ConfigError("--folds and --seeds exclude each other: choose one protocol")
+    return ("seeds", seeds) if seeds is not None else ("folds", 5 if folds is None else folds)
+
+
+@main.command("evaluate")
+@click.argument("name", callback=check_search_name)
+@FOLDS_OPT
+@SEEDS_OPT
+@EVAL_MAG_OPT
+@EVAL_EPOCHS_OPT
+@DEVICE_OPT
+@TRACKING_OPT
+@RUNS_OPT
+@JSON_OPT
+def evaluate_cmd(
+    name: str,
+    folds: int | None,
+    seeds: int | None,
+    magnification: str | None,
+    epochs: int | None,
+    device: str | None,
+    tracking_uri: str | None,
+    runs_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """Retrain each best configuration on K folds; test metrics with 95% CIs (evaluation/)."""
+    from dala_search.evaluate import evaluate_search, evaluation_table
+
+    protocol, k = _protocol(folds, seeds)
+    docs = evaluate_search(
+        name,
+        protocol=protocol,
+        k=k,
+        magnifications=magnification,
+        epochs=epochs,
+        device=device,
+        runs_dir=runs_dir,
+        tracking_uri=tracking_uri,
+    )
+    if as_json:
+        click.echo(json.dumps({"search": name, "magnifications": docs}, indent=2))
+        return
+    for doc in docs:
+        click.echo("\n".join(evaluation_table(doc)))
+
+
+@main.command("baselines")
+@click.argument("name", callback=check_search_name)
+@click.option(
+    "--models",
+    default=None,
+    help="Comma list (default: resnet50,seresnet50,densenet121,vgg16,vit_b_16,swin_t).",
+)
+@FOLDS_OPT
+@SEEDS_OPT
+@EVAL_MAG_OPT
+@EVAL_EPOCHS_OPT
+@DEVICE_OPT
+@click.option("--pretrained", default=None, help="imagenet | none (default: the search's).")
+@TRACKING_OPT
+@RUNS_OPT
+@JSON_OPT
+def baselines_cmd(
+    name: str,
+    models: str | None,
+    folds: int | None,
+    seeds: int | None,
+    magnification: str | None,
+    epochs: int | None,
+    device: str | None,
+    pretrained: str | None,
+    tracking_uri: str | None,
+    runs_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """Train the paper's comparison models on the evaluation's folds and budget (baselines/)."""
+    from dala_search.evaluate import baselines_table, run_baselines
+
+    protocol, k = _protocol(folds, seeds)
+    docs = run_baselines(
+        name,
+        models=models,
+        protocol=protocol,
+        k=k,
+        magnifications=magnification,
+        epochs=epochs,
+        device=device,
+        pretrained=pretrained,
+        runs_dir=runs_dir,
+        tracking_uri=tracking_uri,
+    )
+    if as_json:
+        click.echo(json.dumps({"search": name, "magnifications": docs}, indent=2))
+        return
+    for doc in docs:
+        click.echo("\n".join(baselines_table(doc)))
+
+
+@main.command("ui")
+@click.argument("name", required=False, callback=check_search_name)
+@TRACKING_OPT
+@RUNS_OPT
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Bind address (keep 127.0.0.1 unless you mean to share it).",
+)
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
+def ui_cmd(
+    name: str | None, tracking_uri: str | None, runs_dir: Path | None, host: str, port: int
+) -> None:
+    """Start the MLflow UI against the search's tracking store."""
+    import subprocess
+
+    from dala_search.search import tracking
+    from dala_search.search.tuner import SearchPlan, default_runs_dir
+
+    uri = tracking_uri
+    if uri is None and name:
+        uri = SearchPlan.load(Path(runs_dir or default_runs_dir()).resolve() / name).tracking_uri
+    uri = tracking.resolve_tracking_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        click.echo(f"{uri} is a tracking server already: open it in a browser")
+        return
+    click.echo(f"MLflow UI on http://{host}:{port} for {uri} (Ctrl-C stops it)")
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    sys.exit(subprocess.call(cmd))
+
+
+@main.command("report")
+@click.argument("name", callback=check_search_name)
+@RUNS_OPT
+@TRACKING_OPT
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="HTML file to write (default: <search folder>/report/report.html).",
+)
+@click.option(
+    "--gradcam-per-class",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Test images per class for Grad-CAM (0: no Grad-CAM).",
+)
+def report_cmd(
+    name: str,
+    runs_dir: Path | None,
+    tracking_uri: str | None,
+    out: Path | None,
+    gradcam_per_class: int,
+) -> None:
+    """Write a self-contained HTML report of a search (figures beside it and inlined)."""
+    from dala_search.report import build_report
+
+    path = build_report(
+        name,
+        runs_dir=runs_dir,
+        out=out,
+        tracking_uri=tracking_uri,
+        gradcam_per_class=gradcam_per_class,
+    )
+    click.echo(f"report: {path} (open it in a browser; works offline)")

@@ -1,0 +1,388 @@
+"""``train`` (one trial), ``spaces``, ``start``, ``resume`` and ``best``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dala_search.cli._base import (
+    CACHE_OPT,
+    JSON_OPT,
+    MAG_OPT,
+    MAX_EPOCHS,
+    MAX_IMAGE_SIZE,
+    RUNS_OPT,
+    SEED_OPT,
+    TRACKING_OPT,
+    FiniteFloatRange,
+    check_duration,
+    check_magnifications,
+    check_search_name,
+    check_storage,
+    main,
+)
+from dala_search.config import SELECT_METRICS
+from dala_search.errors import DalaError
+
+# ----------------------------------------------------------------------------- train
+
+
+@main.command("train")
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="BreakHis folder (default: the synthetic demo set, generated once).",
+)
+@MAG_OPT
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Trial config YAML (TrialConfig keys); defaults apply without it.",
+)
+@click.option("--epochs", type=click.IntRange(1, MAX_EPOCHS), default=None)
+@click.option("--image-size", type=click.IntRange(32, MAX_IMAGE_SIZE), default=None)
+@click.option("--pretrained", default=None, help="imagenet | none | path/to/resnet50.pth")
+@SEED_OPT
+@click.option("--device", default=None, help="auto | cpu | cuda | cuda:N")
+@click.option("--fold", type=click.IntRange(1, 5), default=None, help="Official fold (Folds.csv).")
+@CACHE_OPT
+@JSON_OPT
+def train_cmd(
+    data_dir: Path | None,
+    magnification: str,
+    config_path: Path | None,
+    epochs: int | None,
+    image_size: int | None,
+    pretrained: str | None,
+    seed: int | None,
+    device: str | None,
+    fold: int | None,
+    cache_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """Train one configuration on one magnification and print its metrics."""
+    from dala_search.config import TrialConfig, load_trial_config
+    from dala_search.data.breakhis import index_breakhis
+    from dala_search.data.demo import ensure_demo_data
+    from dala_search.train import prepare_data, train_trial
+
+    overrides = {
+        "epochs": epochs,
+        "image_size": image_size,
+        "pretrained": pretrained,
+        "seed": seed,
+        "device": device,
+    }
+    if config_path is not None:
+        config = load_trial_config(config_path, **overrides)
+    else:
+        config = TrialConfig.from_dict(
+            {k: v for k, v in overrides.items() if v is not None}, source="command line"
+        )
+    root = data_dir if data_dir is not None else ensure_demo_data()
+    index = index_breakhis(root, progress=not as_json)
+    if index.skipped and not as_json:
+        # Unreadable files are left out, never a crash; say how many, and where to see them.
+        click.echo(
+            f"note: {len(index.skipped)} unreadable or non-BreakHis file(s) skipped "
+            f"(`dala-search data check {root}` lists them)",
+            err=True,
+        )
+    data = prepare_data(
+        index,
+        magnification,
+        image_size=config.image_size,
+        seed=config.seed,
+        fold=fold,
+        cache_dir=cache_dir,
+        progress=not as_json,
+    )
+    if data.synthetic and not as_json:
+        click.echo("note: training on SYNTHETIC demo data, not real BreakHis images", err=True)
+
+    def show(epoch: int, m: dict[str, float]) -> None:
+        if not as_json:
+            click.echo(
+                f"epoch {epoch:3d}  loss {m['train_loss']:.4f}  "
+                f"val bal.acc {m['val_balanced_accuracy']:.4f}  "
+                f"val acc {m['val_accuracy']:.4f}  ({m['epoch_time_s']:.1f}s)",
+                err=True,
+            )
+
+    result = train_trial(config, data, show, progress=False)
+    out = {
+        "config": config.to_dict(),
+        "data": data.describe(),
+        "skipped_files": len(index.skipped),
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "best_val": result.best,
+        "test": result.test,
+    }
+    if as_json:
+        click.echo(json.dumps(out, indent=2, default=float))
+        return
+    click.echo(
+        f"best epoch {result.best_epoch} of {result.epochs_run} (by val {config.select_metric})"
+    )
+    click.echo(f"{'metric':28}{'val(best)':>12}{'test':>12}")
+    for k, v in result.test.items():
+        click.echo(f"{k:28}{result.best.get('val_' + k, float('nan')):>12.4f}{v:>12.4f}")
+
+
+# ----------------------------------------------------------------------------- search
+
+
+@main.command("spaces")
+@click.option("--verbose", "-v", is_flag=True, help="Show every parameter.")
+def spaces_cmd(verbose: bool) -> None:
+    """List the shipped search spaces (`--space` also takes a path to your own YAML)."""
+    from dala_search.space import list_spaces
+
+    for sp in list_spaces():
+        click.echo(f"{sp.name:10} {len(sp.params):2d} params  {sp.description}")
+        if verbose:
+            for line in sp.describe():
+                click.echo(f"    {line}")
+
+
+@main.command("start")
+@click.option("--space", default="default", show_default=True, help="Space name or YAML path.")
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="BreakHis folder (default: the synthetic demo set, generated once).",
+)
+@click.option(
+    "--magnification",
+    "-m",
+    default=None,
+    callback=check_magnifications,
+    help="Comma list (40X,100X) or 'all'.",
+)
+@click.option("--trials", type=click.IntRange(min=1), default=None, help="Per magnification.")
+@click.option("--epochs", type=click.IntRange(1, MAX_EPOCHS), default=None)
+@click.option(
+    "--name",
+    default=None,
+    callback=check_search_name,
+    help="Search name (default: <space>-<date>-<time>).",
+)
+@click.option("--address", default=None, help="Ray cluster: auto | ray://HOST:10001.")
+@TRACKING_OPT
+@click.option(
+    "--storage",
+    default=None,
+    callback=check_storage,
+    help="Optuna RDB URL (default: sqlite in the folder).",
+)
+@click.option("--sampler", type=click.Choice(["tpe", "random", "cmaes", "gp"]), default=None)
+@click.option(
+    "--pruner",
+    default=None,
+    type=click.Choice(["median", "percentile", "sha", "hyperband", "asha", "none"]),
+)
+@click.option(
+    "--prune-on",
+    type=click.Choice(SELECT_METRICS),
+    default=None,
+    help="Validation metric the pruner judges epochs by (default: the searched metric).",
+)
+@click.option(
+    "--gpus-per-trial",
+    type=FiniteFloatRange(min=0),
+    default=None,
+    help="GPUs per trial; a fraction packs trials on one GPU (default: 1 if any).",
+)
+@click.option(
+    "--cpus-per-trial", type=FiniteFloatRange(min=0, min_open=True), default=1.0, show_default=True
+)
+@click.option("--workers-per-trial", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--max-concurrent",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Trials at once (0: as resources allow).",
+)
+@click.option(
+    "--time-budget",
+    default=None,
+    callback=check_duration,
+    help="Wall-clock budget, e.g. 45m or 2h.",
+)
+@click.option("--fold", type=click.IntRange(1, 5), default=None, help="Official fold (Folds.csv).")
+@click.option(
+    "--max-retries",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Restarts of a trial whose process or node died (a trial that raised is not retried).",
+)
+@SEED_OPT
+@RUNS_OPT
+def start_cmd(
+    space: str,
+    data_dir: Path | None,
+    magnification: str | None,
+    trials: int | None,
+    epochs: int | None,
+    name: str | None,
+    address: str | None,
+    tracking_uri: str | None,
+    storage: str | None,
+    sampler: str | None,
+    pruner: str | None,
+    prune_on: str | None,
+    gpus_per_trial: float | None,
+    cpus_per_trial: float,
+    workers_per_trial: int,
+    max_concurrent: int | None,
+    time_budget: str | None,
+    fold: int | None,
+    max_retries: int,
+    seed: int | None,
+    runs_dir: Path | None,
+) -> None:
+    """Start a search: one Optuna study per magnification, trials on Ray, records in MLflow."""
+    from dala_search.search.tuner import plan_search
+
+    plan = plan_search(
+        space=space,
+        name=name,
+        data_dir=data_dir,
+        magnifications=magnification,
+        trials=trials,
+        epochs=epochs,
+        sampler=sampler,
+        pruner=pruner,
+        prune_on=prune_on,
+        seed=seed or 0,
+        cpus_per_trial=cpus_per_trial,
+        gpus_per_trial=gpus_per_trial,
+        workers_per_trial=workers_per_trial,
+        max_concurrent=max_concurrent,
+        time_budget=time_budget,
+        tracking_uri=tracking_uri,
+        storage=storage,
+        address=address,
+        runs_dir=runs_dir,
+        fold=fold,
+        max_retries=max_retries,
+    )
+    click.echo(
+        f"search {plan.name}: space {plan.space}, {plan.trials} trial(s) x "
+        f"{', '.join(plan.magnifications)}; folder {plan.folder}",
+        err=True,
+    )
+    click.echo(f"tracking: {plan.tracking_uri}   study: {plan.storage}", err=True)
+    _run(plan, resume=False)
+
+
+@main.command("resume")
+@click.argument("name", callback=check_search_name)
+@RUNS_OPT
+def resume_cmd(name: str, runs_dir: Path | None) -> None:
+    """Continue an interrupted search to its requested number of trials."""
+    from dala_search.search import tuner
+
+    folder = Path(runs_dir or tuner.default_runs_dir()).resolve() / name
+    plan = tuner.SearchPlan.load(folder)
+    tuner.tracking.check_tracking_uri(plan.tracking_uri)
+    _run(plan, resume=True)
+
+
+def _run(plan: Any, *, resume: bool) -> None:
+    from dala_search.search.tuner import SearchInterrupted, run_search
+
+    try:
+        outcomes = run_search(plan, resume=resume)
+    except SearchInterrupted as e:
+        _print_outcomes(e.outcomes)
+        click.echo(f"Interrupted: continue with `dala-search resume {plan.name}`", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:  # before Tune took over the signal (indexing, caching)
+        click.echo(f"Interrupted: continue with `dala-search resume {plan.name}`", err=True)
+        sys.exit(130)
+    _print_outcomes(outcomes)
+    click.echo(
+        f"done. Compare trials with `dala-search ui` (MLflow: {plan.tracking_uri}); "
+        f"best per magnification: `dala-search best {plan.name}`"
+    )
+
+
+def _print_outcomes(outcomes: list[Any]) -> None:
+    click.echo(f"{'mag':6}{'trials':>7}{'done':>6}{'pruned':>8}{'failed':>8}  best")
+    for o in outcomes:
+        best = f"{o.best_value:.4f}" if o.best_value is not None else "-"
+        click.echo(
+            f"{o.magnification:6}{o.finished:>7}{o.completed:>6}{o.pruned:>8}{o.failed:>8}  {best}"
+        )
+
+
+@main.command("best")
+@click.argument("name", required=False, callback=check_search_name)
+@TRACKING_OPT
+@RUNS_OPT
+@JSON_OPT
+def best_cmd(
+    name: str | None, tracking_uri: str | None, runs_dir: Path | None, as_json: bool
+) -> None:
+    """Best configuration and metrics per magnification, read back from MLflow."""
+    from dala_search.search import tracking
+    from dala_search.search.tuner import SearchPlan, default_runs_dir
+
+    runs = Path(runs_dir or default_runs_dir()).resolve()
+    if name is None:
+        plans = sorted(runs.glob("*/search.json"), key=lambda p: p.stat().st_mtime)
+        if not plans:
+            raise DalaError(f"no searches in {runs}; name one or pass --runs-dir")
+        name = plans[-1].parent.name
+    uri = tracking_uri
+    if uri is None and (runs / name / "search.json").is_file():
+        uri = SearchPlan.load(runs / name).tracking_uri
+    uri = tracking.resolve_tracking_uri(uri)
+    # MLflow's HTTP client retries an unreachable server for minutes: say so at once.
+    tracking.check_tracking_uri(uri)
+    rows = tracking.best_table(uri, name)
+    if as_json:
+        click.echo(json.dumps({"search": name, "magnifications": rows}, indent=2))
+        return
+    click.echo(f"search {name}")
+    for r in rows:
+        m = r["metrics"]
+        tag = " (SYNTHETIC data)" if r["synthetic"] else ""
+        if not r["best_run_id"]:
+            click.echo(f"{r['magnification']:6} no completed trial yet")
+            continue
+        nan = float("nan")
+        shown = [
+            ("val bal.acc", "best_val_balanced_accuracy"),
+            ("test acc", "best_test_accuracy"),
+            ("test F1", "best_test_f1"),
+            ("test IBA", "best_test_iba"),
+            ("test G-mean", "best_test_gmean"),
+        ]
+        figures = "  ".join(f"{label} {m.get(key, nan):.4f}" for label, key in shown)
+        click.echo(f"{r['magnification']:6} {figures}{tag}")
+        cfg = r["config"]
+        keys = (
+            "attention",
+            "attention_stages",
+            "fc1",
+            "fc2",
+            "leaky_slope",
+            "loss_weighting",
+            "sampling",
+            "lr",
+        )
+        click.echo("       " + "  ".join(f"{k}={cfg[k]}" for k in keys if k in cfg))
