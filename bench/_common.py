@@ -70,13 +70,19 @@ def work_dir(args: argparse.Namespace) -> Path:
 
 
 def demo_data(
-    base: Path, *, images_per_mag: int, width: int, height: int, patients: dict | None = None
+    base: Path,
+    *,
+    images_per_mag: int,
+    width: int,
+    height: int,
+    patients: dict | None = None,
+    seed: int = 0,
 ) -> Path:
-    """A synthetic BreakHis tree, generated once per shape and reused."""
+    """A synthetic BreakHis tree, generated once per shape (and seed) and reused."""
     from dala_search.data.synthetic import generate_demo
 
     n = sum((patients or {}).values()) or "default"
-    out = base / f"demo-{width}x{height}-{images_per_mag}per-{n}p"
+    out = base / f"demo-{width}x{height}-{images_per_mag}per-{n}p{f'-seed{seed}' if seed else ''}"
     if (out / "BreaKHis_v1").is_dir():
         return out
     log(f"generating synthetic BreakHis sources {width}x{height} -> {out}")
@@ -86,6 +92,7 @@ def demo_data(
         width=width,
         height=height,
         patients_per_subtype=patients,
+        seed=seed,
         overwrite=True,
     )
 

@@ -92,6 +92,58 @@ def _study_figures(trials: list) -> dict:
     }
 
 
+PRETRAIN_MAGS = ("400X", "200X", "100X", "40X")  # one after another, each from the last
+PRETRAIN_EPOCHS = 3  # per magnification
+
+
+def _pretrained_backbone(base: Path, size: dict, threads: int) -> Path:
+    """A ResNet50 backbone trained on a second synthetic set (other patients: seed 1),
+    standing in for the ImageNet weights real searches start from (not downloadable here).
+
+    Trained once per data shape and kept in the work folder: ``train_trial`` (attention
+    none, so the backbone's state dict is a torchvision ResNet50's minus ``fc``) on each
+    magnification in turn, each stage starting from the last stage's weights.
+    """
+    import torch
+
+    from dala_search.config import TrialConfig
+    from dala_search.train import prepare_data, train_trial
+
+    out = base / f"backbone-32px-{size['per_mag']}per-seed1-{PRETRAIN_EPOCHS}x4ep.pth"
+    if out.is_file():
+        return out
+    root = c.demo_data(base, images_per_mag=size["per_mag"], width=96, height=64, seed=1)
+    weights = "none"
+    with tempfile.TemporaryDirectory(dir=base) as scratch:
+        for mag in PRETRAIN_MAGS:
+            config = TrialConfig(
+                pretrained=weights,
+                attention="none",
+                image_size=32,
+                epochs=PRETRAIN_EPOCHS,
+                batch_size=16,
+                fc1=64,
+                fc2=16,
+                lr=1e-3,
+                sampling="oversample",
+                device="cpu",
+                num_threads=threads,
+            )
+            data = prepare_data(root, mag, image_size=32, cache_dir=scratch)
+            result = train_trial(config, data, keep_model=True)
+            c.log(
+                f"backbone pre-training on {mag} (seed-1 patients): best val balanced "
+                f"accuracy {result.best['val_balanced_accuracy']:.3f}"
+            )
+            stage = Path(scratch) / f"{mag}.pth"
+            torch.save(result.model.backbone.state_dict(), stage)
+            weights = str(stage)
+        tmp = out.with_suffix(".tmp")
+        Path(weights).replace(tmp)
+        tmp.replace(out)  # whole or not at all
+    return out
+
+
 def _fmt(value: float | None) -> str:
     return "none completed" if value is None else f"{value:.4f}"
 
@@ -112,6 +164,13 @@ def main() -> None:
         choices=SELECT_METRICS,
         help="the metric the pruner judges epochs by (default: the space's prune_on)",
     )
+    p.add_argument(
+        "--init",
+        default="pretrained",
+        choices=("pretrained", "none"),
+        help="trials start from a backbone pre-trained on other synthetic patients "
+        "(default), or from random weights",
+    )
     args = p.parse_args()
     load0 = c.load_start()
     size = SIZES[c.size_of(args)]
@@ -130,16 +189,18 @@ def main() -> None:
     best_key = f"best_val_{metric}"
     base = c.work_dir(args)
     root = c.demo_data(base, images_per_mag=size["per_mag"], width=96, height=64)
+    backbone = _pretrained_backbone(base, size, args.threads) if args.init != "none" else None
     figures = {}
     studies: dict[str, list] = {}
     with tempfile.TemporaryDirectory(dir=base) as scratch:
         s = Path(scratch)
         uri = f"sqlite:///{s / 'mlflow.db'}"
-        space_file = SPACE
-        if metric != settings.metric:  # the same space, searching another metric
-            space_file = s / "space.yaml"
-            text = SPACE.read_text()
-            space_file.write_text(text.replace(f"metric: {settings.metric}", f"metric: {metric}"))
+        # The same space, searching another metric and with the trials' initial weights.
+        text = SPACE.read_text().replace(f"metric: {settings.metric}", f"metric: {metric}")
+        if backbone is not None:
+            text = text.replace("pretrained: none", f"pretrained: {backbone}")
+        space_file = s / "space.yaml"
+        space_file.write_text(text)
         try:
             for side, name in ((pruner, "pruned"), ("none", "unpruned")):
                 plan = plan_search(
@@ -185,6 +246,7 @@ def main() -> None:
         "pruner": pruner,
         "sampler": sampler,
         "prune_on": f"val_{prune_on}",
+        "init": "random" if backbone is None else f"pre-trained backbone {backbone.name}",
         "trials": trials,
         "epochs_per_trial": epochs,
         "sides": figures,
@@ -197,7 +259,8 @@ def main() -> None:
     c.finite_positive(result, ["epochs_pruned", "epochs_unpruned", "ratio"])
     summary = (
         f"{trials} trials x up to {epochs} epochs at 40X, sampler {sampler!r} seed 0, "
-        f"one trial at a time; the pruner judges val_{prune_on}\n"
+        f"one trial at a time; the pruner judges val_{prune_on}; trials start from "
+        f"{'random weights' if backbone is None else 'a backbone pre-trained on other patients'}\n"
         f"pruner {pruner!r}: {on['epochs']:4d} epochs, best val {metric} "
         f"{_fmt(on[best_key])}, {on['states']}, by epochs run {on['trials_by_epochs']}, "
         f"{on['wall_s']} s\n"
@@ -216,6 +279,8 @@ def main() -> None:
     ]
     if prune_on != (settings.prune_on or settings.metric):
         variant.append(f"prune_on_{prune_on}")
+    if args.init == "none":
+        variant.append("init_none")
     c.finish(
         "search", args, result, summary, block="-".join(["search", *variant]) if variant else None
     )
