@@ -82,6 +82,23 @@ def _same_trials(pruned: list, unpruned: list) -> dict:
     }
 
 
+def _early_signal(unpruned: list) -> dict[str, float | None]:
+    """How well each epoch's value of the pruning metric ranks the trials the way their final
+    value (best over epochs of the searched metric) does: Spearman's rho over the unpruned
+    search's trials, epoch by epoch. A pruner judging at epoch e can only keep the best if
+    this is high at e; near 0, no pruning rule can tell the eventual best apart yet."""
+    from scipy.stats import spearmanr
+
+    done = [t for t in unpruned if t.state.name == "COMPLETE" and t.value is not None]
+    epochs = sorted({e for t in done for e in t.intermediate_values})
+    out: dict[str, float | None] = {}
+    for e in epochs:
+        pairs = [(t.intermediate_values[e], t.value) for t in done if e in t.intermediate_values]
+        rho = spearmanr(*zip(*pairs, strict=True)).statistic if len(pairs) > 2 else None
+        out[str(e)] = None if rho is None or rho != rho else round(float(rho), 2)  # NaN: ties
+    return out
+
+
 def _study_figures(trials: list) -> dict:
     ran = [len(t.intermediate_values) for t in trials]
     return {
@@ -251,6 +268,7 @@ def main() -> None:
         "epochs_per_trial": epochs,
         "sides": figures,
         "comparison": (cmp := _same_trials(studies["pruned"], studies["unpruned"])),
+        "early_rank_correlation": (early := _early_signal(studies["unpruned"])),
         "goal": "ratio <= 0.40 and best within 1 point",
         "meets_epochs": share <= 0.40,
         "meets_best": gap <= 0.01,
@@ -271,7 +289,9 @@ def main() -> None:
         f"same configurations on both sides: {cmp['same_params']}; equal per-epoch values on "
         f"the epochs both ran: {cmp['equal_epoch_values']}/{cmp['common_epoch_values']}; the "
         f"unpruned best (trial {cmp['unpruned_best_trial']}) when pruning: "
-        f"{cmp['its_fate_when_pruning']}"
+        f"{cmp['its_fate_when_pruning']}\n"
+        f"Spearman rho, each epoch's val_{prune_on} vs the trial's final best val {metric} "
+        f"(unpruned trials): {early}"
     )
     # another metric or sampler than the space's is a variant with a block of its own
     variant = [
