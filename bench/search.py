@@ -155,9 +155,7 @@ def _pretrained_backbone(base: Path, size: dict, threads: int) -> Path:
             stage = Path(scratch) / f"{mag}.pth"
             torch.save(result.model.backbone.state_dict(), stage)
             weights = str(stage)
-        tmp = out.with_suffix(".tmp")
-        Path(weights).replace(tmp)
-        tmp.replace(out)  # whole or not at all
+        Path(weights).replace(out)  # a rename in one folder: whole or not at all
     return out
 
 
@@ -202,7 +200,8 @@ def main() -> None:
     pruner = args.pruner or settings.pruner
     metric = args.metric or settings.metric
     sampler = args.sampler or settings.sampler
-    prune_on = args.prune_on or settings.prune_on or metric
+    space_prune_on = settings.prune_on or metric  # unset: the searched metric itself
+    prune_on = args.prune_on or space_prune_on
     best_key = f"best_val_{metric}"
     base = c.work_dir(args)
     root = c.demo_data(base, images_per_mag=size["per_mag"], width=96, height=64)
@@ -238,11 +237,12 @@ def main() -> None:
                 start = time.perf_counter()
                 outcome = run_search(plan)[0]
                 wall = time.perf_counter() - start
+                studies[name] = _study_trials(plan)
                 figures[name] = {
                     "pruner": side,
                     best_key: outcome.best_value,
                     "wall_s": round(wall, 1),
-                    **_study_figures(studies.setdefault(name, _study_trials(plan))),
+                    **_study_figures(studies[name]),
                 }
                 c.log(f"{name}: {figures[name]}")
                 trials, epochs = plan.trials, plan.epochs or int(space.fixed["epochs"])
@@ -297,7 +297,7 @@ def main() -> None:
     variant = [
         v for v, default in ((metric, settings.metric), (sampler, settings.sampler)) if v != default
     ]
-    if prune_on != (settings.prune_on or settings.metric):
+    if prune_on != space_prune_on:
         variant.append(f"prune_on_{prune_on}")
     if args.init == "none":
         variant.append("init_none")

@@ -209,9 +209,8 @@ def main() -> None:
             f"{first_epoch_s[0]:.1f} s in its first epoch (compile included), later trials "
             f"{max(first_epoch_s[1:]):.1f} s at most"
         )
-    block = None
-    if args.compile:
-        block = "trial-gpu-compile" if device.type == "cuda" else "trial-compile"
+    # --compile --record runs on a GPU only (refused above)
+    block = "trial-gpu-compile" if args.compile else None
     c.finish("trial", args, result, summary, device=str(device), block=block)
 
 
