@@ -8,7 +8,8 @@ validation balanced accuracy of a completed trial (what the search would pick).
 Goal: <= 40% of the epochs, best within 1 point (0.01). ``--metric roc_auc`` searches
 another validation metric instead, ``--sampler tpe`` samples with another sampler than the
 space's, ``--prune-on balanced_accuracy`` prunes on another metric than the space's
-``prune_on`` (variants, each recorded in a block of its own).
+``prune_on`` (variants, each recorded in a block of its own). ``--keep DIR`` copies both
+sides' Optuna studies and the MLflow store (every epoch's metrics) into DIR.
 
 The space prunes on validation ROC AUC while searching balanced accuracy: after an epoch or
 two a random-init ResNet50 at 32 px predicts one class for most trials, so their balanced
@@ -20,7 +21,8 @@ sides' later proposals depend on what each side saw, and the best of each mixes 
 sampler's luck into the pruner's effect (``--sampler tpe`` measures that).
 
     python bench/search.py [--quick] [--pruner sha|...] [--metric roc_auc|...]
-                           [--sampler tpe|...] [--prune-on METRIC] [--record]
+                           [--sampler tpe|...] [--prune-on METRIC] [--keep DIR]
+                           [--record]
 """
 
 from __future__ import annotations
@@ -97,6 +99,17 @@ def _early_signal(unpruned: list) -> dict[str, float | None]:
         rho = spearmanr(*zip(*pairs, strict=True)).statistic if len(pairs) > 2 else None
         out[str(e)] = None if rho is None or rho != rho else round(float(rho), 2)  # NaN: ties
     return out
+
+
+def _keep(url: str, dest: Path) -> None:
+    """Copy a SQLite database (a side's Optuna study, the MLflow store with every epoch's
+    metrics) to ``dest`` with SQLite's online backup: a consistent copy."""
+    import sqlite3
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as a, sqlite3.connect(dest) as b:
+        a.backup(b)
+    c.log(f"kept {url} as {dest}")
 
 
 def _study_figures(trials: list) -> dict:
@@ -186,6 +199,13 @@ def main() -> None:
         help="trials start from a backbone pre-trained on other synthetic patients "
         "(default), or from random weights",
     )
+    p.add_argument(
+        "--keep",
+        default=None,
+        metavar="DIR",
+        help="copy both sides' Optuna studies and the MLflow store (every epoch's metrics) "
+        "into DIR, for later analysis",
+    )
     args = p.parse_args()
     load0 = c.load_start()
     size = SIZES[c.size_of(args)]
@@ -238,6 +258,8 @@ def main() -> None:
                 outcome = run_search(plan)[0]
                 wall = time.perf_counter() - start
                 studies[name] = _study_trials(plan)
+                if args.keep:
+                    _keep(plan.storage, Path(args.keep) / f"optuna-{name}.db")
                 figures[name] = {
                     "pruner": side,
                     best_key: outcome.best_value,
@@ -246,6 +268,8 @@ def main() -> None:
                 }
                 c.log(f"{name}: {figures[name]}")
                 trials, epochs = plan.trials, plan.epochs or int(space.fixed["epochs"])
+            if args.keep:
+                _keep(uri, Path(args.keep) / "mlflow.db")
         finally:
             ray.shutdown()
 
