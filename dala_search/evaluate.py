@@ -1,8 +1,9 @@
-"""Final evaluation of a search's best configurations, and the paper's baselines beside them.
+"""Final evaluation of a search's best configurations, and the folds the baselines share.
 
-``dala-search evaluate NAME`` (``evaluate_search``) and ``dala-search baselines NAME``
-(``run_baselines``) call this module; ``dala-search report`` READS what it writes. That
-interface is stable; change it only together with the report.
+``dala-search evaluate NAME`` (``evaluate_search``) calls this module, and
+``dala-search baselines NAME`` (``comparison.run_baselines``) trains the paper's models on
+the same folds with this module's helpers; ``dala-search report`` READS what both write.
+The file formats below are that interface; change them only together with the report.
 
 Protocols (``--folds K`` or ``--seeds K``, K >= 2; the same for both commands, so the
 baselines see exactly the folds the evaluation saw):
@@ -50,7 +51,7 @@ Files (written atomically: temp file + rename; strict JSON, undefined numbers ar
                "values"}}}, ...],
      "dalaresnet50": {"model": "dalaresnet50", "protocol", "k", "metrics": {...}} | null}
 
-  NAME in ``BASELINE_METRICS`` (accuracy, f1, iba, gmean, balanced_accuracy, roc_auc);
+  NAME in ``comparison.BASELINE_METRICS`` (accuracy, f1, iba, gmean, balanced_accuracy, roc_auc);
   ``dalaresnet50`` is the evaluation of the same search read from ``evaluation/<mag>.json``
   when it exists and used the same protocol and k (the same folds), else ``null``.
 
@@ -95,15 +96,6 @@ EVAL_METRICS: tuple[str, ...] = (
     "roc_auc",
     "patient_accuracy",
 )
-# The paper's table (accuracy, F1, IBA, G-mean) first, then the two we add.
-BASELINE_METRICS: tuple[str, ...] = (
-    "accuracy",
-    "f1",
-    "iba",
-    "gmean",
-    "balanced_accuracy",
-    "roc_auc",
-)
 CI_METHOD = "95% Student t-interval over the k folds/seeds (scipy.stats.t, k-1 df)"
 VAL_FRACTION = 0.15  # of each fold's training patients, for best-epoch selection
 TEST_FRACTION = 0.2  # of all patients, "seeds" protocol only
@@ -111,11 +103,13 @@ TEST_FRACTION = 0.2  # of all patients, "seeds" protocol only
 Log = Callable[[str], None]
 
 
-def _stderr(line: str) -> None:
+def stderr_log(line: str) -> None:
+    """The default progress log: one line to stderr, flushed."""
     print(line, file=sys.stderr, flush=True)
 
 
-def _client(uri: str) -> Any:
+def tracking_client(uri: str) -> Any:
+    """An ``MlflowClient`` on ``uri``."""
     # Explicit store, no global "active run" (as search/tracking.py); mlflow imports slowly.
     from mlflow import MlflowClient
 
@@ -200,7 +194,7 @@ def best_config(
     """
     from dala_search.search import tracking
 
-    client = _client(ref.tracking_uri)
+    client = tracking_client(ref.tracking_uri)
     exp = client.get_experiment_by_name(tracking.experiment_name(ref.name))
     if exp is None:
         raise DalaError(f"no search named {ref.name!r} in the MLflow store {ref.tracking_uri}")
@@ -406,7 +400,7 @@ def train_folds(
     *,
     label: str,
     build_model: Callable[[TrialConfig], Any] | None = None,
-    log: Log = _stderr,
+    log: Log = stderr_log,
 ) -> list[dict[str, float]]:
     """Train ``config`` once per split and return each split's test metrics.
 
@@ -445,13 +439,17 @@ def _fmt(v: float | None, digits: int = 4) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
 
 
-def _prepare(ref: SearchRef, index: BreakHisIndex, mag: str, config: TrialConfig) -> Any:
+def prepare_magnification(
+    ref: SearchRef, index: BreakHisIndex, mag: str, config: TrialConfig
+) -> Any:
+    """``train.prepare_data`` for one magnification at the config's image size."""
     from dala_search.train import prepare_data
 
     return prepare_data(index, mag, image_size=config.image_size, seed=ref.plan.seed)
 
 
-def _index(ref: SearchRef, log: Log) -> BreakHisIndex:
+def search_index(ref: SearchRef, log: Log) -> BreakHisIndex:
+    """The index of the data the search ran on (DataError when that folder is gone)."""
     from dala_search.data.breakhis import index_breakhis
 
     data_dir = Path(ref.plan.data_dir)
@@ -477,7 +475,7 @@ def evaluate_search(
     device: str | None = None,
     runs_dir: str | Path | None = None,
     tracking_uri: str | None = None,
-    log: Log = _stderr,
+    log: Log = stderr_log,
 ) -> list[dict[str, Any]]:
     """``dala-search evaluate``: retrain each best config on K folds; write, log, return.
 
@@ -489,11 +487,11 @@ def evaluate_search(
     ref = open_search(name, runs_dir, tracking_uri)
     mags = select_magnifications(ref, magnifications)
     bests = [best_config(ref, m, epochs=epochs, device=device) for m in mags]  # fail early
-    index = _index(ref, log)
+    index = search_index(ref, log)
     docs = []
     for best in bests:
         mag = best.magnification
-        data = _prepare(ref, index, mag, best.config)
+        data = prepare_magnification(ref, index, mag, best.config)
         splits = fold_splits(index, data.records, protocol, k, seed=ref.plan.seed)
         per_fold = train_folds(best.config, data, splits, protocol, label=mag, log=log)
         doc = {
@@ -516,7 +514,8 @@ def evaluate_search(
     return docs
 
 
-def _metric_batch(prefix: str, metrics: dict[str, dict[str, Any]]) -> list[Any]:
+def metric_batch(prefix: str, metrics: dict[str, dict[str, Any]]) -> list[Any]:
+    """MLflow ``Metric``s ``<prefix><name>_mean`` / ``_ci_low`` / ``_ci_high`` (defined ones)."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -532,11 +531,11 @@ def _log_evaluation(ref: SearchRef, best: BestConfig, doc: dict[str, Any], log: 
     """Metrics and the JSON on the parent run; the figures as tags on the registered model."""
     from mlflow.entities import RunTag
 
-    client = _client(ref.tracking_uri)
+    client = tracking_client(ref.tracking_uri)
     mag = best.magnification
     client.log_batch(
         best.parent_run_id,
-        metrics=_metric_batch("test_", doc["metrics"]),
+        metrics=metric_batch("test_", doc["metrics"]),
         tags=[RunTag("dala.evaluation", f"{doc['protocol']} k={doc['k']}")],
     )
     client.log_dict(best.parent_run_id, doc, f"evaluation/{mag}.json")
@@ -557,133 +556,6 @@ def _log_evaluation(ref: SearchRef, best: BestConfig, doc: dict[str, Any], log: 
     log(f"[{mag}] tagged registered model {model} version {version} with the figures")
 
 
-# ---- baselines ----------------------------------------------------------------------------
-
-
-def parse_models(text: str | Sequence[str] | None) -> tuple[str, ...]:
-    """Comma list (or sequence) of baseline names -> checked tuple; None -> all of them."""
-    from dala_search.model.baselines import available_baselines, check_baseline
-
-    if text is None:
-        return available_baselines()
-    items = text.split(",") if isinstance(text, str) else list(text)
-    names = tuple(dict.fromkeys(i.strip() for i in items if i.strip()))
-    if not names:
-        raise ConfigError(f"--models: name at least one of {', '.join(available_baselines())}")
-    return tuple(check_baseline(n) for n in names)
-
-
-def run_baselines(
-    name: str,
-    *,
-    models: str | Sequence[str] | None = None,
-    protocol: str = "folds",
-    k: int = 5,
-    magnifications: str | None = None,
-    epochs: int | None = None,
-    device: str | None = None,
-    pretrained: str | None = None,
-    runs_dir: str | Path | None = None,
-    tracking_uri: str | None = None,
-    log: Log = _stderr,
-) -> list[dict[str, Any]]:
-    """``dala-search baselines``: the paper's comparison models on the evaluation's folds.
-
-    Each model trains with the best configuration's recipe (loss, sampling, optimiser, lr
-    schedule, epochs, batch size, augmentation, weights) on ``fold_splits`` with the same
-    arguments as ``evaluate_search``. ``pretrained`` overrides the config's weights.
-    Returns one document per magnification (the ``baselines/<mag>.json`` content).
-    """
-    from dala_search.model.baselines import baseline_builder, build_baseline
-    from dala_search.search import tracking
-
-    check_protocol(protocol, k)
-    names = parse_models(models)
-    ref = open_search(name, runs_dir, tracking_uri)
-    mags = select_magnifications(ref, magnifications)
-    bests = [best_config(ref, m, epochs=epochs, device=device) for m in mags]
-    if pretrained is not None:
-        bests = [
-            dataclasses.replace(b, config=b.config.replace(pretrained=pretrained)) for b in bests
-        ]
-    # Build each model once up front (tiny cost next to training): a ViT that cannot take
-    # the image size, or missing ImageNet weights, fails before hours of training.
-    for best in bests:
-        for model in names:
-            build_baseline(model, best.config)
-    index = _index(ref, log)
-    docs = []
-    for best in bests:
-        mag = best.magnification
-        data = _prepare(ref, index, mag, best.config)
-        splits = fold_splits(index, data.records, protocol, k, seed=ref.plan.seed)
-        rows = []
-        for model in names:
-            per_fold = train_folds(
-                best.config,
-                data,
-                splits,
-                protocol,
-                label=f"{mag} {model}",
-                build_model=baseline_builder(model),
-                log=log,
-            )
-            rows.append({"model": model, "metrics": summarise(per_fold, BASELINE_METRICS)})
-        doc = {
-            "magnification": mag,
-            "search": ref.name,
-            "protocol": protocol,
-            "k": k,
-            "config": best.config.to_dict(),
-            "rows": rows,
-            "dalaresnet50": _evaluation_row(ref, mag, protocol, k, log),
-            "synthetic": bool(data.synthetic),
-            "code_version": tracking.code_version(),
-            "ci": CI_METHOD,
-            "splits": [s.to_json(data.records) for s in splits],
-        }
-        path = write_json(ref.folder / "baselines" / f"{mag}.json", doc)
-        log(f"[{mag}] wrote {path}")
-        client = _client(ref.tracking_uri)
-        batch = [
-            m for r in rows for m in _metric_batch(f"baseline_{r['model']}_test_", r["metrics"])
-        ]
-        for i in range(0, len(batch), 1000):  # MLflow's log_batch limit
-            client.log_batch(best.parent_run_id, metrics=batch[i : i + 1000])
-        client.log_dict(best.parent_run_id, doc, f"baselines/{mag}.json")
-        docs.append(doc)
-    return docs
-
-
-def _evaluation_row(
-    ref: SearchRef, mag: str, protocol: str, k: int, log: Log
-) -> dict[str, Any] | None:
-    """DALAResNet50's row from ``evaluation/<mag>.json``, or None when not evaluated yet."""
-    path = ref.folder / "evaluation" / f"{mag}.json"
-    if not path.is_file():
-        log(f"[{mag}] note: no {path}; run `dala-search evaluate {ref.name}` for its row")
-        return None
-    try:
-        ev = json.loads(path.read_text())
-        row = {
-            "model": "dalaresnet50",
-            "protocol": ev["protocol"],
-            "k": ev["k"],
-            "metrics": {n: ev["metrics"][n] for n in BASELINE_METRICS if n in ev["metrics"]},
-        }
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path}: not an evaluation written by dala-search evaluate ({e})") from e
-    if (row["protocol"], row["k"]) != (protocol, k):
-        # Different folds are not a comparison: leave the row out rather than mislead.
-        log(
-            f"[{mag}] note: {path} used {row['protocol']} k={row['k']}, the baselines "
-            f"{protocol} k={k}: not the same folds, so no DALAResNet50 row; run "
-            f"`dala-search evaluate {ref.name} --{protocol} {k}` for it"
-        )
-        return None
-    return row
-
-
 # ---- files and tables ---------------------------------------------------------------------
 
 
@@ -702,15 +574,6 @@ def write_json(path: Path, doc: dict[str, Any]) -> Path:
     return path
 
 
-def _cell(s: dict[str, Any] | None) -> str:
-    """ "0.8123 ± 0.0456" (the t-interval's half-width) or what is missing."""
-    if not s or s.get("mean") is None:
-        return "n/a"
-    if s.get("ci_low") is None:
-        return f"{s['mean']:.4f}"
-    return f"{s['mean']:.4f} ± {(s['ci_high'] - s['ci_low']) / 2:.4f}"
-
-
 def evaluation_table(doc: dict[str, Any]) -> list[str]:
     """Plain-text lines for one magnification's evaluation (the CLI prints them)."""
     tag = " (SYNTHETIC data)" if doc["synthetic"] else ""
@@ -719,32 +582,4 @@ def evaluation_table(doc: dict[str, Any]) -> list[str]:
     for name, s in doc["metrics"].items():
         ci = f"[{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}]" if s["ci_low"] is not None else "n/a"
         lines.append(f"  {name:20}{_fmt(s['mean']):>9}  {ci:>20}")
-    return lines
-
-
-# Column titles of the comparison table (the paper's names).
-_LABELS = {
-    "accuracy": "accuracy",
-    "f1": "F1",
-    "iba": "IBA",
-    "gmean": "G-mean",
-    "balanced_accuracy": "bal. accuracy",
-    "roc_auc": "ROC AUC",
-}
-
-
-def baselines_table(doc: dict[str, Any]) -> list[str]:
-    """Plain-text comparison table of one magnification (mean ± CI half-width)."""
-    tag = " (SYNTHETIC data)" if doc["synthetic"] else ""
-    lines = [f"{doc['magnification']}  search {doc['search']}, {doc['protocol']} k={doc['k']}{tag}"]
-    rows = list(doc["rows"])
-    if doc.get("dalaresnet50"):
-        rows = [doc["dalaresnet50"], *rows]
-    width = max(len(r["model"]) for r in rows)
-    header = "".join(f"  {_LABELS[n]:>16}" for n in BASELINE_METRICS)
-    lines.append(f"  {'model':{width}}{header}")
-    for r in rows:
-        cells = "".join(f"  {_cell(r['metrics'].get(n)):>16}" for n in BASELINE_METRICS)
-        lines.append(f"  {r['model']:{width}}{cells}")
-    lines.append("  (mean ± half-width of the 95% t-interval over the folds)")
     return lines

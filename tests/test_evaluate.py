@@ -17,11 +17,11 @@ import pytest
 from click.testing import CliRunner
 
 from dala_search.cli import main
+from dala_search.comparison import BASELINE_METRICS
 from dala_search.data.breakhis import index_breakhis
 from dala_search.data.splits import check_disjoint
 from dala_search.errors import DataError
 from dala_search.evaluate import (
-    BASELINE_METRICS,
     EVAL_METRICS,
     confidence_interval,
     fold_splits,

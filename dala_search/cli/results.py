@@ -121,7 +121,7 @@ def baselines_cmd(
     as_json: bool,
 ) -> None:
     """Train the paper's comparison models on the evaluation's folds and budget (baselines/)."""
-    from dala_search.evaluate import baselines_table, run_baselines
+    from dala_search.comparison import baselines_table, run_baselines
 
     protocol, k = _protocol(folds, seeds)
     docs = run_baselines(

@@ -1,10 +1,11 @@
 """The paper's comparison models, built so the same training loop trains them.
 
-``evaluate.run_baselines`` calls ``train_trial(config, data, build_model=baseline_builder(name))``:
-the data, folds, loss, sampling, optimiser, lr schedule, epochs and augmentation are those of
-the search's best DALAResNet50 configuration; only the architecture changes. Every model
-returned here has ``forward(x) -> logits`` and ``parameter_groups(weight_decay)`` (what
-``train.py``'s optimiser asks of a model).
+``comparison.run_baselines`` calls
+``train_trial(config, data, build_model=baseline_builder(name))``: the data, folds, loss,
+sampling, optimiser, lr schedule, epochs and augmentation are those of the search's best
+DALAResNet50 configuration; only the architecture changes. Every model returned here has
+``forward(x) -> logits`` and ``parameter_groups(weight_decay)`` (what ``train.py``'s optimiser
+asks of a model).
 
 The registry (name -> factory, in the paper's order):
 

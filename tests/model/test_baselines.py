@@ -148,12 +148,13 @@ def test_pretrained_vit_gets_its_position_embeddings_resampled(
 
 
 def test_baselines_and_evaluate_import_no_framework() -> None:
-    # model/ is core (DESIGN.md); evaluate.py reaches MLflow only inside its functions.
+    # model/ is core (DESIGN.md); evaluate.py and comparison.py reach MLflow only inside
+    # their functions.
     import subprocess
     import sys
 
     code = (
-        "import sys, dala_search.model.baselines, dala_search.evaluate\n"
+        "import sys, dala_search.model.baselines, dala_search.evaluate, dala_search.comparison\n"
         "bad = [m for m in ('ray', 'optuna', 'mlflow') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
