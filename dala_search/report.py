@@ -1,7 +1,8 @@
 """``dala-search report NAME``: one self-contained HTML page per search.
 
-``cli.py``'s ``report`` command calls ``build_report``. The page gathers what the search and
-the later commands recorded, per magnification:
+``dala-search report`` (``cli/results.py``) calls ``build_report``. The page (jinja2 template
+``templates/report.html.j2``) gathers what the search and the later commands recorded, per
+magnification:
 
 * best configuration and its validation/test metrics (MLflow: ``tracking.best_table``,
   the parent runs) and the Optuna study's trial counts;
@@ -30,6 +31,7 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -469,127 +471,10 @@ def _render(**ctx: Any) -> str:
 
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return env.from_string(TEMPLATE).render(
+    template = resources.files("dala_search").joinpath("templates", "report.html.j2")
+    return env.from_string(template.read_text(encoding="utf-8")).render(
         generated=now,
         report_code_version=tracking.code_version(),
         section_ids=SECTIONS,
         **ctx,
     )
-
-
-TEMPLATE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<title>dala-search report: {{ search }}</title>
-<style>
-body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
-h1{margin-bottom:.2em} h2{border-bottom:2px solid #ccc;padding-bottom:.2em;margin-top:2em}
-table{border-collapse:collapse;margin:.5em 0 1em} td,th{border:1px solid #ccc;padding:3px 8px}
-th{background:#f3f3f3;text-align:left} td.n{text-align:right;font-variant-numeric:tabular-nums}
-.banner{background:#fff3cd;border:1px solid #e0c060;padding:.6em 1em;font-weight:bold}
-.missing{color:#8a4b00;background:#fff7ec;border-left:4px solid #e09a3c;padding:.4em .8em}
-figure{display:inline-block;margin:.4em;vertical-align:top;max-width:560px}
-figure img{max-width:100%} figcaption{font-size:12px;color:#555} code{background:#f3f3f3}
-</style></head><body>
-<h1>dala-search report: {{ search }}</h1>
-<p>Generated {{ generated }} by dala-search {{ report_code_version }} from
-<code>{{ folder }}</code> and MLflow <code>{{ uri }}</code>.</p>
-{% if synthetic %}<p class="banner">SYNTHETIC data: every number and image below comes from
-procedurally generated tiles, not from patients. It shows the pipeline works, nothing about
-BreakHis.</p>{% endif %}
-<p>Sections: {% for s in section_ids %}<a href="#{{ s }}">{{ s }}</a>
-{{- " · " if not loop.last }}{% endfor %}</p>
-
-<section id="best"><h2>Best configuration per magnification</h2>
-<p>Chosen by validation {{ plan.metric }} (validation patients); test figures are that
-trial's best-epoch weights on held-out test patients.</p>
-{% for s in sections %}<h3>{{ s.magnification }}</h3>
-{% if s.trial_counts %}<p>Optuna trials: {% for k, v in s.trial_counts.items() %}{{ v }} {{ k
-}}{{ ", " if not loop.last }}{% endfor %}.</p>{% endif %}
-{% if s.metric_rows %}
-<p>Best trial: Optuna #{{ s.best.optuna_trial }}, MLflow run <code>{{ s.best.best_run_id
-}}</code>{% if s.best.registered_model %}, registered model <code>{{ s.best.registered_model
-}}</code>{% endif %}.</p>
-<table class="config"><tr><th>parameter</th><th>value</th></tr>
-{% for k, v in s.best.config|dictsort %}<tr><td>{{ k }}</td><td>{{ v }}</td></tr>{% endfor %}
-</table>
-<table class="metrics"><tr><th>metric</th><th>validation (best epoch)</th><th>test</th></tr>
-{% for k, v, t in s.metric_rows %}<tr><td>{{ k }}</td><td class="n">{{ v }}</td>
-<td class="n">{{ t }}</td></tr>{% endfor %}</table>
-{% else %}<p class="missing">No completed trial at {{ s.magnification }} yet: continue the
-search with <code>dala-search resume {{ search }}</code>.</p>{% endif %}
-{% endfor %}</section>
-
-<section id="evaluation"><h2>Final evaluation (95% confidence intervals)</h2>
-{% for s in sections %}<h3>{{ s.magnification }}</h3>
-{% if s.evaluation %}
-<p>Protocol: {{ s.evaluation.protocol }}, k = {{ s.evaluation.k }}; data {{ "SYNTHETIC" if
-s.evaluation.synthetic else "real" }}; code {{ s.evaluation.code_version }}; source
-<code>{{ s.evaluation.source }}</code>.</p>
-<table class="evaluation"><tr><th>metric</th><th>mean</th><th>95% CI</th><th>per fold/seed</th>
-</tr>{% for k, mean, ci, vals in s.evaluation_rows %}<tr><td>{{ k }}</td>
-<td class="n">{{ mean }}</td><td class="n">{{ ci }}</td><td>{{ vals }}</td></tr>{% endfor %}
-</table>
-{% else %}<p class="missing">Not evaluated yet: <code>dala-search evaluate {{ search }}</code>
-retrains the best configuration on patient-disjoint folds and writes
-<code>evaluation/{{ s.magnification }}.json</code>.</p>{% endif %}
-{% endfor %}</section>
-
-<section id="comparison"><h2>Comparison with the paper's baselines</h2>
-{% for s in sections %}<h3>{{ s.magnification }}</h3>
-{% if s.comparison %}
-<p>Same splits and budget, k = {{ s.comparison.k }}; mean [95% CI]; source
-<code>{{ s.comparison.source }}</code>.{% if not s.comparison.has_ours %} DALAResNet50 is not
-in this table: run <code>dala-search evaluate {{ search }}</code> (same k) and then
-<code>dala-search baselines {{ search }}</code> again.{% endif %}</p>
-<table class="comparison"><tr><th>model</th>{% for k in s.comparison_metrics %}<th>{{ k }}</th>
-{% endfor %}</tr>{% for model, cells in s.comparison_rows %}<tr><td>{{ model }}</td>
-{% for c in cells %}<td class="n">{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>
-{% else %}<p class="missing">No comparison yet: <code>dala-search baselines {{ search }}</code>
-trains the paper's comparison models and writes
-<code>baselines/{{ s.magnification }}.json</code>.</p>{% endif %}
-{% endfor %}</section>
-
-{% macro figs(list) %}{% for f in list %}{% if f.missing %}<p class="missing">{{ f.title }}:
-{{ f.missing }}</p>{% else %}<figure><img src="{{ f.src }}" alt="{{ f.title }}"
-data-file="{{ f.file }}"><figcaption>{{ f.title }}{% if f.caption %}<br>{{ f.caption
-}}{% endif %}</figcaption></figure>{% endif %}{% endfor %}{% endmacro %}
-
-<section id="optuna"><h2>Optuna study</h2>
-<p>Optuna's own visualisations (target: {{ plan.tune_metric }}, sampler {{ plan.sampler }},
-pruner {{ plan.pruner }}{% if plan.prune_on %}, judging epochs by val_{{ plan.prune_on }}: the
-intermediate values, and a pruned trial's value, are in its units{% endif %}).</p>
-{% for s in sections %}<h3>{{ s.magnification }}</h3>{{ figs(s.optuna) }}{% endfor %}
-</section>
-
-<section id="figures"><h2>Confusion matrix and ROC curve of the best models</h2>
-{% for s in sections %}<h3>{{ s.magnification }}</h3>
-{% if s.figures %}{{ figs(s.figures) }}{% else %}<p class="missing">No completed trial at
-{{ s.magnification }}: <code>dala-search resume {{ search }}</code>.</p>{% endif %}
-{% endfor %}</section>
-
-<section id="gradcam"><h2>Grad-CAM of the best models</h2>
-<p>Test images of each class (held-out patients), original | overlay; target layer: the last
-stage-4 bottleneck with its attention.</p>
-{% for s in sections %}<h3>{{ s.magnification }}</h3>
-{% if s.gradcam %}<p>{{ s.gradcam_note }}</p>{{ figs(s.gradcam) }}
-{% elif s.gradcam_note %}<p class="missing">Grad-CAM: {{ s.gradcam_note }}.</p>
-{% else %}<p class="missing">No completed trial at {{ s.magnification }}:
-<code>dala-search resume {{ search }}</code>.</p>{% endif %}
-{% endfor %}</section>
-
-<section id="provenance"><h2>Where these figures came from</h2>
-<table class="provenance"><tr><th>search</th><td>{{ search }}</td></tr>
-<tr><th>data set</th><td>{{ plan.data_dir }}</td></tr>
-<tr><th>splits</th><td>{% if plan.fold %}official Folds.csv fold {{ plan.fold }}{% else
-%}patient-disjoint (StratifiedGroupKFold by slide), seed {{ plan.seed }}{% endif %}</td></tr>
-<tr><th>search space</th><td>{{ plan.space }}</td></tr>
-<tr><th>trials per magnification</th><td>{{ plan.trials }}</td></tr>
-<tr><th>Optuna storage</th><td>{{ plan.storage }}</td></tr>
-<tr><th>MLflow</th><td>{{ uri }}</td></tr></table>
-{% for s in sections %}<h3>{{ s.magnification }}</h3>
-{% if s.provenance %}<table class="provenance">{% for k, v in s.provenance.items() %}
-<tr><th>{{ k }}</th><td>{{ v }}</td></tr>{% endfor %}</table>
-{% else %}<p class="missing">No MLflow parent run for {{ s.magnification }}.</p>{% endif %}
-{% endfor %}</section>
-</body></html>
-"""
