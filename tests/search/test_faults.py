@@ -123,14 +123,23 @@ def _cli(*args: str, env: dict) -> subprocess.Popen:  # noqa: ANN202
     )
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize(
+    ("sig", "workers"),
+    [(signal.SIGINT, 1), (signal.SIGTERM, 1), (signal.SIGINT, 2)],
+    ids=["SIGINT", "SIGTERM", "SIGINT-ddp"],
+)
 def test_driver_interrupted_then_resumed_completes_exactly(
     tmp_path: Path,
     demo_root: Path,
     tiny_space: Path,
     sig: signal.Signals,
+    workers: int,
     checked_records: Callable,
 ) -> None:
+    # workers=2: data-parallel trials (Ray Train, gloo), interrupted and resumed the same
+    # way; fewer and shorter trials (each starts a process group: ~4x a plain trial's cost)
+    n_trials, epochs = (4, 3) if workers == 1 else (3, 2)
     env = {**os.environ, "DALA_RUNS_DIR": str(tmp_path / "runs")}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = ["--data", str(demo_root), "--tracking-uri", uri]
@@ -141,11 +150,13 @@ def test_driver_interrupted_then_resumed_completes_exactly(
         "--name",
         "cut",
         "--trials",
-        "4",
+        str(n_trials),
         "--epochs",
-        "3",
+        str(epochs),
         "--max-concurrent",
         "1",
+        "--workers-per-trial",
+        str(workers),
         *common,
         env=env,
     )
@@ -153,7 +164,7 @@ def test_driver_interrupted_then_resumed_completes_exactly(
     assert proc.stdout is not None
     for line in proc.stdout:  # wait for one finished trial, then interrupt
         lines.append(line)
-        if "1/4 trials done" in line:
+        if f"1/{n_trials} trials done" in line:
             break
     else:
         pytest.fail("search ended before it could be interrupted:\n" + "".join(lines))
@@ -179,10 +190,16 @@ def test_driver_interrupted_then_resumed_completes_exactly(
 
     plan = SearchPlan.load(plan_path.parent)
     trials, runs = checked_records(plan)
-    assert len(trials) == 4  # exactly the requested trials, none lost, none duplicated
+    assert len(trials) == n_trials  # exactly the requested trials, none lost, none duplicated
+    assert plan.workers_per_trial == workers  # the resumed search kept its layout
     client = MlflowClient(uri)
     parent = client.get_run(runs[0].data.tags[tracking.PARENT_TAG])
     assert parent.info.status == "FINISHED"
+    if workers > 1:
+        from dala_search.search.distributed import TAG_WORKERS
+
+        # every trial, before and after the interruption, ran data parallel
+        assert {r.data.tags[TAG_WORKERS] for r in runs} == {str(workers)}
 
 
 def test_mlflow_server_briefly_unreachable(
