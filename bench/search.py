@@ -9,7 +9,11 @@ Goal: <= 40% of the epochs, best within 1 point (0.01). ``--metric roc_auc`` sea
 another validation metric instead, ``--sampler tpe`` samples with another sampler than the
 space's, ``--prune-on balanced_accuracy`` prunes on another metric than the space's
 ``prune_on`` (variants, each recorded in a block of its own). ``--keep DIR`` copies both
-sides' Optuna studies and the MLflow store (every epoch's metrics) into DIR.
+sides' Optuna studies and the MLflow store (every epoch's metrics) into DIR, with
+``curves.json``: the unpruned side's learning curves and the pruned side's epochs per trial.
+``--replay FILE`` trains nothing: it replays every pruner of the project on such curves
+(exact here: one trial at a time, a seeded random sampler, deterministic trials), after
+checking that replaying the measured pruner reproduces the measured pruned search.
 
 The space prunes on validation ROC AUC while searching balanced accuracy: after an epoch or
 two a random-init ResNet50 at 32 px predicts one class for most trials, so their balanced
@@ -23,10 +27,12 @@ sampler's luck into the pruner's effect (``--sampler tpe`` measures that).
     python bench/search.py [--quick] [--pruner sha|...] [--metric roc_auc|...]
                            [--sampler tpe|...] [--prune-on METRIC] [--keep DIR]
                            [--record]
+    python bench/search.py --replay bench/curves/search-pretrained-sha-roc_auc.json [--record]
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 import time
@@ -39,6 +45,9 @@ import _common as c  # noqa: E402
 from dala_search.config import SELECT_METRICS  # noqa: E402
 
 SPACE = Path(__file__).resolve().parent / "search_space.yaml"
+# The two searches' names; their 40X studies are "<name>-40X" (SearchPlan.study_name).
+SIDES = {"pruned": "bench-pruned", "unpruned": "bench-unpruned"}
+PRUNED_STUDY = f"{SIDES['pruned']}-40X"
 SIZES = {  # trials, epochs (None: the space's), images per magnification (x 24 patients)
     "tiny": dict(trials=1, epochs=1, per_mag=2),
     "quick": dict(trials=4, epochs=4, per_mag=3),
@@ -172,6 +181,152 @@ def _pretrained_backbone(base: Path, size: dict, threads: int) -> Path:
     return out
 
 
+def _write_curves(keep: Path, metric: str, pruner: str, prune_on: str) -> Path:
+    """``keep/curves.json``: every epoch's validation metrics of each trial of the kept
+    unpruned search (from its MLflow store), in trial order, and how many epochs each trial
+    of the measured pruned search ran (from its kept study): what ``--replay`` needs."""
+    import optuna
+    from mlflow import MlflowClient
+
+    from dala_search.search import tracking
+
+    client = MlflowClient(f"sqlite:///{keep / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(tracking.experiment_name(SIDES["unpruned"]))
+    runs = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{tracking.TAG_ROLE}` = 'trial'"
+    )
+    curves: dict[int, dict[str, list[float]]] = {}
+    for run in runs:
+        history = {
+            f"val_{m}": sorted(client.get_metric_history(run.info.run_id, f"val_{m}"), key=_step)
+            for m in SELECT_METRICS
+        }
+        curves[int(run.data.tags[tracking.TAG_OPTUNA_NUMBER])] = {
+            k: [h.value for h in v] for k, v in history.items()
+        }
+    measured = optuna.load_study(
+        study_name=PRUNED_STUDY, storage=f"sqlite:///{keep / 'optuna-pruned.db'}"
+    ).get_trials(deepcopy=False)
+    doc = {
+        "metric": f"val_{metric}",
+        "pruner": pruner,
+        "prune_on": f"val_{prune_on}",
+        "measured_epochs_by_trial": [len(t.intermediate_values) for t in measured],
+        "curves": [curves[n] for n in sorted(curves)],
+    }
+    out = keep / "curves.json"
+    out.write_text(json.dumps(doc))
+    return out
+
+
+def _step(m) -> int:  # noqa: ANN001
+    return m.step
+
+
+def replay(
+    curves: list[dict[str, list[float]]], pruner: str, prune_metric: str, metric: str
+) -> dict:
+    """What ``pruner`` judging ``prune_metric`` would have done to the recorded trials.
+
+    Exact for the benchmark's searches: one trial at a time, sampled independently of
+    results (seeded random sampler) and trained deterministically, so a pruned search is
+    the unpruned one cut short. Each trial reports its epochs in order to an in-memory
+    Optuna study with the project's pruner (``make_pruner``); as in a search, no pruner
+    judges a trial's last epoch, and a completed trial's value is its best epoch of
+    ``metric``.
+    """
+    import optuna
+
+    from dala_search.search.pruning import make_pruner
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    # The search's study name: Hyperband assigns brackets by hashing it with trial numbers.
+    study = optuna.create_study(
+        study_name=PRUNED_STUDY, direction="maximize", pruner=make_pruner(pruner)
+    )
+    ran: list[int] = []
+    best = None
+    for curve in curves:
+        trial = study.ask()
+        values, last = curve[prune_metric], len(curve[prune_metric])
+        for epoch, value in enumerate(values, start=1):
+            trial.report(value, epoch)
+            frozen = study.get_trials(deepcopy=False)[trial.number]
+            if epoch < last and study.pruner.prune(study, frozen):
+                break
+        ran.append(epoch)
+        if epoch < last:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            value = max(curve[metric])
+            study.tell(trial, value)
+            best = value if best is None else max(best, value)
+    return {"epochs": sum(ran), "best": best, "epochs_by_trial": ran}
+
+
+def _replays(args, source: Path, load0: float) -> None:  # noqa: ANN001
+    """``--replay FILE`` (a ``curves.json`` that ``--keep`` wrote): every pruner of the
+    project, judging the measured search's pruning metric or the searched one, replayed on
+    the recorded learning curves of its unpruned side; first the measured pruned search
+    itself, which the replay must reproduce trial by trial (else nothing is printed)."""
+    from dala_search.search.pruning import PRUNERS
+
+    try:
+        doc = json.loads(source.read_text())
+        metric, pruner, prune_on = doc["metric"], doc["pruner"], doc["prune_on"]
+        curves, measured = doc["curves"], doc["measured_epochs_by_trial"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"--replay {source}: not a curves.json written by --keep ({e})") from e
+    check = replay(curves, pruner, prune_on, metric)
+    if check["epochs_by_trial"] != measured:
+        raise SystemExit(
+            f"--replay {source}: replaying {pruner!r} on {prune_on} gives epochs "
+            f"{check['epochs_by_trial']}, the measured pruned search ran {measured}: "
+            "not a replay of that search (other settings, or not one trial at a time)"
+        )
+    full = sum(len(c[metric]) for c in curves)
+    best = max(max(c[metric]) for c in curves)
+    rows = []
+    for name in (n for n in PRUNERS if n != "none"):
+        for judged in dict.fromkeys((prune_on, metric)):
+            r = replay(curves, name, judged, metric)
+            gap = best - (r["best"] if r["best"] is not None else 0.0)
+            rows.append(
+                {
+                    "pruner": name,
+                    "prune_on": judged,
+                    "epochs": r["epochs"],
+                    "ratio": round(r["epochs"] / full, 3),
+                    "best": r["best"],
+                    "best_gap_points": round(100 * gap, 2),
+                    "meets_goal": r["epochs"] / full <= 0.40 and gap <= 0.01,
+                }
+            )
+    lines = [
+        f"replayed on the {len(curves)} recorded trials of the unpruned search in {source} "
+        f"({full} epochs, best {metric} {best:.4f}); replaying {pruner!r} on {prune_on} "
+        f"reproduces the measured pruned search trial by trial ({check['epochs']} epochs)",
+        f"{'pruner':12}{'judges':24}{'epochs':>8}{'share':>8}{'best':>9}{'gap':>8}",
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['pruner']:12}{r['prune_on']:24}{r['epochs']:8d}{100 * r['ratio']:7.0f}%"
+            f"{_fmt(r['best']):>9}{r['best_gap_points']:+8.1f}"
+        )
+    result = {
+        "replayed_from": str(source),
+        "trials": len(curves),
+        "epochs_unpruned": full,
+        "best_unpruned": best,
+        "metric": metric,
+        "reproduces_measured": {"pruner": pruner, "prune_on": prune_on, **check},
+        "replays": rows,
+        "goal": "ratio <= 0.40 and best within 1 point",
+        "_load_start": load0,
+    }
+    c.finish("search", args, result, "\n".join(lines), block="search-replay")
+
+
 def _fmt(value: float | None) -> str:
     return "none completed" if value is None else f"{value:.4f}"
 
@@ -206,6 +361,13 @@ def main() -> None:
         help="copy both sides' Optuna studies and the MLflow store (every epoch's metrics) "
         "into DIR, for later analysis",
     )
+    p.add_argument(
+        "--replay",
+        default=None,
+        metavar="FILE",
+        help="train nothing: replay every pruner on the learning curves in FILE (the "
+        "curves.json that --keep wrote; checked against the measured pruned search)",
+    )
     args = p.parse_args()
     load0 = c.load_start()
     size = SIZES[c.size_of(args)]
@@ -222,6 +384,9 @@ def main() -> None:
     sampler = args.sampler or settings.sampler
     space_prune_on = settings.prune_on or metric  # unset: the searched metric itself
     prune_on = args.prune_on or space_prune_on
+    if args.replay:
+        _replays(args, Path(args.replay), load0)
+        return
     best_key = f"best_val_{metric}"
     base = c.work_dir(args)
     root = c.demo_data(base, images_per_mag=size["per_mag"], width=96, height=64)
@@ -241,7 +406,7 @@ def main() -> None:
             for side, name in ((pruner, "pruned"), ("none", "unpruned")):
                 plan = plan_search(
                     space=str(space_file),
-                    name=f"bench-{name}",
+                    name=SIDES[name],
                     data_dir=root,
                     trials=size["trials"],
                     epochs=size["epochs"],
@@ -270,6 +435,7 @@ def main() -> None:
                 trials, epochs = plan.trials, plan.epochs or int(space.fixed["epochs"])
             if args.keep:
                 _keep(uri, Path(args.keep) / "mlflow.db")
+                _write_curves(Path(args.keep), metric, pruner, prune_on)
         finally:
             ray.shutdown()
 
@@ -325,6 +491,8 @@ def main() -> None:
         variant.append(f"prune_on_{prune_on}")
     if args.init == "none":
         variant.append("init_none")
+    if args.keep:  # what the kept studies were measured with, beside them
+        (Path(args.keep) / "result.json").write_text(json.dumps(result, indent=1))
     c.finish(
         "search", args, result, summary, block="-".join(["search", *variant]) if variant else None
     )

@@ -95,3 +95,85 @@ def test_trial_compile_record_on_cpu_is_refused_before_running() -> None:
     )
     assert proc.returncode == 2
     assert "--compile --record" in proc.stderr
+
+
+def _bench_module(name: str):  # noqa: ANN202
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+
+def test_replay_follows_successive_halving() -> None:
+    """``bench/search.py``'s replay: trials report epoch by epoch to the project's pruner,
+    the last epoch is never judged, a completed trial scores its best epoch."""
+    search = _bench_module("search")
+    curves = [  # rungs at epochs 1 and 3 (reduction factor 3); epoch 3 is the last
+        # never judged: Optuna's min_resource="auto" is learned from the first finished trial
+        {"val_roc_auc": [0.1, 0.1, 0.1], "val_balanced_accuracy": [0.4, 0.4, 0.4]},
+        # alone at the first rung: promoted; its last epoch is not judged: completes
+        {"val_roc_auc": [0.6, 0.7, 0.8], "val_balanced_accuracy": [0.5, 0.9, 0.7]},
+        # below trial 1 at epoch 1 (of two, only the best goes on): pruned after epoch 1
+        {"val_roc_auc": [0.5, 0.9, 0.9], "val_balanced_accuracy": [0.95, 0.95, 0.95]},
+        # the best of three at epoch 1: promoted, completes
+        {"val_roc_auc": [0.7, 0.1, 0.1], "val_balanced_accuracy": [0.6, 0.5, 0.5]},
+    ]
+    out = search.replay(curves, "sha", "val_roc_auc", "val_balanced_accuracy")
+    assert out["epochs_by_trial"] == [3, 3, 1, 3]
+    assert out["epochs"] == 10
+    assert out["best"] == 0.9  # trial 1's best epoch; trial 2's 0.95 was pruned away
+    # judged on balanced accuracy instead, trial 2 leads at epoch 1 and trial 3 is cut
+    out = search.replay(curves, "sha", "val_balanced_accuracy", "val_balanced_accuracy")
+    assert out["epochs_by_trial"] == [3, 3, 3, 1] and out["best"] == 0.95
+
+
+@pytest.mark.slow
+def test_search_keep_then_replay_reproduces_the_measured_search(tmp_path: Path) -> None:
+    """``--keep DIR`` then ``--replay DIR/curves.json``: the replay checks itself against
+    the measured pruned search first; curves it does not reproduce are refused."""
+    keep, work = tmp_path / "keep", tmp_path / "work"
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+
+    def bench(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "bench/search.py", "--tiny", "--work-dir", str(work), *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+
+    ran = bench("--keep", str(keep))
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert {"optuna-pruned.db", "optuna-unpruned.db", "mlflow.db", "result.json"} <= {
+        p.name for p in keep.iterdir()
+    }
+    curves = json.loads((keep / "curves.json").read_text())
+    assert (curves["pruner"], curves["prune_on"]) == ("sha", "val_roc_auc")
+    assert curves["measured_epochs_by_trial"] == [1]
+    (trial,) = curves["curves"]  # --tiny: one trial of one epoch, every metric recorded
+    assert {k: len(v) for k, v in trial.items()} == {
+        "val_balanced_accuracy": 1,
+        "val_accuracy": 1,
+        "val_f1": 1,
+        "val_gmean": 1,
+        "val_iba": 1,
+        "val_roc_auc": 1,
+    }
+    replayed = bench("--replay", str(keep / "curves.json"))
+    assert replayed.returncode == 0, replayed.stderr[-3000:]
+    result = json.loads(replayed.stdout.strip().splitlines()[-1])
+    assert result["reproduces_measured"]["epochs_by_trial"] == [1]
+    assert {r["pruner"] for r in result["replays"]} == {"median", "percentile", "sha", "hyperband"}
+    assert all(r["epochs"] == 1 for r in result["replays"])  # one trial, one epoch: no cut
+    # curves whose measured pruned search the replay does not reproduce: refused
+    curves["measured_epochs_by_trial"] = [2]
+    (keep / "curves.json").write_text(json.dumps(curves))
+    refused = bench("--replay", str(keep / "curves.json"))
+    assert refused.returncode != 0
+    assert "not a replay of that search" in refused.stderr
+    assert not refused.stdout.strip()
