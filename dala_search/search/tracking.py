@@ -33,6 +33,7 @@ TAG_HAS_MODEL = "dala.has_model"
 TAG_MODEL_URI = "dala.model_uri"  # models:/m-... of the trial's logged model
 TAG_PID = "dala.worker_pid"  # the trial's process (reused: it runs trial after trial)
 TAG_NODE = "dala.node_id"  # the Ray node of the first attempt; "dala.node_id.2".. of restarts
+TAG_GPUS = "dala.gpu_ids"  # the GPU ids Ray gave the trial ("0"; shared under a fraction), "none"
 TAG_FOLDER = "dala.search_folder"  # the search's folder: one name, one search
 TAG_FAILURE = "dala.failure"  # "exception": the trial raised; it is not retried
 TAG_ATTEMPT = "dala.attempt"  # 1, then 2.. when Tune restarted a dead trial process
@@ -342,7 +343,7 @@ class TrialTracker:
             attempt = int(ptags.get(TAG_ATTEMPT, "1")) + 1
             _retry(self.client.update_run, self.run_id, status="RUNNING")
             _retry(self.client.set_tag, self.run_id, TAG_ATTEMPT, str(attempt))
-            for key in (TAG_NODE, TAG_PID):  # where this attempt runs (it may move nodes)
+            for key in (TAG_NODE, TAG_PID, TAG_GPUS):  # where this attempt runs (may move)
                 if tags.get(key):
                     _retry(self.client.set_tag, self.run_id, f"{key}.{attempt}", tags[key])
             _retry(self.client.set_tag, self.run_id, TAG_STATE, "running")

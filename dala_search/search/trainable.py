@@ -18,6 +18,7 @@ from typing import Any
 
 from dala_search import faults
 from dala_search.config import TrialConfig
+from dala_search.errors import ConfigError
 from dala_search.search import tracking
 from dala_search.search.pruning import FINAL_EPOCH_KEY
 from dala_search.space import SearchSpace
@@ -84,6 +85,7 @@ def record_trial(
 
     config = trial_config(params, ctx)
     optuna_number = params.get("_optuna_number", "")
+    gpu_ids = [str(g) for g in ray.get_gpu_ids()]
     tracker = tracking.TrialTracker(
         ctx.tracking_uri,
         ctx.experiment_id,
@@ -94,6 +96,7 @@ def record_trial(
             tracking.TAG_RAY_ID: trial_id,
             tracking.TAG_NODE: ray.get_runtime_context().get_node_id(),
             tracking.TAG_PID: str(os.getpid()),
+            tracking.TAG_GPUS: ",".join(gpu_ids) or "none",
             tracking.TAG_OPTUNA_NUMBER: str(optuna_number),
             tracking.TAG_SYNTHETIC: str(ctx.synthetic).lower(),
             tracking.TAG_SEARCH: ctx.search,
@@ -119,6 +122,7 @@ def record_trial(
         faults.after_epoch(epoch)  # no-op unless a reliability test injects a fault
 
     try:
+        check_gpu_visible(gpu_ids, config)
         result = train_trial(
             config, data, report, keep_model=ctx.log_models, distributed=distributed
         )
@@ -134,6 +138,22 @@ def record_trial(
     if ctx.log_models and result.model is not None and _beats_completed(ctx, result):
         tracker.log_model(result.model)
     tracker.finish("completed")
+
+
+def check_gpu_visible(gpu_ids: list[str], config: TrialConfig) -> None:
+    """A trial that Ray gave GPUs trains on one, or says why not: with ``device: auto`` and
+    no CUDA in its process (a driver or CUDA_VISIBLE_DEVICES problem on that node) it would
+    otherwise train on the CPU, tens of times slower, while holding the GPU. ``device: cpu``
+    in the space is an explicit choice and is kept."""
+    import torch
+
+    if gpu_ids and config.device == "auto" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"key 'device': auto, and Ray gave this trial GPU {','.join(gpu_ids)} but CUDA "
+            f"is not available in its process (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}, torch {torch.__version__}); "
+            "fix the node's CUDA, or search with --gpus-per-trial 0"
+        )
 
 
 def _beats_completed(ctx: TrialContext, result: TrialResult) -> bool:
