@@ -25,8 +25,8 @@ sides' later proposals depend on what each side saw, and the best of each mixes 
 sampler's luck into the pruner's effect (``--sampler tpe`` measures that).
 
     python bench/search.py [--quick] [--pruner sha|...] [--metric roc_auc|...]
-                           [--sampler tpe|...] [--prune-on METRIC] [--keep DIR]
-                           [--record]
+                           [--sampler tpe|...] [--prune-on METRIC] [--trials N]
+                           [--keep DIR] [--record]
     python bench/search.py --replay bench/curves/search-pretrained-sha-roc_auc.json [--record]
 """
 
@@ -355,6 +355,12 @@ def main() -> None:
         "(default), or from random weights",
     )
     p.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="trials on each side (default: the space's 24; --quick 4, --tiny 1)",
+    )
+    p.add_argument(
         "--keep",
         default=None,
         metavar="DIR",
@@ -408,7 +414,7 @@ def main() -> None:
                     space=str(space_file),
                     name=SIDES[name],
                     data_dir=root,
-                    trials=size["trials"],
+                    trials=args.trials or size["trials"],
                     epochs=size["epochs"],
                     pruner=side,
                     sampler=sampler,
@@ -491,6 +497,8 @@ def main() -> None:
         variant.append(f"prune_on_{prune_on}")
     if args.init == "none":
         variant.append("init_none")
+    if args.trials and args.trials != settings.trials:
+        variant.append(f"trials{args.trials}")
     if args.keep:  # what the kept studies were measured with, beside them
         (Path(args.keep) / "result.json").write_text(json.dumps(result, indent=1))
     c.finish(
