@@ -33,6 +33,7 @@ sampler's luck into the pruner's effect (``--sampler tpe`` measures that).
 from __future__ import annotations
 
 import json
+import math
 import sys
 import tempfile
 import time
@@ -114,9 +115,13 @@ def _keep(url: str, dest: Path) -> None:
     """Copy a SQLite database (a side's Optuna study, the MLflow store with every epoch's
     metrics) to ``dest`` with SQLite's online backup: a consistent copy."""
     import sqlite3
+    from contextlib import closing
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with sqlite3.connect(url.removeprefix("sqlite:///")) as a, sqlite3.connect(dest) as b:
+    with (
+        closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as a,
+        closing(sqlite3.connect(dest)) as b,
+    ):
         a.backup(b)
     c.log(f"kept {url} as {dest}")
 
@@ -181,10 +186,18 @@ def _pretrained_backbone(base: Path, size: dict, threads: int) -> Path:
     return out
 
 
-def _write_curves(keep: Path, metric: str, pruner: str, prune_on: str) -> Path:
-    """``keep/curves.json``: every epoch's validation metrics of each trial of the kept
-    unpruned search (from its MLflow store), in trial order, and how many epochs each trial
-    of the measured pruned search ran (from its kept study): what ``--replay`` needs."""
+CURVES_FORMAT = 2
+
+
+def _write_curves(keep: Path, settings: dict) -> Path:
+    """``keep/curves.json``: what ``--replay`` needs and checks itself against.
+
+    ``settings``: the searched ``metric``, the pruned side's ``pruner`` and ``prune_on``,
+    the ``sampler`` and the epoch budget ``epochs``. ``curves``: every epoch's validation
+    metrics of each trial of the kept unpruned search (its MLflow store), in trial order.
+    ``measured``: each trial of the measured pruned search (its kept study): final state and
+    the values its pruner judged, epoch by epoch.
+    """
     import optuna
     from mlflow import MlflowClient
 
@@ -192,27 +205,38 @@ def _write_curves(keep: Path, metric: str, pruner: str, prune_on: str) -> Path:
 
     client = MlflowClient(f"sqlite:///{keep / 'mlflow.db'}")
     exp = client.get_experiment_by_name(tracking.experiment_name(SIDES["unpruned"]))
+    if exp is None:
+        raise SystemExit(f"{keep / 'mlflow.db'}: no {SIDES['unpruned']} search recorded there")
     runs = client.search_runs(
         [exp.experiment_id], filter_string=f"tags.`{tracking.TAG_ROLE}` = 'trial'"
     )
     curves: dict[int, dict[str, list[float]]] = {}
     for run in runs:
-        history = {
-            f"val_{m}": sorted(client.get_metric_history(run.info.run_id, f"val_{m}"), key=_step)
+        number = int(run.data.tags[tracking.TAG_OPTUNA_NUMBER])
+        if number in curves:
+            raise SystemExit(f"{keep / 'mlflow.db'}: two runs of Optuna trial {number}")
+        curves[number] = {
+            f"val_{m}": [
+                h.value
+                for h in sorted(client.get_metric_history(run.info.run_id, f"val_{m}"), key=_step)
+            ]
             for m in SELECT_METRICS
         }
-        curves[int(run.data.tags[tracking.TAG_OPTUNA_NUMBER])] = {
-            k: [h.value for h in v] for k, v in history.items()
-        }
+    unpruned = optuna.load_study(
+        study_name=f"{SIDES['unpruned']}-40X", storage=f"sqlite:///{keep / 'optuna-unpruned.db'}"
+    ).get_trials(deepcopy=False)
     measured = optuna.load_study(
         study_name=PRUNED_STUDY, storage=f"sqlite:///{keep / 'optuna-pruned.db'}"
     ).get_trials(deepcopy=False)
     doc = {
-        "metric": f"val_{metric}",
-        "pruner": pruner,
-        "prune_on": f"val_{prune_on}",
-        "measured_epochs_by_trial": [len(t.intermediate_values) for t in measured],
-        "curves": [curves[n] for n in sorted(curves)],
+        "format": CURVES_FORMAT,
+        **settings,
+        "curves": [curves.get(t.number, {}) for t in unpruned],
+        "unpruned_states": [t.state.name for t in unpruned],
+        "measured": [
+            {"state": t.state.name, "values": [v for _, v in sorted(t.intermediate_values.items())]}
+            for t in measured
+        ],
     }
     out = keep / "curves.json"
     out.write_text(json.dumps(doc))
@@ -224,72 +248,123 @@ def _step(m) -> int:  # noqa: ANN001
 
 
 def replay(
-    curves: list[dict[str, list[float]]], pruner: str, prune_metric: str, metric: str
+    curves: list[dict[str, list[float]]],
+    pruner: str,
+    prune_metric: str,
+    metric: str,
+    epochs: int,
 ) -> dict:
     """What ``pruner`` judging ``prune_metric`` would have done to the recorded trials.
 
     Exact for the benchmark's searches: one trial at a time, sampled independently of
     results (seeded random sampler) and trained deterministically, so a pruned search is
     the unpruned one cut short. Each trial reports its epochs in order to an in-memory
-    Optuna study with the project's pruner (``make_pruner``); as in a search, no pruner
-    judges a trial's last epoch, and a completed trial's value is its best epoch of
-    ``metric``.
+    Optuna study with the project's pruner (``make_pruner``), under the search's study name
+    (Hyperband's brackets hash it); as in a search, no pruner judges epoch ``epochs`` (the
+    budget; a trial that stopped early on patience is judged at its last epoch), and a
+    completed trial's value is its best epoch of ``metric`` (FAIL if it has none).
+    Returns epochs and final state per trial, their sum, and the best completed value.
     """
     import optuna
 
+    from dala_search.search.optuna_search import _best
     from dala_search.search.pruning import make_pruner
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    # The search's study name: Hyperband assigns brackets by hashing it with trial numbers.
     study = optuna.create_study(
         study_name=PRUNED_STUDY, direction="maximize", pruner=make_pruner(pruner)
     )
     ran: list[int] = []
+    states: list[str] = []
     best = None
-    for curve in curves:
+    for number, curve in enumerate(curves):
+        if not curve.get(prune_metric):
+            raise SystemExit(f"replay: trial {number} has no {prune_metric} values")
         trial = study.ask()
-        values, last = curve[prune_metric], len(curve[prune_metric])
-        for epoch, value in enumerate(values, start=1):
+        state = "COMPLETE"
+        for epoch, value in enumerate(curve[prune_metric], start=1):
             trial.report(value, epoch)
             frozen = study.get_trials(deepcopy=False)[trial.number]
-            if epoch < last and study.pruner.prune(study, frozen):
+            if epoch < epochs and study.pruner.prune(study, frozen):
+                state = "PRUNED"
                 break
         ran.append(epoch)
-        if epoch < last:
+        if state == "PRUNED":
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        elif math.isnan(value := _best(curve[metric][:epoch], "max")):
+            state = "FAIL"
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
         else:
-            value = max(curve[metric])
             study.tell(trial, value)
             best = value if best is None else max(best, value)
-    return {"epochs": sum(ran), "best": best, "epochs_by_trial": ran}
+        states.append(state)
+    return {"epochs": sum(ran), "best": best, "epochs_by_trial": ran, "states": states}
+
+
+def _read_curves(source: Path) -> dict:
+    """A ``curves.json`` that ``--keep`` wrote, refused (SystemExit naming the file and what
+    is wrong) where a replay of it could not be exact."""
+    from dala_search.search.pruning import PRUNERS
+
+    try:
+        doc = json.loads(source.read_text())
+        fmt = doc.get("format")
+        keys = (doc["metric"], doc["pruner"], doc["prune_on"], doc["sampler"], doc["epochs"])
+        curves, states, measured = doc["curves"], doc["unpruned_states"], doc["measured"]
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise SystemExit(f"--replay {source}: not a curves.json written by --keep ({e})") from e
+    metric, pruner, _, sampler, _ = keys
+    why = None
+    if fmt != CURVES_FORMAT:
+        why = f"format {fmt!r}, this script reads format {CURVES_FORMAT}"
+    elif pruner not in PRUNERS or pruner == "none":
+        why = f"its pruned side used pruner {pruner!r}; a replay covers Optuna pruners only"
+    elif sampler != "random":
+        why = (
+            f"sampler {sampler!r}: only a seeded random sampler proposes the same trials "
+            "whatever the pruner did"
+        )
+    elif not curves:
+        why = "no trials recorded"
+    elif bad := [i for i, s in enumerate(states) if s != "COMPLETE"]:
+        why = f"unpruned trials {bad} did not complete: their curves are not whole"
+    elif len(measured) != len(curves):
+        why = f"{len(measured)} measured pruned trials against {len(curves)} recorded curves"
+    elif any(not c.get(metric) for c in curves):
+        why = f"a trial without {metric} values"
+    if why:
+        raise SystemExit(f"--replay {source}: {why}")
+    return doc
 
 
 def _replays(args, source: Path, load0: float) -> None:  # noqa: ANN001
     """``--replay FILE`` (a ``curves.json`` that ``--keep`` wrote): every pruner of the
     project, judging the measured search's pruning metric or the searched one, replayed on
-    the recorded learning curves of its unpruned side; first the measured pruned search
-    itself, which the replay must reproduce trial by trial (else nothing is printed)."""
+    the recorded learning curves of its unpruned side. First the measured pruned search
+    itself, which the replay must reproduce trial by trial (the same epochs, judged values
+    and final states), else nothing is printed."""
     from dala_search.search.pruning import PRUNERS
 
-    try:
-        doc = json.loads(source.read_text())
-        metric, pruner, prune_on = doc["metric"], doc["pruner"], doc["prune_on"]
-        curves, measured = doc["curves"], doc["measured_epochs_by_trial"]
-    except (OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"--replay {source}: not a curves.json written by --keep ({e})") from e
-    check = replay(curves, pruner, prune_on, metric)
-    if check["epochs_by_trial"] != measured:
-        raise SystemExit(
-            f"--replay {source}: replaying {pruner!r} on {prune_on} gives epochs "
-            f"{check['epochs_by_trial']}, the measured pruned search ran {measured}: "
-            "not a replay of that search (other settings, or not one trial at a time)"
-        )
+    doc = _read_curves(source)
+    metric, pruner, prune_on, budget = doc["metric"], doc["pruner"], doc["prune_on"], doc["epochs"]
+    curves, measured = doc["curves"], doc["measured"]
+    check = replay(curves, pruner, prune_on, metric, budget)
+    for number, (m, n, state, curve) in enumerate(
+        zip(measured, check["epochs_by_trial"], check["states"], curves, strict=True)
+    ):
+        if (m["state"], m["values"]) != (state, curve[prune_on][:n]):
+            raise SystemExit(
+                f"--replay {source}: trial {number} of the measured pruned search ended "
+                f"{m['state']} after {len(m['values'])} epochs judged on {m['values']}; the "
+                f"replay of {pruner!r} on {prune_on} gives {state} after {n} epochs of "
+                f"{curve[prune_on][:n]}: not a replay of that search"
+            )
     full = sum(len(c[metric]) for c in curves)
-    best = max(max(c[metric]) for c in curves)
+    best = max(v for c in curves for v in c[metric] if not math.isnan(v))
     rows = []
     for name in (n for n in PRUNERS if n != "none"):
         for judged in dict.fromkeys((prune_on, metric)):
-            r = replay(curves, name, judged, metric)
+            r = replay(curves, name, judged, metric, budget)
             gap = best - (r["best"] if r["best"] is not None else 0.0)
             rows.append(
                 {
@@ -324,7 +399,8 @@ def _replays(args, source: Path, load0: float) -> None:  # noqa: ANN001
         "goal": "ratio <= 0.40 and best within 1 point",
         "_load_start": load0,
     }
-    c.finish("search", args, result, "\n".join(lines), block="search-replay")
+    block = f"search-replay-{source.stem}"
+    c.finish("search", args, result, "\n".join(lines), block=block)
 
 
 def _fmt(value: float | None) -> str:
@@ -391,6 +467,15 @@ def main() -> None:
     space_prune_on = settings.prune_on or metric  # unset: the searched metric itself
     prune_on = args.prune_on or space_prune_on
     if args.replay:
+        given = [
+            f"--{k.replace('_', '-')}"
+            for k in ("pruner", "metric", "sampler", "prune_on", "trials", "keep")
+            if getattr(args, k) is not None
+        ]
+        given += [f"--{k}" for k in ("quick", "tiny") if getattr(args, k)]
+        given += ["--init"] if args.init != "pretrained" else []
+        if given:
+            p.error(f"--replay takes its settings from the file; drop {' '.join(given)}")
         _replays(args, Path(args.replay), load0)
         return
     best_key = f"best_val_{metric}"
@@ -441,7 +526,16 @@ def main() -> None:
                 trials, epochs = plan.trials, plan.epochs or int(space.fixed["epochs"])
             if args.keep:
                 _keep(uri, Path(args.keep) / "mlflow.db")
-                _write_curves(Path(args.keep), metric, pruner, prune_on)
+                _write_curves(
+                    Path(args.keep),
+                    {
+                        "metric": f"val_{metric}",
+                        "pruner": pruner,
+                        "prune_on": f"val_{prune_on}",
+                        "sampler": sampler,
+                        "epochs": size["epochs"] or int(space.fixed["epochs"]),
+                    },
+                )
         finally:
             ray.shutdown()
 

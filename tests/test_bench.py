@@ -109,25 +109,42 @@ def _bench_module(name: str):  # noqa: ANN202
 
 def test_replay_follows_successive_halving() -> None:
     """``bench/search.py``'s replay: trials report epoch by epoch to the project's pruner,
-    the last epoch is never judged, a completed trial scores its best epoch."""
+    the budget's last epoch is never judged, a completed trial scores its best epoch."""
     search = _bench_module("search")
-    curves = [  # rungs at epochs 1 and 3 (reduction factor 3); epoch 3 is the last
+    curves = [  # rungs at epochs 1 and 3 (reduction factor 3); the budget is 3 epochs
         # never judged: Optuna's min_resource="auto" is learned from the first finished trial
         {"val_roc_auc": [0.1, 0.1, 0.1], "val_balanced_accuracy": [0.4, 0.4, 0.4]},
         # alone at the first rung: promoted; its last epoch is not judged: completes
         {"val_roc_auc": [0.6, 0.7, 0.8], "val_balanced_accuracy": [0.5, 0.9, 0.7]},
         # below trial 1 at epoch 1 (of two, only the best goes on): pruned after epoch 1
         {"val_roc_auc": [0.5, 0.9, 0.9], "val_balanced_accuracy": [0.95, 0.95, 0.95]},
-        # the best of three at epoch 1: promoted, completes
+        # the best of three at epoch 1: promoted; far below trial 1 at epoch 3, where a
+        # judge would cut it, but epoch 3 is the budget's last: it completes
         {"val_roc_auc": [0.7, 0.1, 0.1], "val_balanced_accuracy": [0.6, 0.5, 0.5]},
     ]
-    out = search.replay(curves, "sha", "val_roc_auc", "val_balanced_accuracy")
+    out = search.replay(curves, "sha", "val_roc_auc", "val_balanced_accuracy", 3)
     assert out["epochs_by_trial"] == [3, 3, 1, 3]
+    assert out["states"] == ["COMPLETE", "COMPLETE", "PRUNED", "COMPLETE"]
     assert out["epochs"] == 10
     assert out["best"] == 0.9  # trial 1's best epoch; trial 2's 0.95 was pruned away
+    # with a budget of 9 epochs, epoch 3 is a rung like any other: trial 3 is cut there
+    out = search.replay(curves, "sha", "val_roc_auc", "val_balanced_accuracy", 9)
+    assert out["states"] == ["COMPLETE", "COMPLETE", "PRUNED", "PRUNED"]
     # judged on balanced accuracy instead, trial 2 leads at epoch 1 and trial 3 is cut
-    out = search.replay(curves, "sha", "val_balanced_accuracy", "val_balanced_accuracy")
+    out = search.replay(curves, "sha", "val_balanced_accuracy", "val_balanced_accuracy", 3)
     assert out["epochs_by_trial"] == [3, 3, 3, 1] and out["best"] == 0.95
+
+
+def test_replay_reproduces_the_recorded_search() -> None:
+    """The committed curves replay to the measured pruned search, trial by trial (an Optuna
+    upgrade that changes its pruners' decisions shows here first)."""
+    search = _bench_module("search")
+    source = ROOT / "bench" / "curves" / "search-pretrained-sha-roc_auc.json"
+    doc = search._read_curves(source)
+    out = search.replay(doc["curves"], doc["pruner"], doc["prune_on"], doc["metric"], doc["epochs"])
+    assert out["epochs_by_trial"] == [len(m["values"]) for m in doc["measured"]]
+    assert out["states"] == [m["state"] for m in doc["measured"]]
+    assert out["epochs"] == 92  # the recorded block's figure
 
 
 @pytest.mark.slow
@@ -139,7 +156,7 @@ def test_search_keep_then_replay_reproduces_the_measured_search(tmp_path: Path) 
 
     def bench(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "bench/search.py", "--tiny", "--work-dir", str(work), *args],
+            [sys.executable, "bench/search.py", "--work-dir", str(work), *args],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -147,14 +164,20 @@ def test_search_keep_then_replay_reproduces_the_measured_search(tmp_path: Path) 
             timeout=600,
         )
 
-    ran = bench("--keep", str(keep))
+    ran = bench("--tiny", "--keep", str(keep))
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert {"optuna-pruned.db", "optuna-unpruned.db", "mlflow.db", "result.json"} <= {
         p.name for p in keep.iterdir()
     }
     curves = json.loads((keep / "curves.json").read_text())
-    assert (curves["pruner"], curves["prune_on"]) == ("sha", "val_roc_auc")
-    assert curves["measured_epochs_by_trial"] == [1]
+    assert (curves["pruner"], curves["prune_on"], curves["sampler"]) == (
+        "sha",
+        "val_roc_auc",
+        "random",
+    )
+    assert curves["epochs"] == 1 and curves["unpruned_states"] == ["COMPLETE"]
+    (measured,) = curves["measured"]
+    assert measured["state"] == "COMPLETE" and len(measured["values"]) == 1
     (trial,) = curves["curves"]  # --tiny: one trial of one epoch, every metric recorded
     assert {k: len(v) for k, v in trial.items()} == {
         "val_balanced_accuracy": 1,
@@ -164,16 +187,23 @@ def test_search_keep_then_replay_reproduces_the_measured_search(tmp_path: Path) 
         "val_iba": 1,
         "val_roc_auc": 1,
     }
+    assert measured["values"] == trial["val_roc_auc"]  # same trial on both sides
     replayed = bench("--replay", str(keep / "curves.json"))
     assert replayed.returncode == 0, replayed.stderr[-3000:]
     result = json.loads(replayed.stdout.strip().splitlines()[-1])
     assert result["reproduces_measured"]["epochs_by_trial"] == [1]
     assert {r["pruner"] for r in result["replays"]} == {"median", "percentile", "sha", "hyperband"}
     assert all(r["epochs"] == 1 for r in result["replays"])  # one trial, one epoch: no cut
-    # curves whose measured pruned search the replay does not reproduce: refused
-    curves["measured_epochs_by_trial"] = [2]
+    # a measured pruned search that the replay does not reproduce: refused, nothing printed
+    measured["state"] = "PRUNED"
     (keep / "curves.json").write_text(json.dumps(curves))
     refused = bench("--replay", str(keep / "curves.json"))
     assert refused.returncode != 0
     assert "not a replay of that search" in refused.stderr
     assert not refused.stdout.strip()
+    # curves a replay cannot be exact for are refused, naming why
+    curves["sampler"] = "tpe"
+    (keep / "curves.json").write_text(json.dumps(curves))
+    refused = bench("--replay", str(keep / "curves.json"))
+    assert refused.returncode != 0 and "sampler 'tpe'" in refused.stderr
+    assert bench("--tiny", "--replay", str(keep / "curves.json")).returncode == 2
