@@ -23,11 +23,11 @@ from dala_search.evaluate import (
     SearchRef,
     best_config,
     check_protocol,
+    data_index,
     fold_splits,
     metric_batch,
     open_search,
     prepare_magnification,
-    search_index,
     select_magnifications,
     stderr_log,
     summarise,
@@ -98,7 +98,7 @@ def run_baselines(
     for best in bests:
         for model in names:
             build_baseline(model, best.config)
-    index = search_index(ref, log)
+    index = data_index(ref, log)
     docs = []
     for best in bests:
         mag = best.magnification

@@ -266,8 +266,8 @@ def fold_splits(
 ) -> list[Any]:
     """The K patient-disjoint train/val/test splits of ``records`` (see module docstring).
 
-    Called by ``evaluate_search`` and ``run_baselines`` with the same arguments, so both
-    train on identical folds. Returns ``data.splits.Split`` objects indexing ``records``.
+    Called by ``evaluate_search`` and ``comparison.run_baselines`` with the same arguments,
+    so both train on identical folds. Returns ``data.splits.Split`` objects indexing ``records``.
     """
     from dala_search.data.splits import check_disjoint, official_fold_split, patient_split
 
@@ -448,7 +448,7 @@ def prepare_magnification(
     return prepare_data(index, mag, image_size=config.image_size, seed=ref.plan.seed)
 
 
-def search_index(ref: SearchRef, log: Log) -> BreakHisIndex:
+def data_index(ref: SearchRef, log: Log) -> BreakHisIndex:
     """The index of the data the search ran on (DataError when that folder is gone)."""
     from dala_search.data.breakhis import index_breakhis
 
@@ -487,7 +487,7 @@ def evaluate_search(
     ref = open_search(name, runs_dir, tracking_uri)
     mags = select_magnifications(ref, magnifications)
     bests = [best_config(ref, m, epochs=epochs, device=device) for m in mags]  # fail early
-    index = search_index(ref, log)
+    index = data_index(ref, log)
     docs = []
     for best in bests:
         mag = best.magnification

@@ -471,7 +471,7 @@ def _render(**ctx: Any) -> str:
 
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    template = resources.files("dala_search").joinpath("templates", "report.html.j2")
+    template = resources.files("dala_search") / "templates" / "report.html.j2"
     return env.from_string(template.read_text(encoding="utf-8")).render(
         generated=now,
         report_code_version=tracking.code_version(),

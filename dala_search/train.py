@@ -388,7 +388,7 @@ def train_trial(
 
     ``reporter(epoch, metrics)`` receives ``val_*`` metrics plus ``train_loss`` and timing.
     Seeded and repeatable on the CPU. Raises NonFiniteLossError on a NaN/inf loss.
-    ``build_model`` swaps the architecture and nothing else (``evaluate.py`` passes the
+    ``build_model`` swaps the architecture and nothing else (``comparison.py`` passes the
     paper's baselines from ``model/baselines.py``); the model must offer
     ``parameter_groups(weight_decay)``.
 
