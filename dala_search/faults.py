@@ -3,7 +3,8 @@
 Off unless ``$DALA_FAULTS`` is set (the search forwards it to every trial process). Its
 value is a JSON list of faults, each::
 
-    {"kind": "raise" | "oom" | "nan" | "sigkill", "epoch": 1, "once": "/tmp/token", "delay_s": 0.5}
+    {"kind": "raise" | "oom" | "nan" | "sigkill" | "barrier", "epoch": 1, "once": "/tmp/token",
+     "delay_s": 0.5, "dir": "/tmp/arrivals", "count": 4, "timeout_s": 120}
 
 - ``raise``: a RuntimeError after epoch ``epoch`` is reported (a bug in a trial);
 - ``oom``: ``torch.cuda.OutOfMemoryError`` after epoch ``epoch`` (what a GPU that is full
@@ -11,7 +12,10 @@ value is a JSON list of faults, each::
 - ``nan``: the training loss becomes NaN from the first batch (``train_trial``'s own
   non-finite check must end the trial);
 - ``sigkill``: the trial process SIGKILLs itself ``delay_s`` seconds after epoch
-  ``epoch`` is reported, i.e. in the middle of the next epoch.
+  ``epoch`` is reported, i.e. in the middle of the next epoch;
+- ``barrier``: after epoch ``epoch`` the trial process leaves a file in ``dir`` and waits
+  until ``count`` processes have (then all go on), or raises a RuntimeError after
+  ``timeout_s`` seconds: proof that ``count`` trials ran at the same time.
 
 ``once`` names a token file: only the first process that creates it gets the fault, so one
 trial of a search is hit and a restarted trial is not hit again. Core module: no framework
@@ -24,10 +28,11 @@ import json
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 ENV_VAR = "DALA_FAULTS"
-KINDS = ("raise", "oom", "nan", "sigkill")
+KINDS = ("raise", "oom", "nan", "sigkill", "barrier")
 
 
 def _faults() -> list[dict[str, Any]]:
@@ -68,12 +73,28 @@ def after_epoch(epoch: int) -> None:
             raise torch.cuda.OutOfMemoryError(
                 f"CUDA out of memory (injected fault after epoch {epoch})"
             )
+        if f["kind"] == "barrier":
+            _barrier(f["dir"], int(f["count"]), float(f.get("timeout_s", 120)))
         if f["kind"] == "sigkill":
             timer = threading.Timer(
                 float(f.get("delay_s", 0.5)), os.kill, args=(os.getpid(), signal.SIGKILL)
             )
             timer.daemon = True
             timer.start()
+
+
+def _barrier(folder: str, count: int, timeout_s: float) -> None:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, str(os.getpid())), "w"):
+        pass
+    deadline = time.monotonic() + timeout_s
+    while (arrived := len(os.listdir(folder))) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"injected barrier: {arrived} of {count} trial processes arrived within "
+                f"{timeout_s:g} s: they did not run at the same time"
+            )
+        time.sleep(0.1)
 
 
 def wrap_loss(loss_fn: Any) -> Any:

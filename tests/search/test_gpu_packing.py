@@ -10,11 +10,13 @@ CPU while it holds the GPU.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from dala_search.search import tracking
@@ -23,9 +25,18 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def one_gpu_node() -> Iterator[None]:
+def one_gpu_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A Ray node with 4 CPUs and 1 declared GPU; yields the barrier's arrivals folder.
+
+    After its first epoch each trial waits at a barrier (``dala_search/faults.py``) until
+    four trial processes are there: trials that did not run at the same time fail it (after
+    120 s). Ray's workers take the switch from this node's runtime env (a search started on
+    a Ray it did not start adds no env of its own).
+    """
     import ray
 
+    arrived = tmp_path_factory.mktemp("barrier") / "arrived"
+    barrier = {"kind": "barrier", "epoch": 1, "dir": str(arrived), "count": 4}
     ray.init(
         address="local",
         num_cpus=4,
@@ -33,9 +44,10 @@ def one_gpu_node() -> Iterator[None]:
         include_dashboard=False,
         log_to_driver=False,
         logging_level=logging.ERROR,
+        runtime_env={"env_vars": {"DALA_FAULTS": json.dumps([barrier])}},
     )
     try:
-        yield
+        yield arrived
     finally:
         ray.shutdown()
 
@@ -72,7 +84,7 @@ def _search(tmp_path: Path, demo_root: Path, space: Path, name: str, trials: int
 
 
 def test_quarter_gpus_run_four_trials_at_once_on_one_gpu(
-    one_gpu_node: None,
+    one_gpu_node: Path,
     tmp_path: Path,
     demo_root: Path,
     tiny_space: Path,
@@ -81,6 +93,7 @@ def test_quarter_gpus_run_four_trials_at_once_on_one_gpu(
     space = _space(tmp_path, tiny_space, "cpu")
     plan, outcome = _search(tmp_path, demo_root, space, "quarters", trials=4)
     assert (outcome.completed, outcome.failed) == (4, 0)
+    assert len(list(one_gpu_node.iterdir())) == 4  # four processes met at the barrier
     _, runs = checked_records(plan)
     assert [r.data.tags[tracking.TAG_GPUS] for r in runs] == ["0"] * 4  # one GPU, shared
     assert len({r.data.tags[tracking.TAG_PID] for r in runs}) == 4  # four trial processes
@@ -88,8 +101,9 @@ def test_quarter_gpus_run_four_trials_at_once_on_one_gpu(
     assert max(r.info.start_time for r in runs) < min(r.info.end_time for r in runs)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_trial_given_a_gpu_without_cuda_fails_and_says_why(
-    one_gpu_node: None,
+    one_gpu_node: Path,
     tmp_path: Path,
     demo_root: Path,
     tiny_space: Path,
