@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU benchmarks in one go, for a lent GPU machine with torch already installed:
-#   bash bench/gpu.sh OUTDIR
-# Records pipeline, trial and trial --compile into bench/README.md's GPU blocks and copies
-# README and logs to OUTDIR after each step (a step that runs out of time keeps the rest).
+# The CUDA tests and GPU benchmarks in one go, for a lent GPU machine with torch installed:
+#   bash bench/gpu.sh OUTDIR            (STEPS="tests memory" picks steps; default: all)
+# Runs tests/test_cuda.py, then records memory, pipeline, trial and trial --compile into
+# bench/README.md's GPU blocks, copying README and logs to OUTDIR after each step (a step
+# that runs out of time keeps the rest).
 # Wheels of missing pure-Python packages (imbalanced-learn, sklearn-compat) may sit in .whl/.
 set -u
 out=${1:?usage: bash bench/gpu.sh OUTDIR}
@@ -15,14 +16,23 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 threads=$(nproc)
+steps=" ${STEPS:-tests memory pipeline trial trial_compile} "
+wanted() { [[ $steps == *" $1 "* ]]; }
+if wanted tests; then
+  echo "== tests (limit 150 s)"
+  timeout 150 python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider >"$out/tests.log" 2>&1
+  echo "== tests rc $?"; tail -n 15 "$out/tests.log"
+fi
 step() {  # step NAME SECONDS ARGS...
   local name=$1 limit=$2; shift 2
+  wanted "$name" || return 0
   echo "== $name (limit ${limit} s)"
   local t0=$SECONDS
   timeout "$limit" python3 "$@" --threads "$threads" --record >"$out/$name.log" 2>&1
   echo "== $name rc $? in $((SECONDS - t0)) s"; tail -n 12 "$out/$name.log"
   cp bench/README.md "$out/README.md"
 }
+step memory 200 bench/memory.py --device cuda
 step pipeline 150 bench/pipeline.py --device cuda
 step trial 200 bench/trial.py --device cuda
 step trial_compile "${COMPILE_LIMIT:-300}" bench/trial.py --device cuda --compile
