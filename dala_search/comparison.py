@@ -18,17 +18,12 @@ from typing import Any
 
 from dala_search.errors import ConfigError, DataError
 from dala_search.evaluate import (
-    CI_METHOD,
     Log,
     SearchRef,
-    best_config,
-    check_protocol,
-    data_index,
-    fold_splits,
+    fold_data,
+    fold_document,
     metric_batch,
-    open_search,
-    prepare_magnification,
-    select_magnifications,
+    open_bests,
     stderr_log,
     summarise,
     tracking_client,
@@ -82,13 +77,18 @@ def run_baselines(
     Returns one document per magnification (the ``baselines/<mag>.json`` content).
     """
     from dala_search.model.baselines import baseline_builder, build_baseline
-    from dala_search.search import tracking
 
-    check_protocol(protocol, k)
     names = parse_models(models)
-    ref = open_search(name, runs_dir, tracking_uri)
-    mags = select_magnifications(ref, magnifications)
-    bests = [best_config(ref, m, epochs=epochs, device=device) for m in mags]
+    ref, bests = open_bests(
+        name,
+        protocol=protocol,
+        k=k,
+        magnifications=magnifications,
+        epochs=epochs,
+        device=device,
+        runs_dir=runs_dir,
+        tracking_uri=tracking_uri,
+    )
     if pretrained is not None:
         bests = [
             dataclasses.replace(b, config=b.config.replace(pretrained=pretrained)) for b in bests
@@ -98,12 +98,9 @@ def run_baselines(
     for best in bests:
         for model in names:
             build_baseline(model, best.config)
-    index = data_index(ref, log)
     docs = []
-    for best in bests:
+    for best, data, splits in fold_data(ref, bests, protocol, k, log):
         mag = best.magnification
-        data = prepare_magnification(ref, index, mag, best.config)
-        splits = fold_splits(index, data.records, protocol, k, seed=ref.plan.seed)
         rows = []
         for model in names:
             per_fold = train_folds(
@@ -116,19 +113,16 @@ def run_baselines(
                 log=log,
             )
             rows.append({"model": model, "metrics": summarise(per_fold, BASELINE_METRICS)})
-        doc = {
-            "magnification": mag,
-            "search": ref.name,
-            "protocol": protocol,
-            "k": k,
-            "config": best.config.to_dict(),
-            "rows": rows,
-            "dalaresnet50": _evaluation_row(ref, mag, protocol, k, log),
-            "synthetic": bool(data.synthetic),
-            "code_version": tracking.code_version(),
-            "ci": CI_METHOD,
-            "splits": [s.to_json(data.records) for s in splits],
-        }
+        doc = fold_document(
+            ref,
+            best,
+            data,
+            splits,
+            protocol,
+            k,
+            rows=rows,
+            dalaresnet50=_evaluation_row(ref, mag, protocol, k, log),
+        )
         path = write_json(ref.folder / "baselines" / f"{mag}.json", doc)
         log(f"[{mag}] wrote {path}")
         client = tracking_client(ref.tracking_uri)

@@ -75,7 +75,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -462,6 +462,62 @@ def data_index(ref: SearchRef, log: Log) -> BreakHisIndex:
     return index_breakhis(data_dir)
 
 
+def open_bests(
+    name: str,
+    *,
+    protocol: str,
+    k: int,
+    magnifications: str | None,
+    epochs: int | None,
+    device: str | None,
+    runs_dir: str | Path | None,
+    tracking_uri: str | None,
+) -> tuple[SearchRef, list[BestConfig]]:
+    """The search and each chosen magnification's best configuration, all read before any
+    training (a bad protocol, magnification or search fails at once)."""
+    check_protocol(protocol, k)
+    ref = open_search(name, runs_dir, tracking_uri)
+    mags = select_magnifications(ref, magnifications)
+    return ref, [best_config(ref, m, epochs=epochs, device=device) for m in mags]
+
+
+def fold_data(
+    ref: SearchRef, bests: Sequence[BestConfig], protocol: str, k: int, log: Log
+) -> Iterator[tuple[BestConfig, Any, list[Any]]]:
+    """Per best configuration, in turn: (best, its magnification's data, the fold splits),
+    the data indexed once; ``evaluate_search`` and ``comparison.run_baselines`` share it."""
+    index = data_index(ref, log)
+    for best in bests:
+        data = prepare_magnification(ref, index, best.magnification, best.config)
+        yield best, data, fold_splits(index, data.records, protocol, k, seed=ref.plan.seed)
+
+
+def fold_document(
+    ref: SearchRef,
+    best: BestConfig,
+    data: Any,
+    splits: Sequence[Any],
+    protocol: str,
+    k: int,
+    **figures: Any,
+) -> dict[str, Any]:
+    """What every per-magnification document records about how its figures were made."""
+    from dala_search.search import tracking
+
+    return {
+        "magnification": best.magnification,
+        "search": ref.name,
+        "protocol": protocol,
+        "k": k,
+        "config": best.config.to_dict(),
+        **figures,
+        "synthetic": bool(data.synthetic),
+        "code_version": tracking.code_version(),
+        "ci": CI_METHOD,
+        "splits": [s.to_json(data.records) for s in splits],
+    }
+
+
 # ---- evaluate -----------------------------------------------------------------------------
 
 
@@ -481,32 +537,24 @@ def evaluate_search(
 
     Returns one document per magnification (the ``evaluation/<mag>.json`` content).
     """
-    from dala_search.search import tracking
-
-    check_protocol(protocol, k)
-    ref = open_search(name, runs_dir, tracking_uri)
-    mags = select_magnifications(ref, magnifications)
-    bests = [best_config(ref, m, epochs=epochs, device=device) for m in mags]  # fail early
-    index = data_index(ref, log)
+    ref, bests = open_bests(
+        name,
+        protocol=protocol,
+        k=k,
+        magnifications=magnifications,
+        epochs=epochs,
+        device=device,
+        runs_dir=runs_dir,
+        tracking_uri=tracking_uri,
+    )
     docs = []
-    for best in bests:
+    for best, data, splits in fold_data(ref, bests, protocol, k, log):
         mag = best.magnification
-        data = prepare_magnification(ref, index, mag, best.config)
-        splits = fold_splits(index, data.records, protocol, k, seed=ref.plan.seed)
         per_fold = train_folds(best.config, data, splits, protocol, label=mag, log=log)
-        doc = {
-            "magnification": mag,
-            "search": ref.name,
-            "protocol": protocol,
-            "k": k,
-            "config": best.config.to_dict(),
-            "metrics": summarise(per_fold, EVAL_METRICS),
-            "synthetic": bool(data.synthetic),
-            "code_version": tracking.code_version(),
-            "ci": CI_METHOD,
-            "splits": [s.to_json(data.records) for s in splits],
-            "best_run_id": best.best_run_id,
-        }
+        doc = fold_document(
+            ref, best, data, splits, protocol, k, metrics=summarise(per_fold, EVAL_METRICS)
+        )
+        doc["best_run_id"] = best.best_run_id
         path = write_json(ref.folder / "evaluation" / f"{mag}.json", doc)
         log(f"[{mag}] wrote {path}")
         _log_evaluation(ref, best, doc, log)
