@@ -151,7 +151,17 @@ def run_concurrent(  # noqa: ANN001
 def main() -> None:
     p = c.parser(__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu | cuda")
+    p.add_argument(
+        "--image-size", type=int, default=224, help="with --device cuda: px (default 224)"
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="with --device cuda (default 64)")
+    p.add_argument("--epochs", type=int, default=GPU_EPOCHS, help="with --device cuda")
     args = p.parse_args()
+    gpu_shape = (args.image_size, args.batch_size, args.epochs) != (224, 64, GPU_EPOCHS)
+    if gpu_shape and args.device != "cuda":
+        p.error("--image-size, --batch-size and --epochs go with --device cuda")
+    if args.epochs < 2:
+        p.error("--epochs: at least 2 (the speed is read after the first)")
     load0 = c.load_start()
     size = SIZES[c.size_of(args)]
     cuda = args.device == "cuda"
@@ -166,15 +176,15 @@ def main() -> None:
         except ConfigError as e:
             raise SystemExit(f"bench/memory.py --device cuda: {e}") from None
         if not args.tiny:
-            size = GPU_SIZE
+            size = {**GPU_SIZE, "px": args.image_size}
     base = c.work_dir(args)
     if cuda:  # the model at full width, BreakHis-like batches
         root = c.demo_data(base, images_per_mag=size["per_mag"], width=256, height=168)
         config = TrialConfig(
             pretrained="none",
             image_size=size["px"],
-            batch_size=64,
-            epochs=GPU_EPOCHS,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
             device="cuda",
         )
     else:
@@ -231,9 +241,10 @@ def main() -> None:
         "_load_start": load0,
     }
     c.finite_positive(result, ["data_pss_1_mib", "data_pss_4_mib", "ratio", "total_pss_1_mib"])
+    shape = f", batch {config.batch_size}, {config.epochs} epochs" if cuda else ""
     summary = (
         f"{len(data.records)} images at {size['px']} px (cache file {cache_mib:.1f} MiB), "
-        f"trials as separate processes, {args.device}, median of {size['reps']}\n"
+        f"trials as separate processes, {args.device}, median of {size['reps']}{shape}\n"
         f"data (PSS of the cache mapping, summed over trials): 1 trial {d1:.1f} MiB, "
         f"4 trials {d4:.1f} MiB -> {d4 / d1:.2f}x (goal <= 1.3x; a copy each would be 4x)\n"
         f"whole processes (PSS, summed): 1 trial {t1:.0f} MiB, 4 trials {t4:.0f} MiB "
@@ -241,7 +252,9 @@ def main() -> None:
     )
     if cuda:
         summary += _gpu_figures(result, runs, med)
-    c.finish("memory", args, result, summary, device=args.device)
+    # another trial shape than the default gets a GPU block of its own
+    block = f"memory-gpu-{args.image_size}px-b{args.batch_size}" if gpu_shape else None
+    c.finish("memory", args, result, summary, device=args.device, block=block)
 
 
 def _gpu_figures(result: dict, runs: dict[str, list[dict]], med) -> str:  # noqa: ANN001
