@@ -133,14 +133,10 @@ def run_concurrent(  # noqa: ANN001
     # Each trial's median training speed over the epochs after the barrier (epoch 1 pays
     # cuDNN set-up and waits); summed over trials: the node's throughput with k at once.
     speeds = [c.median(t["img_s"][1:] or t["img_s"]) for t in trials]
+    out = {"img_s_per_trial": [round(v, 1) for v in speeds], "img_s_sum": sum(speeds)}
     if not sample:
-        return {"img_s_per_trial": [round(v, 1) for v in speeds], "img_s_sum": sum(speeds)}
-    out = {
-        "data_mib": peak_data / 1024,
-        "total_mib": peak_total / 1024,
-        "img_s_per_trial": [round(v, 1) for v in speeds],
-        "img_s_sum": sum(speeds),
-    }
+        return out
+    out.update(data_mib=peak_data / 1024, total_mib=peak_total / 1024)
     if config.device.startswith("cuda"):
         out["gpu_reserved_per_trial_mib"] = [round(t["gpu_max_reserved_mib"]) for t in trials]
         out["gpu_allocated_per_trial_mib"] = [round(t["gpu_max_allocated_mib"]) for t in trials]
