@@ -3,7 +3,7 @@
 ``dala-search baselines NAME`` (``run_baselines``) trains each baseline
 (``dala_search.model.baselines``: ResNet50, SEResNet50, DenseNet121, VGG16, ViT, Swin, ...)
 with the best configuration's recipe on exactly the folds ``dala-search evaluate`` uses
-(``evaluate.fold_splits`` with the same protocol, k and seed), and writes
+(``folds.fold_splits`` with the same protocol, k and seed), and writes
 ``<search folder>/baselines/<mag>.json`` (format in ``dala_search/evaluate.py``'s docstring)
 with DALAResNet50's row read from ``evaluation/<mag>.json`` when the protocol and k match.
 """

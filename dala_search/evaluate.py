@@ -5,18 +5,7 @@
 the same folds with this module's helpers; ``dala-search report`` READS what both write.
 The file formats below are that interface; change them only together with the report.
 
-Protocols (``--folds K`` or ``--seeds K``, K >= 2; the same for both commands, so the
-baselines see exactly the folds the evaluation saw):
-
-* ``folds``: K patient-disjoint test parts. With an official ``Folds.csv`` in the data, its
-  folds 1..K (train/test as published; refused if K exceeds the folds there). Otherwise
-  scikit-learn's ``StratifiedGroupKFold`` (grouped by slide id = patient, stratified by
-  class, shuffled with the search's seed): every patient is tested exactly once. In both
-  cases the validation patients (best-epoch selection) are carved from the fold's training
-  patients (15 %, grouped, both classes), so no test patient ever steers training.
-* ``seeds``: K seeded patient-disjoint train/val/test splits (``splits.patient_split`` with
-  seeds s..s+K-1, test 20 %), each trained with the config's seed + i: the "five random
-  trials" of the BreakHis papers. Test parts may overlap between repetitions.
+The protocols (``--folds K`` or ``--seeds K``) and their folds: ``folds.py``.
 
 Every run is the same ``train.train_trial`` as a search trial, with the best configuration
 read from MLflow (the magnification's parent run names the best trial; its
@@ -74,7 +63,6 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,10 +71,10 @@ from typing import Any
 import numpy as np
 
 from dala_search.config import TrialConfig
-from dala_search.data.breakhis import BreakHisIndex, ImageRecord
+from dala_search.data.breakhis import BreakHisIndex
 from dala_search.errors import ConfigError, DalaError, DataError
+from dala_search.folds import check_protocol, fold_splits
 
-PROTOCOLS: tuple[str, ...] = ("folds", "seeds")
 EVAL_METRICS: tuple[str, ...] = (
     "accuracy",
     "balanced_accuracy",
@@ -97,8 +85,6 @@ EVAL_METRICS: tuple[str, ...] = (
     "patient_accuracy",
 )
 CI_METHOD = "95% Student t-interval over the k folds/seeds (scipy.stats.t, k-1 df)"
-VAL_FRACTION = 0.15  # of each fold's training patients, for best-epoch selection
-TEST_FRACTION = 0.2  # of all patients, "seeds" protocol only
 
 Log = Callable[[str], None]
 
@@ -240,125 +226,6 @@ def best_config(
         registered_model=parent.data.tags.get("dala.registered_model"),
         config=config,
     )
-
-
-# ---- folds --------------------------------------------------------------------------------
-
-
-def check_protocol(protocol: str, k: int) -> None:
-    """ConfigError for an unknown protocol or fewer than two folds/seeds."""
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
-        raise ConfigError(
-            f"--{protocol} {k!r}: needs at least 2 (a confidence interval needs two or more "
-            "test results)"
-        )
-
-
-def fold_splits(
-    index: BreakHisIndex,
-    records: Sequence[ImageRecord],
-    protocol: str,
-    k: int,
-    *,
-    seed: int = 0,
-) -> list[Any]:
-    """The K patient-disjoint train/val/test splits of ``records`` (see module docstring).
-
-    Called by ``evaluate_search`` and ``comparison.run_baselines`` with the same arguments,
-    so both train on identical folds. Returns ``data.splits.Split`` objects indexing ``records``.
-    """
-    from dala_search.data.splits import check_disjoint, official_fold_split, patient_split
-
-    check_protocol(protocol, k)
-    if protocol == "seeds":
-        return [
-            patient_split(
-                records, seed=seed + i, val_fraction=VAL_FRACTION, test_fraction=TEST_FRACTION
-            )
-            for i in range(k)
-        ]
-    if index.folds_csv is not None:
-        from dala_search.data.splits import read_folds_csv
-
-        available = sorted({row.fold for row in read_folds_csv(index.folds_csv)})
-        if k > len(available):
-            raise DataError(
-                f"--folds {k}: {index.folds_csv} has {len(available)} fold(s) "
-                f"({', '.join(map(str, available))}); use --folds {len(available)} or fewer"
-            )
-        return [
-            official_fold_split(index, records, fold, seed=seed, val_fraction=VAL_FRACTION)
-            for fold in available[:k]
-        ]
-    splits = []
-    for i, (rest, test) in enumerate(_grouped_kfold(records, k, seed)):
-        train, val = _carve_val(records, rest, seed)
-        split = _make_split(
-            train,
-            val,
-            test,
-            f"patient-disjoint fold {i + 1} of {k} (StratifiedGroupKFold by slide, seed "
-            f"{seed}), val {VAL_FRACTION} of its train patients",
-        )
-        check_disjoint(records, split)
-        splits.append(split)
-    return splits
-
-
-def _grouped_kfold(
-    records: Sequence[ImageRecord], k: int, seed: int
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(rest, test) index pairs: every patient in exactly one test part, both classes in each."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    per_class: dict[str, set[str]] = {}
-    for r in records:
-        per_class.setdefault(r.label, set()).add(r.slide)
-    fewest = min(len(s) for s in per_class.values()) if len(per_class) == 2 else 0
-    if fewest < k:
-        counts = ", ".join(f"{len(s)} {c}" for c, s in sorted(per_class.items()))
-        raise DataError(
-            f"--folds {k}: every test part needs a patient of each class, but the data has "
-            f"{counts or 'no'} patient(s) here; use --folds {max(fewest, 2)} or fewer"
-        )
-    y = np.array([r.label_index for r in records])
-    groups = np.array([r.slide for r in records])
-    cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():
-        # Few images of a class in a fold is expected; the class check below is what matters.
-        warnings.filterwarnings("ignore", message="The least populated class", module="sklearn")
-        folds = list(cv.split(np.zeros(len(records)), y, groups))
-    for i, (_, test) in enumerate(folds):
-        if len(set(y[test])) < 2:
-            raise DataError(
-                f"--folds {k}: the grouped fold {i + 1} (seed {seed}) has patients of one "
-                "class only; use fewer folds"
-            )
-    return folds
-
-
-def _carve_val(
-    records: Sequence[ImageRecord], rest: np.ndarray, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Validation patients out of a fold's training patients, grouped and stratified.
-
-    ``splits._carve`` is the search's own carve (same rules: both classes on each side,
-    a DataError saying which class is short otherwise); reused, not re-implemented.
-    """
-    from dala_search.data.splits import STRATIFY, _carve
-
-    return _carve(records, rest, VAL_FRACTION, seed, STRATIFY["label"], "val", min_rest=1)
-
-
-def _make_split(train: np.ndarray, val: np.ndarray, test: np.ndarray, description: str) -> Any:
-    from dala_search.data.splits import Split
-
-    def as_tuple(a: np.ndarray) -> tuple[int, ...]:
-        return tuple(sorted(int(i) for i in a))
-
-    return Split(as_tuple(train), as_tuple(val), as_tuple(test), description)
 
 
 # ---- statistics ---------------------------------------------------------------------------

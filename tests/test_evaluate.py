@@ -21,11 +21,8 @@ from dala_search.comparison import BASELINE_METRICS
 from dala_search.data.breakhis import index_breakhis
 from dala_search.data.splits import check_disjoint
 from dala_search.errors import DataError
-from dala_search.evaluate import (
-    EVAL_METRICS,
-    confidence_interval,
-    fold_splits,
-)
+from dala_search.evaluate import EVAL_METRICS, confidence_interval
+from dala_search.folds import fold_splits
 
 K = 2
 
