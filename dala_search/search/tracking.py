@@ -65,6 +65,21 @@ def resolve_tracking_uri(uri: str | None, cwd: Path | None = None) -> str:
     return uri
 
 
+def artifact_location(uri: str, search: str) -> str | None:
+    """Where a new search experiment keeps its artifacts.
+
+    Beside a local sqlite store: ``<db folder>/<db name>-artifacts/<search>``. MLflow's own
+    default for a database store is ``./mlruns/<experiment id>`` in the working directory:
+    artifacts would land wherever the command ran, and two stores (whose experiment ids
+    both start at 1) would share one folder. None elsewhere: a server decides (its
+    ``--artifacts-destination``), a file store keeps them inside itself.
+    """
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        return (db.parent / f"{db.stem}-artifacts" / search).as_uri()
+    return None
+
+
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """Fail fast, before any training, when a tracking server cannot be reached."""
     if uri.startswith(("http://", "https://")):
@@ -155,7 +170,9 @@ class SearchTracker:
             self.experiment_id = exp.experiment_id
         else:
             tags = {TAG_SEARCH: search, **({TAG_FOLDER: str(folder)} if folder else {})}
-            self.experiment_id = self.client.create_experiment(name, tags=tags)
+            self.experiment_id = self.client.create_experiment(
+                name, artifact_location=artifact_location(uri, search), tags=tags
+            )
 
     def parent_run(self, magnification: str, tags: Mapping[str, str]) -> str:
         """The magnification's parent run: reused on resume, created otherwise."""

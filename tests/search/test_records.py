@@ -7,6 +7,7 @@ Uses the session's ``finished_search`` (a real 3-trial search at 40X, read-only)
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import optuna
 import pytest
@@ -43,6 +44,17 @@ def test_one_experiment_one_parent_per_magnification_one_child_per_trial(records
     numbers = {t.number for t in study.get_trials()}
     assert {int(t.data.tags[tracking.TAG_OPTUNA_NUMBER]) for t in trials} == numbers
     assert records["exp"].tags[tracking.TAG_FOLDER] == plan.folder
+
+
+def test_artifacts_live_beside_the_sqlite_store(records) -> None:
+    # MLflow's default for a database store is ./mlruns in the working directory, shared by
+    # every store whose experiment ids start at 1; a search keeps them beside its store.
+    db = Path(records["tracking_uri"][len("sqlite:///") :])
+    expected = db.parent / f"{db.stem}-artifacts" / records["name"]
+    assert records["exp"].artifact_location == expected.as_uri()
+    run = records["runs"]["trial"][0]
+    assert run.info.artifact_uri.startswith(expected.as_uri() + "/")
+    assert any(expected.rglob("trial_config.json"))  # the files really are there
 
 
 def test_trial_runs_carry_params_epochs_tags_and_artifacts(records) -> None:
