@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -195,29 +196,29 @@ def _color_jitter(x: torch.Tensor, amount: float, rand: Rand) -> torch.Tensor:
 #
 # ``normalize(augment(to_float(u8)))`` above is the readable definition; it makes ~20 passes
 # over the batch. ``augment_normalized`` draws the same numbers in the same order and makes
-#   geometry  on the CPU in uint8: per sample a view of the crop box, torch's vectorised
-#             uint8 bilinear resize (channels_last), the mirror and turns as uint8 row
-#             reversals and a transposed view; on a GPU one batched ``grid_sample``;
-#   colour    in planar float (C, H*W): stain jitter is log, one 3x3 product per sample, exp
+#   on a GPU  one batched ``grid_sample`` for the geometry, then the colour step in planar
+#             float (C, H*W): stain jitter is log, one 3x3 product per sample, exp
 #             (od' = od @ H diag(alpha) R + beta @ R); colour jitter AND the ImageNet
-#             normalisation are one more 3x3 product plus offset per sample; one clamp.
-# Planar, because a 3x3 product over (3, H*W) runs ~10x faster on a CPU than over (H*W, 3).
-# On a CPU the work goes a few samples at a time so the float intermediates stay in the
-# core's cache (each float pass over a whole 224 px batch from memory costs as much as the
-# log or the exp from cache); with several torch threads, whole chunks go to single-threaded
-# workers (``_cpu_workers``), and the output lies in huge pages (``_empty_float_cpu``).
-# Measured here, 64 x 224 px, TrialConfig's defaults: ~47 ms per batch on one core, of which
-# log ~11, exp ~8, uint8 geometry ~9, float conversion ~5, the two 3x3 maps ~11. With stain
-# jitter the conversion and the log are one table lookup instead (log of 256 uint8 values,
-# ``_LOG_U8``; bit-identical): ~43 ms per batch on one core (side by side: 49.7 -> 42.6 ms
-# on one thread, 37.6 -> 35.3 ms on two).
+#             normalisation are one more 3x3 product plus offset per sample; one clamp;
+#   on a CPU  the same maps, one image at a time in OpenCV on uint8/float HWC: crop box view,
+#             ``cv2.resize`` (bilinear, uint8), one ``flip`` and maybe one ``transpose``
+#             for the mirror and turns, ``LUT`` (uint8 -> log, or -> float), ``transform``
+#             (the 3x3 stain map plus bias), ``exp``, ``mean``, ``transform`` (colour and
+#             normalisation) straight into the output, ``min``/``max`` (the clamp). Each is
+#             one SIMD pass over a 224 px image that stays in the core's cache; worker
+#             threads (``_cpu_workers``) take images in turn, and the output is NHWC memory
+#             (channels_last strides) in huge pages (``_empty_float_cpu``).
+# Measured here (2-core AMD EPYC, 64 x 224 px, TrialConfig's defaults, side by side on the
+# same draws): 21 ms per batch on one thread, 12 ms on two, against 40 and 23-27 ms for the
+# previous torch-op CPU path (uint8 geometry, planar float chunks); torch's ``exp`` alone
+# took 8 ms per batch there, OpenCV's 1.6.
 
-# floats per colour step on a CPU (two buffers of this many: ~1.2 MB each, cache-sized);
-# two 224 px samples, measured fastest here with 1 and 2 threads (4: ~3% slower, 16: ~20%)
-_CPU_CHUNK_VALUES = 2 * 3 * 224 * 224
 _LOG_255 = math.log(255.0)
-# log of each uint8 value as _colour_normalize computes it (clamped, float32): a lookup table
+# log of each uint8 value as _colour_normalize computes it (clamped, float32): the CPU
+# path's lookup table
 _LOG_U8 = torch.arange(256, dtype=torch.float32).clamp_(min=255.0 * _MIN_INTENSITY).log_()
+_LOG_U8_NP = _LOG_U8.numpy()
+_FLOAT_U8_NP = torch.arange(256, dtype=torch.float32).numpy()  # uint8 -> the same float
 # clamping to [0, 1] and then normalising == normalising then clamping to these bounds
 _LO = [(0.0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]
 _HI = [(1.0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]
@@ -239,8 +240,9 @@ def augment_normalized(
     """``normalize(augment(to_float(batch_u8), spec, generator))``, fast.
 
     Called by ``train.train_one_epoch`` for every training batch. Input uint8 NHWC on the
-    trial's device; output float NCHW, contiguous (``train`` converts it to channels_last
-    where the model wants that, on CUDA; CPU convolutions run no faster either way).
+    trial's device; output float (n, 3, H, W): on a GPU contiguous (``train`` converts it to
+    channels_last where the model wants that), on a CPU with channels_last strides (OpenCV's
+    interleaved layout; CPU convolutions take it as fast as NCHW or faster).
     ``generator`` must live on the same device: on a GPU nothing here copies to the host,
     so nothing synchronises. Equal to the readable definition up to float rounding (~1e-5),
     except that the CPU resize rounds to uint8 (within one 8-bit step, 1/255, before the
@@ -270,61 +272,76 @@ def _augment_batched(
     else:
         x = batch_u8.permute(0, 3, 1, 2).reshape(n, 3, h * w).float()
     scratch = torch.empty_like(x) if maps.stain_mix is not None else x
-    _colour_normalize(x, maps, slice(0, n), out.view(n, 3, h * w), scratch)
+    _colour_normalize(x, maps, out.view(n, 3, h * w), scratch)
     return out
 
 
 def _augment_cpu(batch_u8: torch.Tensor, geo: Geometry | None, maps: _ColourMaps) -> torch.Tensor:
-    """A few samples at a time, geometry in uint8: the CPU path.
+    """One image at a time in OpenCV, geometry in uint8: the CPU path.
 
-    With ``torch.get_num_threads() > 1`` that many worker threads, each running its torch ops
-    single-threaded (see ``_cpu_workers``), take chunks in turn until none is left, so a
-    worker that the OS holds back (a busy, shared machine) just does fewer of them.
+    Returns float (n, 3, H, W) with channels_last strides (NHWC memory: OpenCV works on
+    interleaved channels, and CPU convolutions take that layout as fast as NCHW or faster).
+    With ``torch.get_num_threads() > 1`` that many worker threads (``_cpu_workers``) take
+    images in turn until none is left, so a worker that the OS holds back (a busy, shared
+    machine) just does fewer of them; each OpenCV call runs on its caller's thread.
     """
+    cv2 = _opencv()
     n, h, w, _ = batch_u8.shape
-    out = _empty_float_cpu((n, 3, h, w))
+    out = _empty_float_cpu((n, h, w, 3))
+    src, dst = batch_u8.contiguous().numpy(), out.numpy()
     geo_lists = [t.tolist() for t in geo] if geo is not None else None
-    chunk = max(1, min(_CPU_CHUNK_VALUES // (3 * h * w), n))
-    starts = list(range(0, n, chunk))
-    claims = itertools.count()  # each worker claims the next chunk (next() holds the GIL)
-
     stained = maps.stain_mix is not None
+    # per sample (3, 4) float32 matrices for cv2.transform: [3x3 map | offset]
+    stain = torch.cat([maps.stain_mix, maps.stain_bias], 2).numpy() if stained else None
+    colour = torch.cat([maps.colour, maps.offset], 2).numpy()
+    mean_gain = maps.mean_gain.numpy()[:, :, 0] if maps.mean_gain is not None else None
+    lo, hi = (*_LO, 0.0), (*_HI, 0.0)
+    claims = itertools.count()  # each worker claims the next image (next() holds the GIL)
 
     def work() -> None:
-        planar = torch.empty(chunk, 3, h * w)
-        scratch = torch.empty_like(planar) if stained else planar
-        # stain jitter starts from log(x) of uint8 x: 256 values, looked up, not computed
-        codes = torch.empty(chunk, 3, h * w, dtype=torch.int32) if stained else None
-        while (c := next(claims)) < len(starts):
-            lo, hi = starts[c], min(starts[c] + chunk, n)
-            for j, i in enumerate(range(lo, hi)):
-                img, reversed_channels = batch_u8[i], False
-                if geo_lists is not None:
-                    img, reversed_channels = _geometry_u8(img, geo_lists, i)
-                # uint8 HWC (maybe a transposed view) -> planar float (or int32 codes for
-                # the lookup): one pass, in cache
-                dst = (codes if codes is not None else planar)[j].view(3, h, w)
-                if reversed_channels:
-                    for ch in range(3):
-                        dst[ch].copy_(img[..., 2 - ch])
-                else:
-                    dst.copy_(img.permute(2, 0, 1))
-            m = hi - lo
-            if codes is not None:
-                torch.index_select(_LOG_U8, 0, codes[:m].view(-1), out=planar[:m].view(-1))
-            out_rows = out[lo:hi].view(m, 3, h * w)
-            _colour_normalize(
-                planar[:m], maps, slice(lo, hi), out_rows, scratch[:m], logged=stained
-            )
+        x = np.empty((h, w, 3), np.float32)  # this worker's scratch, reused per image
+        while (i := next(claims)) < n:
+            img = src[i]
+            if geo_lists is not None:
+                img = _geometry_cv2(cv2, img, geo_lists, i)
+            if stained:  # log of uint8 looked up, the 3x3 stain map plus bias, exp
+                cv2.LUT(img, _LOG_U8_NP, dst=x)
+                cv2.transform(x, stain[i], dst=x)
+                cv2.exp(x, dst=x)
+            else:
+                cv2.LUT(img, _FLOAT_U8_NP, dst=x)
+            m = colour[i]
+            if mean_gain is not None:  # contrast pivots about the image's mean
+                m = m.copy()
+                m[:, 3] += sum(cv2.mean(x)[:3]) / 3.0 * mean_gain[i]
+            y = dst[i]
+            cv2.transform(x, m, dst=y)
+            cv2.min(y, hi, dst=y)
+            cv2.max(y, lo, dst=y)
 
-    threads = min(torch.get_num_threads(), len(starts))
+    threads = min(torch.get_num_threads(), n)
     if threads <= 1:
         work()
-        return out
-    pool = _cpu_workers(torch.get_num_threads())
-    for f in [pool.submit(work) for _ in range(threads)]:
-        f.result()
-    return out
+    else:
+        pool = _cpu_workers(torch.get_num_threads())
+        for f in [pool.submit(work) for _ in range(threads)]:
+            f.result()
+    return out.permute(0, 3, 1, 2)
+
+
+@functools.cache
+def _opencv():  # noqa: ANN202 (the cv2 module)
+    """OpenCV, imported on first use, set to run each call on its caller's thread.
+
+    Why one thread: the CPU path already runs images on ``torch.get_num_threads()`` worker
+    threads; OpenCV's own pool on top of that ran a 224 px batch 1.4x slower here (17 ms
+    instead of 12 on 2 cores), and alone it did not beat one thread (21 ms). This sets
+    OpenCV's thread count for the whole process (``cv2.setNumThreads(1)``).
+    """
+    import cv2
+
+    cv2.setNumThreads(1)
+    return cv2
 
 
 _HUGE_PAGE = 2 << 20
@@ -402,33 +419,31 @@ def _cpu_workers(threads: int) -> ThreadPoolExecutor:
         return pool
 
 
-def _geometry_u8(img: torch.Tensor, geo: list[list[int]], i: int) -> tuple[torch.Tensor, bool]:
+# cv2.flip codes by (flip rows, flip columns)
+_FLIP_CODE = {(True, True): -1, (True, False): 0, (False, True): 1}
+
+
+def _geometry_cv2(cv2, img: np.ndarray, geo: list[list[int]], i: int) -> np.ndarray:  # noqa: ANN001
     """Sample ``i``'s crop, resize, mirror and turns on one uint8 HWC image (CPU path).
 
-    Returns an HWC image (maybe a transposed view) and whether its channels come in reverse
-    order, which the caller undoes as it converts to float. Why reversed: every mirror/turn
-    is ``transpose^t . flip_rows^a . flip_columns^b``, and flipping the columns of an HWC
-    image is a reversal of each row's bytes (pixels AND their channels): as one contiguous
-    reversal that runs ~8x faster than ``flip`` along W, which moves 3-byte pixels.
+    The crop box is a view; ``cv2.resize`` (bilinear, uint8 in and out) brings it back to
+    the image size: for the upscaling a crop needs this is ``interpolate``'s bilinear
+    (half-pixel centres, edge pixels repeated), rounded to uint8 (within one 8-bit step of
+    the float result; tests check it). Every mirror/turn is ``transpose^t . flip_rows^a .
+    flip_columns^b``: at most one ``cv2.flip`` and one ``cv2.transpose``.
     """
     k, f, top, left, ch, cw = (g[i] for g in geo)
     h, w, _ = img.shape
     img = img[top : top + ch, left : left + cw]
     if (ch, cw) != (h, w):
-        # channels_last uint8 is the layout torch's vectorised (AVX2) resize kernel takes
-        chw = img.permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)
-        img = F.interpolate(chw, size=(h, w), mode="bilinear", antialias=True)[0]
-        img = img.permute(1, 2, 0)  # HWC again, a contiguous view
+        img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
     # rot90^k . mirror^f: k=0 -> (a, b, t) = (0, f, 0); k=1 -> (0, 1-f, 1); k=2 -> (1, 1-f, 0);
     # k=3 -> (1, f, 1) (torch.rot90: k=1 is transpose(flip W), k=3 transpose(flip H)).
     flip_rows, transpose = k in (2, 3), k in (1, 3)
     flip_cols = bool(f) != (k in (1, 2))
-    if flip_cols:
-        flat = img.reshape(h, w * 3)
-        img = (flat.flip(0, 1) if flip_rows else flat.flip(1)).view(h, w, 3)
-    elif flip_rows:
-        img = img.flip(0)  # whole rows move: a memcpy each
-    return (img.transpose(0, 1) if transpose else img), flip_cols
+    if flip_rows or flip_cols:
+        img = cv2.flip(img, _FLIP_CODE[(flip_rows, flip_cols)])
+    return cv2.transpose(img) if transpose else img
 
 
 def _geometry_grid(batch_u8: torch.Tensor, geo: Geometry) -> torch.Tensor:
@@ -506,29 +521,20 @@ def _colour_maps(n: int, spec: AugmentSpec, rand: Rand, dev: torch.device) -> _C
 
 
 def _colour_normalize(
-    x: torch.Tensor,
-    maps: _ColourMaps,
-    rows: slice,
-    out: torch.Tensor,
-    scratch: torch.Tensor,
-    *,
-    logged: bool = False,
+    x: torch.Tensor, maps: _ColourMaps, out: torch.Tensor, scratch: torch.Tensor
 ) -> torch.Tensor:
-    """Stain and colour jitter, normalisation and clamp of planar (m, 3, H*W) 0..255 floats.
+    """Stain and colour jitter, normalisation and clamp of planar (n, 3, H*W) 0..255 floats.
 
-    ``x`` is overwritten; ``scratch`` (x's shape) takes the stained image, so that no new
-    tensor (no fresh pages to fault in) is made per chunk; ``rows`` picks the samples'
-    maps; the result is written to ``out``. ``logged``: ``x`` holds log(x) already (the CPU
-    path looks it up in ``_LOG_U8``).
+    ``x`` is overwritten; ``scratch`` (x's shape) takes the stained image; the result is
+    written to ``out``.
     """
     if maps.stain_mix is not None:
-        log_x = x if logged else x.clamp_(min=255.0 * _MIN_INTENSITY).log_()
-        x = torch.baddbmm(maps.stain_bias[rows], maps.stain_mix[rows], log_x, out=scratch)
-        x = x.exp_()
-    offset = maps.offset[rows]
+        log_x = x.clamp_(min=255.0 * _MIN_INTENSITY).log_()
+        x = torch.baddbmm(maps.stain_bias, maps.stain_mix, log_x, out=scratch).exp_()
+    offset = maps.offset
     if maps.mean_gain is not None:  # contrast pivots about the image's mean
-        offset = torch.addcmul(offset, x.mean(dim=(1, 2)).view(-1, 1, 1), maps.mean_gain[rows])
-    torch.baddbmm(offset, maps.colour[rows], x, out=out)
+        offset = torch.addcmul(offset, x.mean(dim=(1, 2)).view(-1, 1, 1), maps.mean_gain)
+    torch.baddbmm(offset, maps.colour, x, out=out)
     for ch in range(3):  # scalar bounds per plane: ~10x cheaper than tensor bounds
         out[:, ch].clamp_(_LO[ch], _HI[ch])
     return out
