@@ -3,7 +3,8 @@
 Trial: ``train_trial`` (one epoch per repetition; its ``train_images_per_s`` covers the
 training loop: cache rows, device augmentation, DALAResNet50 forward/backward, AdamW).
 Bare: torchvision's ``resnet50`` (2 classes) stepping AdamW on one fixed in-memory batch
-of the same shape and batch size, on the same device, as many steps as the trial's epoch.
+of the same shape, batch size and memory layout (channels_last), on the same device, as
+many steps as the trial's epoch.
 Also measured: the same DALAResNet50 on the fixed batch, which splits the gap into the
 data path's share and the model's (attention and head). Measured alternately.
 Goal: ratio >= 0.9 on the CPU, >= 0.8 on a GPU. ``--compile`` runs all three under
@@ -134,8 +135,9 @@ def main() -> None:
             if args.compile:
                 model = torch.compile(model)
             x = torch.randn(config.batch_size, 3, size["px"], size["px"], device=device)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            # the layout the trial's model gets: channels_last on both (on a CUDA trial the
+            # training loop converts to it; on a CPU the augmentation writes NHWC memory)
+            x = x.contiguous(memory_format=torch.channels_last)
             y = torch.randint(0, 2, (config.batch_size,), device=device)
             use_amp = device.type == "cuda" and config.amp
             start = 0.0
