@@ -1,9 +1,10 @@
 """Batched, per-sample augmentation on the trial's device.
 
 Images arrive as uint8 NHWC straight from the decoded-image cache; augmentation is a few
-tensor ops per batch (a GPU) or per few samples (a CPU), so no DataLoader workers are
-needed. Histology has no canonical orientation, so flips and 90-degree turns are
-label-preserving; stain jitter follows Tellez et al. 2018 (perturb in HED space).
+tensor ops per batch (a GPU) or a few OpenCV calls per image on worker threads (a CPU), so
+no DataLoader workers are needed. Histology has no canonical orientation, so flips and
+90-degree turns are label-preserving; stain jitter follows Tellez et al. 2018 (perturb in
+HED space).
 
 Geometry, per sample: a random crop box (its side a fraction ``sqrt(a)`` of the image's,
 ``a`` uniform in ``[crop_scale, 1]``, placed uniformly inside the image) resized back to the
@@ -383,23 +384,15 @@ if hasattr(os, "register_at_fork"):  # POSIX
     os.register_at_fork(after_in_child=_forget_workers)
 
 
-def _single_threaded() -> None:
-    """A worker's initializer: its own torch ops run on one thread."""
-    # torch sets a thread's count from the process default on the thread's first parallel
-    # op (once); trigger that first, or it would later overwrite the 1 set here.
-    torch.get_num_threads()
-    torch.set_num_threads(1)
-
-
 def _cpu_workers(threads: int) -> ThreadPoolExecutor:
-    """``threads`` threads whose torch ops run single-threaded, made once per process.
+    """``threads`` worker threads of the CPU path, made once per process.
 
-    Why not torch's own intra-op threads: the CPU path is many small ops (one or two samples
-    each), and every op is an OpenMP fork-join. On a shared machine a descheduled OpenMP
-    thread stalls each join: measured here at load ~4 on 2 cores, 2 intra-op threads ran
-    this path 7x SLOWER than 1. Whole chunks per thread join once per batch instead.
-    ``torch.set_num_threads`` is per thread for OpenMP and MKL (it also sets the default
-    that new threads pick up, which the caller's setting restores below).
+    Why not a pool inside each call (OpenCV's, or torch's intra-op threads): per image the
+    path is ~10 calls of a fraction of a millisecond, and a pool inside each call forks and
+    joins per call; on a shared machine a descheduled thread stalls every join (measured
+    here: OpenCV's pool under ours ran a batch 1.4x slower; torch's 2 intra-op threads ran
+    the earlier torch-op path 7x slower than 1 at load ~4). Whole images per thread join
+    once per batch instead. A new count (``torch.set_num_threads``) makes a new pool.
     """
     global _WORKERS
     with _WORKERS_LOCK:
@@ -408,13 +401,10 @@ def _cpu_workers(threads: int) -> ThreadPoolExecutor:
         if _WORKERS is not None:  # torch.set_num_threads changed: a pool of the new size
             _WORKERS[1].shutdown(wait=False)
         ready = threading.Barrier(threads)
-        pool = ThreadPoolExecutor(
-            threads, thread_name_prefix="dala-augment", initializer=_single_threaded
-        )
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="dala-augment")
         # the pool starts a thread per submit while none is idle: hold each until all exist
         for f in [pool.submit(ready.wait) for _ in range(threads)]:
             f.result()
-        torch.set_num_threads(threads)  # the default for threads made later, as before
         _WORKERS = (threads, pool)
         return pool
 
