@@ -43,7 +43,10 @@ def pruned_search(  # noqa: ANN201
     plan = plan_search(
         space=str(space),
         data_dir=demo_root,
-        trials=6,
+        # trials are deterministic: with the current training code ASHA prunes trial 8
+        # (its first-epoch ROC AUC is below the rung's cutoff) and trial 9 runs after it in
+        # the same process; a change to training shifts these (the assertions print states)
+        trials=9,
         epochs=EPOCHS,
         pruner="asha",
         tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
@@ -60,7 +63,7 @@ def pruned_search(  # noqa: ANN201
 
 def test_pruned_and_completed_trials_share_processes(pruned_search) -> None:  # noqa: ANN001
     plan, outcome, trials, runs, _ = pruned_search
-    assert outcome.finished == 6 and outcome.failed == 0
+    assert outcome.finished == 9 and outcome.failed == 0
     assert outcome.pruned >= 1 and outcome.completed >= 1, outcome
     pids = [r.data.tags[tracking.TAG_PID] for r in runs]
     assert len(set(pids)) < len(runs), pids  # a process ran more than one trial
