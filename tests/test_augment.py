@@ -228,6 +228,16 @@ def test_gpu_batched_path_equals_the_cpu_path() -> None:
     assert torch.equal(cpu, augment_normalized(u8, spec, torch.Generator().manual_seed(9)))
 
 
+@pytest.mark.parametrize("shape", [(2, 8, 8, 4), (2, 8, 8, 1), (2, 8, 8)])
+def test_the_fused_path_refuses_what_is_not_uint8_rgb(shape: tuple[int, ...]) -> None:
+    # OpenCV would silently leave its scratch as it was for a 1- or 4-channel image
+    spec = AugmentSpec(flip=False, rotate90=False, stain_jitter=0.1)
+    with pytest.raises(ValueError, match="3 channels"):
+        augment_normalized(torch.zeros(shape, dtype=torch.uint8), spec)
+    with pytest.raises(ValueError, match="uint8"):
+        augment_normalized(torch.zeros(2, 8, 8, 3), spec)
+
+
 def test_fused_path_repeats_with_a_seed_and_stays_in_bounds() -> None:
     spec = AugmentSpec(crop_scale=0.5, color_jitter=0.4, stain_jitter=0.2)
     u8 = _u8(5, 20)

@@ -249,6 +249,11 @@ def augment_normalized(
     except that the CPU resize rounds to uint8 (within one 8-bit step, 1/255, before the
     colour maps) and the GPU resize interpolates in float (within float rounding).
     """
+    if batch_u8.dtype != torch.uint8 or batch_u8.dim() != 4 or batch_u8.shape[-1] != 3:
+        raise ValueError(
+            "augment_normalized takes uint8 RGB images, NHWC with 3 channels; got "
+            f"{batch_u8.dtype} of shape {tuple(batch_u8.shape)}"
+        )
     n, h, w, _ = batch_u8.shape
     dev = batch_u8.device
 
