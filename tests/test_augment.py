@@ -7,14 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dala_search.data.augment as augment_module
+import dala_search.data.augment_cpu as cpu_module
 from dala_search.data.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     AugmentSpec,
     Geometry,
     _augment_batched,
-    _augment_cpu,
     _colour_maps,
     _geometry_grid,
     augment,
@@ -24,6 +23,7 @@ from dala_search.data.augment import (
     to_float,
     to_normalized,
 )
+from dala_search.data.augment_cpu import augment_cpu
 
 
 def _u8(n: int, size: int, seed: int = 2) -> torch.Tensor:
@@ -221,7 +221,7 @@ def test_gpu_batched_path_equals_the_cpu_path() -> None:
         geo = draw_geometry(6, 24, 24, spec, rand, torch.device("cpu"))
         return path(u8, geo, _colour_maps(6, spec, rand, torch.device("cpu")))
 
-    batched, cpu = run(_augment_batched), run(_augment_cpu)
+    batched, cpu = run(_augment_batched), run(augment_cpu)
     # the GPU path writes NCHW; the CPU path (OpenCV) NHWC memory, i.e. channels_last strides
     assert batched.is_contiguous() and cpu.is_contiguous(memory_format=torch.channels_last)
     assert (batched - cpu).abs().max() < 0.05
@@ -261,9 +261,9 @@ def test_cpu_worker_threads_give_the_same_result_as_one_thread() -> None:
         torch.set_num_threads(2)
         two = augment_normalized(u8, spec, torch.Generator().manual_seed(2))
         assert torch.get_num_threads() == 2  # the caller's setting survives the workers
-        assert augment_module._WORKERS is not None and augment_module._WORKERS[0] == 2
+        assert cpu_module._WORKERS is not None and cpu_module._WORKERS[0] == 2
         # OpenCV's own pool stays out of it: each call runs on its worker's thread
-        assert augment_module._opencv().getNumThreads() == 1
+        assert cpu_module._opencv().getNumThreads() == 1
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
@@ -271,13 +271,13 @@ def test_cpu_worker_threads_give_the_same_result_as_one_thread() -> None:
 
 def test_large_cpu_outputs_come_from_huge_page_memory(monkeypatch) -> None:
     # a 224 px training batch is ~38 MB: its buffer is a 2 MB-aligned huge-page map
-    monkeypatch.setattr(augment_module, "_HUGE_PAGES_FROM", 0)
+    monkeypatch.setattr(cpu_module, "_HUGE_PAGES_FROM", 0)
     spec = AugmentSpec(crop_scale=0.8, color_jitter=0.2, stain_jitter=0.1)
     u8 = _u8(5, 24)
     mapped = augment_normalized(u8, spec, torch.Generator().manual_seed(1))
     assert mapped.data_ptr() % (2 << 20) == 0
     assert mapped.is_contiguous(memory_format=torch.channels_last)
-    monkeypatch.setattr(augment_module, "_HUGE_PAGES_FROM", 1 << 62)
+    monkeypatch.setattr(cpu_module, "_HUGE_PAGES_FROM", 1 << 62)
     plain = augment_normalized(u8, spec, torch.Generator().manual_seed(1))
     assert torch.equal(mapped, plain)
     mapped.add_(1.0).sum()  # writable, usable like any tensor
@@ -292,7 +292,7 @@ def test_a_forked_child_makes_its_own_workers() -> None:
         torch.set_num_threads(2)
         u8 = _u8(4, 224)  # 4 images on 2 threads: the workers run
         parent = augment_normalized(u8, AugmentSpec(), torch.Generator().manual_seed(0))
-        assert augment_module._WORKERS is not None
+        assert cpu_module._WORKERS is not None
         ctx = multiprocessing.get_context("fork")
         with ctx.Pool(1) as pool:
             child = pool.apply_async(_augment_in_child, (u8.numpy(),)).get(timeout=60)
