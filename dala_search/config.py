@@ -68,6 +68,9 @@ class TrialConfig:
     label_smoothing: float = 0.0
     select_metric: str = "balanced_accuracy"
     early_stop_patience: int = 0  # 0: off
+    # Precise BatchNorm: before each validation, recompute the BatchNorm statistics from up to
+    # this many training images (un-augmented); 0 keeps the running averages of training.
+    precise_bn: int = 512
     # data and augmentation (histology has no canonical orientation)
     image_size: int = 224
     flip: bool = True
@@ -211,6 +214,7 @@ def _validate(c: TrialConfig) -> None:
     _range("label_smoothing", c.label_smoothing, 0.0, 0.5)
     _choice("select_metric", c.select_metric, SELECT_METRICS)
     _range("early_stop_patience", c.early_stop_patience, 0, 10000)
+    _range("precise_bn", c.precise_bn, 0, 10**7)
     _range("image_size", c.image_size, 32, 1024)
     _range("crop_scale", c.crop_scale, 0.1, 1.0)
     _range("color_jitter", c.color_jitter, 0.0, 1.0)

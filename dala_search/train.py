@@ -316,6 +316,77 @@ def train_one_epoch(
 
 
 @torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module,
+    batches: _Batches,
+    n: int,
+    *,
+    config: TrialConfig,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+) -> int:
+    """Precise BatchNorm: recompute the training BatchNorms' statistics before a validation.
+
+    In eval mode a BatchNorm normalises with running averages (momentum 0.1) of batch
+    statistics that the weights kept changing under; after the few optimiser steps of an
+    epoch on a small split they lag the current weights, and a trial's validation can
+    predict one class where its batch statistics would not (Wu & Johnson, "Rethinking
+    'Batch' in BatchNorm", 2021). Here every BatchNorm that trains gets its statistics
+    recomputed as the plain average over a pass of up to ``config.precise_bn`` training
+    images (the same seeded subset each epoch, un-augmented like validation, in training
+    batches): what torch's ``swa_utils.update_bn`` does, except that BatchNorms of frozen
+    stages, which ``DALAResNet50.train`` keeps in eval mode, keep their statistics
+    (``update_bn`` would reset them and then never update them). Data parallel: every rank
+    passes its share of each batch (``SyncBatchNorm`` averages over ranks on CUDA). Returns
+    the number of images passed on this rank (0: off, or nothing to recalibrate).
+    """
+    if config.precise_bn == 0 or n == 0:
+        return 0
+    was_training = model.training
+    model.train()
+    norms = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
+    if not norms:
+        model.train(was_training)
+        return 0
+    positions = np.arange(n)
+    if n > config.precise_bn:
+        rng = np.random.default_rng(config.seed)
+        positions = np.sort(rng.choice(n, size=config.precise_bn, replace=False))
+    bs = config.batch_size
+    # as in training: no batch statistics of a single image (per rank)
+    chunks = np.split(positions, range(bs, len(positions), bs))
+    chunks = [c for c in chunks if len(c) >= 2 * world_size]
+    if not chunks:  # keep the running averages rather than reset them to nothing
+        model.train(was_training)
+        return 0
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the pass
+    use_amp, memory_format = _cuda_modes(config, device)
+    passed = 0
+    try:
+        for chunk in chunks:
+            pos = chunk[rank::world_size]
+            x = to_normalized(batches.get(device_positions(pos, device)).to(device))
+            if memory_format is not None:
+                x = x.contiguous(memory_format=memory_format)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                model(x)
+            passed += len(pos)
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.train(was_training)
+    return passed
+
+
+@torch.no_grad()
 def predict(
     model: nn.Module,
     batches: _Batches,
@@ -478,6 +549,10 @@ def train_trial(
             world_size=world,
         )
         scheduler.step()
+        n_train = len(train_idx)
+        recalibrate_batchnorm(
+            model, train_b, n_train, config=config, device=device, rank=rank, world_size=world
+        )
         val = None
         if val_b is not None:
             val, _, _ = evaluate(
