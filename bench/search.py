@@ -304,6 +304,46 @@ def replay(
     return {"epochs": sum(ran), "best": best, "epochs_by_trial": ran, "states": states}
 
 
+ORDERS = 200  # seeded shuffles of the trial order per replayed pruner
+
+
+def _orders(
+    curves: list[dict[str, list[float]]],
+    pruner: str,
+    prune_metric: str,
+    metric: str,
+    epochs: int,
+    best: float,
+) -> dict:
+    """The same replay over ``ORDERS`` seeded shuffles of the trial order.
+
+    A seeded random sampler could as well have proposed the same configurations in another
+    order, and what successive halving keeps depends on the order (the first trials lead
+    their rungs unopposed): this says how much of a single search's verdict is that luck.
+    Returns the share of orders that keep the best within 1 point and that meet both goals,
+    and the median share of epochs.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    full = sum(len(c[metric]) for c in curves)
+    kept = met = 0
+    shares = []
+    for _ in range(ORDERS):
+        shuffled = [curves[i] for i in rng.permutation(len(curves))]
+        r = replay(shuffled, pruner, prune_metric, metric, epochs)
+        ok = best - (r["best"] if r["best"] is not None else 0.0) <= 0.01
+        shares.append(r["epochs"] / full)
+        kept += ok
+        met += ok and r["epochs"] / full <= 0.40
+    return {
+        "orders": ORDERS,
+        "best_kept": round(kept / ORDERS, 3),
+        "meets_goal": round(met / ORDERS, 3),
+        "median_ratio": round(float(np.median(shares)), 3),
+    }
+
+
 def _read_curves(source: Path) -> dict:
     """A ``curves.json`` that ``--keep`` wrote, refused (SystemExit naming the file and what
     is wrong) where a replay of it could not be exact."""
@@ -378,18 +418,26 @@ def _replays(args, source: Path, load0: float) -> None:  # noqa: ANN001
                     "best": r["best"],
                     "best_gap_points": round(100 * gap, 2),
                     "meets_goal": r["epochs"] / full <= 0.40 and gap <= 0.01,
+                    "shuffled": _orders(curves, name, judged, metric, budget, best),
                 }
             )
     lines = [
         f"replayed on the {len(curves)} recorded trials of the unpruned search in {source} "
         f"({full} epochs, best {metric} {best:.4f}); replaying {pruner!r} on {prune_on} "
         f"reproduces the measured pruned search trial by trial ({check['epochs']} epochs)",
-        f"{'pruner':12}{'judges':24}{'epochs':>8}{'share':>8}{'best':>9}{'gap':>8}",
+        f"last columns: over {ORDERS} seeded shuffles of the trial order, the share of "
+        "orders that keep the best within 1 point, that meet both goals, and the median "
+        "share of epochs",
+        f"{'pruner':12}{'judges':24}{'epochs':>8}{'share':>8}{'best':>9}{'gap':>8}"
+        f"{'kept':>8}{'met':>7}{'median':>8}",
     ]
     for r in rows:
+        o = r["shuffled"]
         lines.append(
             f"{r['pruner']:12}{r['prune_on']:24}{r['epochs']:8d}{100 * r['ratio']:7.0f}%"
             f"{_fmt(r['best']):>9}{r['best_gap_points']:+8.1f}"
+            f"{100 * o['best_kept']:7.0f}%{100 * o['meets_goal']:6.0f}%"
+            f"{100 * o['median_ratio']:7.0f}%"
         )
     result = {
         "replayed_from": str(source),

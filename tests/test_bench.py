@@ -137,6 +137,25 @@ def test_replay_follows_successive_halving() -> None:
     assert out["epochs_by_trial"] == [3, 3, 3, 1] and out["best"] == 0.95
 
 
+def test_shuffled_orders_show_what_the_order_decides() -> None:
+    """``_orders``: a best trial that leads at every epoch survives any order; one that is
+    worst at epoch 1 and best later survives only where the order lets it lead a rung."""
+    search = _bench_module("search")
+    flat = [
+        {"val_roc_auc": [0.5 + 0.01 * i] * 9, "val_balanced_accuracy": [0.6] * 9} for i in range(5)
+    ]
+    leader = {"val_roc_auc": [0.9] * 9, "val_balanced_accuracy": [0.9] * 9}
+    late = {"val_roc_auc": [0.1] + [0.95] * 8, "val_balanced_accuracy": [0.5] + [0.9] * 8}
+    args = ("sha", "val_roc_auc", "val_balanced_accuracy", 9, 0.9)
+    always = search._orders([*flat, leader], *args)
+    assert always["orders"] == search.ORDERS
+    assert always["best_kept"] == 1.0
+    sometimes = search._orders([*flat, late], *args)
+    assert 0.0 < sometimes["best_kept"] < 1.0
+    assert 0.0 <= sometimes["meets_goal"] <= sometimes["best_kept"]
+    assert 0.0 < sometimes["median_ratio"] <= 1.0
+
+
 def test_replay_reproduces_the_recorded_search() -> None:
     """The committed curves replay to the measured pruned search, trial by trial (an Optuna
     upgrade that changes its pruners' decisions shows here first)."""
