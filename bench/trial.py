@@ -6,7 +6,8 @@ Bare: torchvision's ``resnet50`` (2 classes) stepping AdamW on one fixed in-memo
 of the same shape, batch size and memory layout (channels_last), on the same device, as
 many steps as the trial's epoch.
 Also measured: the same DALAResNet50 on the fixed batch, which splits the gap into the
-data path's share and the model's (attention and head). Measured alternately.
+data path's share and the model's (attention and head). Measured alternately. And the
+precise-BatchNorm pass that precedes each validation, as a share of a training epoch's time.
 Goal: ratio >= 0.9 on the CPU, >= 0.8 on a GPU. ``--compile`` runs all three under
 ``torch.compile`` (the trial's ``compile: true``) and records its own block: compiled
 trial vs compiled bare model, and the one-off compile time the trial's first epoch pays.
@@ -120,10 +121,14 @@ def main() -> None:
         # untimed step (first steps pay cuDNN/cuBLAS set-up and allocator growth).
         first_epoch_s: list[float] = []  # the compile (and cuDNN set-up) lands here
 
+        bn_share: list[float] = []  # the precise-BatchNorm pass over the training epoch
+
         def trial() -> float:
             result = train_trial(config.replace(epochs=2), data)
             first_epoch_s.append(n_train / result.history[0]["train_images_per_s"])
-            return result.history[1]["train_images_per_s"]
+            second = result.history[1]
+            bn_share.append(second["precise_bn_s"] * second["train_images_per_s"] / n_train)
+            return second["train_images_per_s"]
 
         def fixed_batch(model: torch.nn.Module) -> float:
             """Forward/backward/AdamW on one in-memory batch, `steps` times."""
@@ -189,6 +194,7 @@ def main() -> None:
         "cuda_syncs_in_train_epoch": syncs,
         "compile": args.compile,
         "first_epoch_s": [round(v, 2) for v in first_epoch_s],
+        "precise_bn_share": round(c.median(bn_share), 3),
         "runs_img_s": {k: [round(v, 2) for v in vs] for k, vs in runs.items()},
         "goal": f"ratio >= {goal}",
         "meets_goal": t / b >= goal,
@@ -202,7 +208,9 @@ def main() -> None:
         f"bare torchvision resnet50 on one in-memory batch:               {b:8.2f} img/s\n"
         f"ratio trial/bare: {t / b:.3f} (goal >= {goal})\n"
         f"DALAResNet50 on one in-memory batch: {d:.2f} img/s -> the data path keeps "
-        f"{t / d:.3f} of the model's own speed"
+        f"{t / d:.3f} of the model's own speed\n"
+        f"precise BatchNorm before validation ({config.precise_bn} images at most, forward "
+        f"only): {c.median(bn_share):.3f} of a training epoch's time (not in the ratio)"
     )
     if syncs is not None:
         summary += f"\nhost-device synchronisations in one training epoch: {syncs}"

@@ -549,10 +549,19 @@ def train_trial(
             world_size=world,
         )
         scheduler.step()
-        n_train = len(train_idx)
-        recalibrate_batchnorm(
-            model, train_b, n_train, config=config, device=device, rank=rank, world_size=world
+        bn_start = time.perf_counter()
+        passed = recalibrate_batchnorm(
+            model,
+            train_b,
+            len(train_idx),
+            config=config,
+            device=device,
+            rank=rank,
+            world_size=world,
         )
+        if passed and device.type == "cuda":  # one wait per epoch: the time is the pass's
+            torch.cuda.synchronize(device)
+        bn_s = time.perf_counter() - bn_start
         val = None
         if val_b is not None:
             val, _, _ = evaluate(
@@ -564,6 +573,7 @@ def train_trial(
         metrics.update(stats)
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         metrics["epoch_time_s"] = time.perf_counter() - start
+        metrics["precise_bn_s"] = bn_s
         metrics["epoch"] = float(epoch)
         history.append(metrics)
         value = metrics.get(key, float("nan"))
