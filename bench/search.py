@@ -421,10 +421,20 @@ def _replays(args, source: Path, load0: float) -> None:  # noqa: ANN001
                     "shuffled": _orders(curves, name, judged, metric, budget, best),
                 }
             )
+    values = [c[metric] for c in curves]
+    # balanced accuracy exactly 0.5: one class predicted for every validation image
+    chance = {
+        "epochs_at_0_5": sum(v == 0.5 for vs in values for v in vs),
+        "trials_at_0_5_throughout": sum(all(v == 0.5 for v in vs) for vs in values),
+        "mean_trial_best": round(sum(max(vs) for vs in values) / len(values), 4),
+    }
     lines = [
         f"replayed on the {len(curves)} recorded trials of the unpruned search in {source} "
         f"({full} epochs, best {metric} {best:.4f}); replaying {pruner!r} on {prune_on} "
         f"reproduces the measured pruned search trial by trial ({check['epochs']} epochs)",
+        f"the curves: {chance['epochs_at_0_5']} of {full} epochs at {metric} exactly 0.5, "
+        f"{chance['trials_at_0_5_throughout']} trials at 0.5 in every epoch, mean of the "
+        f"trials' best {chance['mean_trial_best']:.4f}",
         f"last columns: over {ORDERS} seeded shuffles of the trial order, the share of "
         "orders that keep the best within 1 point, that meet both goals, and the median "
         "share of epochs",
@@ -445,6 +455,7 @@ def _replays(args, source: Path, load0: float) -> None:  # noqa: ANN001
         "epochs_unpruned": full,
         "best_unpruned": best,
         "metric": metric,
+        "curves": chance,
         "reproduces_measured": {"pruner": pruner, "prune_on": prune_on, **check},
         "replays": rows,
         "goal": "ratio <= 0.40 and best within 1 point",
