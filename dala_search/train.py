@@ -367,11 +367,14 @@ def recalibrate_batchnorm(
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the pass
     use_amp, memory_format = _cuda_modes(config, device)
     passed = 0
     try:
-        for chunk in chunks:
+        for k, chunk in enumerate(chunks, start=1):
+            # momentum 1/k makes the running statistics the plain average of the k batches'
+            # (what momentum None does, without its per-layer host read of the batch count)
+            for m in norms:
+                m.momentum = 1.0 / k
             pos = chunk[rank::world_size]
             x = to_normalized(batches.get(device_positions(pos, device)).to(device))
             if memory_format is not None:
