@@ -444,7 +444,7 @@ def _replays(args, source: Path, load0: float) -> None:  # noqa: ANN001
     for r in rows:
         o = r["shuffled"]
         lines.append(
-            f"{r['pruner']:12}{r['prune_on']:24}{r['epochs']:8d}{100 * r['ratio']:7.0f}%"
+            f"{r['pruner']:12}{r['prune_on']:24}{r['epochs']:8d}{100 * r['epochs'] / full:7.0f}%"
             f"{_fmt(r['best']):>9}{r['best_gap_points']:+8.1f}"
             f"{100 * o['best_kept']:7.0f}%{100 * o['meets_goal']:6.0f}%"
             f"{100 * o['median_ratio']:7.0f}%"

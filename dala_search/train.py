@@ -334,12 +334,13 @@ def recalibrate_batchnorm(
     predict one class where its batch statistics would not (Wu & Johnson, "Rethinking
     'Batch' in BatchNorm", 2021). Here every BatchNorm that trains gets its statistics
     recomputed as the plain average over a pass of up to ``config.precise_bn`` training
-    images (the same seeded subset each epoch, un-augmented like validation, in training
-    batches): what torch's ``swa_utils.update_bn`` does, except that BatchNorms of frozen
-    stages, which ``DALAResNet50.train`` keeps in eval mode, keep their statistics
-    (``update_bn`` would reset them and then never update them). Data parallel: every rank
-    passes its share of each batch (``SyncBatchNorm`` averages over ranks on CUDA). Returns
-    the number of images passed on this rank (0: off, or nothing to recalibrate).
+    images (the same seeded shuffle each epoch, un-augmented like validation, in batches of
+    the training batch size): what torch's ``swa_utils.update_bn`` does, except that
+    BatchNorms of frozen stages, which ``DALAResNet50.train`` keeps in eval mode, keep their
+    statistics (``update_bn`` would reset them and then never update them). Data parallel:
+    with ``SyncBatchNorm`` (CUDA) every rank passes its share of each batch, otherwise
+    whole batches. Returns the number of images passed on this rank (0: off, or nothing to
+    recalibrate).
     """
     if config.precise_bn == 0 or n == 0:
         return 0
@@ -353,10 +354,10 @@ def recalibrate_batchnorm(
     if not norms:
         model.train(was_training)
         return 0
-    positions = np.arange(n)
-    if n > config.precise_bn:
-        rng = np.random.default_rng(config.seed)
-        positions = np.sort(rng.choice(n, size=config.precise_bn, replace=False))
+    # a seeded shuffle, the same every epoch: batches in file order would each hold one
+    # patient and class, and the average of their variances would miss the differences
+    # between patients and classes that the shuffled training batches carried
+    positions = np.random.default_rng(config.seed).permutation(n)[: config.precise_bn]
     bs = config.batch_size
     # as in training: no batch statistics of a single image (per rank)
     chunks = np.split(positions, range(bs, len(positions), bs))
@@ -364,24 +365,34 @@ def recalibrate_batchnorm(
     if not chunks:  # keep the running averages rather than reset them to nothing
         model.train(was_training)
         return 0
+    # SyncBatchNorm (data parallel on CUDA) averages each batch over the ranks' shares;
+    # plain BatchNorms (gloo on the CPU) keep per-rank statistics, so each rank passes whole
+    # batches and rank 0, which validates, gets the statistics one process would
+    shared = any(isinstance(m, nn.SyncBatchNorm) for m in norms)
     momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
+    kept = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]
     use_amp, memory_format = _cuda_modes(config, device)
     passed = 0
     try:
+        for m in norms:
+            m.reset_running_stats()
         for k, chunk in enumerate(chunks, start=1):
             # momentum 1/k makes the running statistics the plain average of the k batches'
             # (what momentum None does, without its per-layer host read of the batch count)
             for m in norms:
                 m.momentum = 1.0 / k
-            pos = chunk[rank::world_size]
+            pos = chunk[rank::world_size] if shared else chunk
             x = to_normalized(batches.get(device_positions(pos, device)).to(device))
             if memory_format is not None:
                 x = x.contiguous(memory_format=memory_format)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 model(x)
             passed += len(pos)
+    except BaseException:  # leave the statistics as they were, not half recomputed
+        for m, (mean, var) in zip(norms, kept, strict=True):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+        raise
     finally:
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum

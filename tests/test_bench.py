@@ -165,7 +165,12 @@ def test_replay_reproduces_the_recorded_search() -> None:
     out = search.replay(doc["curves"], doc["pruner"], doc["prune_on"], doc["metric"], doc["epochs"])
     assert out["epochs_by_trial"] == [len(m["values"]) for m in doc["measured"]]
     assert out["states"] == [m["state"] for m in doc["measured"]]
-    assert out["epochs"] == 48  # the recorded block's figure (24 trials, precise BatchNorm)
+    # and they are the curves of the recorded block (bench/README.md's `bench:search`)
+    text = (ROOT / "bench" / "README.md").read_text()
+    block = text.split("<!-- bench:search -->", 1)[1].split("<!-- /bench:search -->", 1)[0]
+    recorded = json.loads(block.split("```json", 1)[1].split("```", 1)[0])
+    assert out["epochs"] == recorded["epochs_pruned"]
+    assert max(v for c in doc["curves"] for v in c[doc["metric"]]) == recorded["best_unpruned"]
 
 
 def _kept_search(tmp_path_factory: pytest.TempPathFactory) -> Path:
