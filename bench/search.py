@@ -49,6 +49,7 @@ SPACE = Path(__file__).resolve().parent / "search_space.yaml"
 # The two searches' names; their 40X studies are "<name>-40X" (SearchPlan.study_name).
 SIDES = {"pruned": "bench-pruned", "unpruned": "bench-unpruned"}
 PRUNED_STUDY = f"{SIDES['pruned']}-40X"
+GOAL_SHARE, GOAL_GAP = 0.40, 0.01  # the goal: <= 40% of the epochs, best within 1 point
 SIZES = {  # trials, epochs (None: the space's), images per magnification (x 24 patients)
     "tiny": dict(trials=1, epochs=1, per_mag=2),
     "quick": dict(trials=4, epochs=4, per_mag=3),
@@ -332,10 +333,10 @@ def _orders(
     for _ in range(ORDERS):
         shuffled = [curves[i] for i in rng.permutation(len(curves))]
         r = replay(shuffled, pruner, prune_metric, metric, epochs)
-        ok = best - (r["best"] if r["best"] is not None else 0.0) <= 0.01
+        ok = best - (r["best"] if r["best"] is not None else 0.0) <= GOAL_GAP
         shares.append(r["epochs"] / full)
         kept += ok
-        met += ok and r["epochs"] / full <= 0.40
+        met += ok and r["epochs"] / full <= GOAL_SHARE
     return {
         "orders": ORDERS,
         "best_kept": round(kept / ORDERS, 3),
@@ -417,7 +418,7 @@ def _replays(args, source: Path, load0: float) -> None:  # noqa: ANN001
                     "ratio": round(r["epochs"] / full, 3),
                     "best": r["best"],
                     "best_gap_points": round(100 * gap, 2),
-                    "meets_goal": r["epochs"] / full <= 0.40 and gap <= 0.01,
+                    "meets_goal": r["epochs"] / full <= GOAL_SHARE and gap <= GOAL_GAP,
                     "shuffled": _orders(curves, name, judged, metric, budget, best),
                 }
             )
@@ -622,8 +623,8 @@ def main() -> None:
         "comparison": (cmp := _same_trials(studies["pruned"], studies["unpruned"])),
         "early_rank_correlation": (early := _early_signal(studies["unpruned"])),
         "goal": "ratio <= 0.40 and best within 1 point",
-        "meets_epochs": share <= 0.40,
-        "meets_best": gap <= 0.01,
+        "meets_epochs": share <= GOAL_SHARE,
+        "meets_best": gap <= GOAL_GAP,
         "_load_start": load0,
     }
     c.finite_positive(result, ["epochs_pruned", "epochs_unpruned", "ratio"])
@@ -637,7 +638,7 @@ def main() -> None:
         f"pruner 'none':  {off['epochs']:4d} epochs, best val {metric} "
         f"{_fmt(off[best_key])}, {off['states']}, {off['wall_s']} s\n"
         f"epochs consumed with pruning: {100 * share:.0f}% (goal <= 40%); best "
-        f"{'within' if gap <= 0.01 else 'NOT within'} 1 point (gap {100 * gap:+.1f} points)\n"
+        f"{'within' if gap <= GOAL_GAP else 'NOT within'} 1 point (gap {100 * gap:+.1f} points)\n"
         f"same configurations on both sides: {cmp['same_params']}; equal per-epoch values on "
         f"the epochs both ran: {cmp['equal_epoch_values']}/{cmp['common_epoch_values']}; the "
         f"unpruned best (trial {cmp['unpruned_best_trial']}) when pruning: "

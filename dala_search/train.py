@@ -271,10 +271,7 @@ def train_one_epoch(
         color_jitter=config.color_jitter,
         stain_jitter=config.stain_jitter,
     )
-    use_amp = device.type == "cuda" and config.amp
-    memory_format = (
-        torch.channels_last if (device.type == "cuda" and config.channels_last) else None
-    )
+    use_amp, memory_format = _cuda_modes(config, device)
     # Accumulate on the device; read once at the end (no host sync in the inner loop).
     loss_sum = torch.zeros((), device=device)
     seen = 0
@@ -313,6 +310,19 @@ def train_one_epoch(
         raise NonFiniteLossError(f"training loss became {mean_loss} (lr {config.lr:g})")
     elapsed = time.perf_counter() - start
     return {"train_loss": mean_loss, "train_images_per_s": seen / max(elapsed, 1e-9)}
+
+
+def _plain_batch(
+    batches: _Batches,
+    positions: np.ndarray,
+    device: torch.device,
+    memory_format: torch.memory_format | None,
+) -> torch.Tensor:
+    """The model input for ``positions`` without augmentation (validation, precise BN)."""
+    x = to_normalized(
+        batches.get(device_positions(positions, device)).to(device, non_blocking=True)
+    )
+    return x if memory_format is None else x.contiguous(memory_format=memory_format)
 
 
 @torch.no_grad()
@@ -382,9 +392,7 @@ def recalibrate_batchnorm(
             for m in norms:
                 m.momentum = 1.0 / k
             pos = chunk[rank::world_size] if shared else chunk
-            x = to_normalized(batches.get(device_positions(pos, device)).to(device))
-            if memory_format is not None:
-                x = x.contiguous(memory_format=memory_format)
+            x = _plain_batch(batches, pos, device, memory_format)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 model(x)
             passed += len(pos)
@@ -411,17 +419,12 @@ def predict(
 ) -> np.ndarray:
     """Softmax probabilities for positions 0..n-1 of a split side (no augmentation)."""
     model.eval()
-    use_amp = device.type == "cuda" and config.amp
-    memory_format = (
-        torch.channels_last if (device.type == "cuda" and config.channels_last) else None
-    )
+    use_amp, memory_format = _cuda_modes(config, device)
     out = []
     bs = max(config.batch_size, 64)
     for lo in range(0, n, bs):
         pos = np.arange(lo, min(lo + bs, n))
-        x = to_normalized(batches.get(device_positions(pos, device)).to(device, non_blocking=True))
-        if memory_format is not None:
-            x = x.contiguous(memory_format=memory_format)
+        x = _plain_batch(batches, pos, device, memory_format)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             logits = model(x)
         out.append(torch.softmax(logits.float(), dim=1))
