@@ -4,32 +4,35 @@
 (``dala_search.model.baselines``: ResNet50, SEResNet50, DenseNet121, VGG16, ViT, Swin, ...)
 with the best configuration's recipe on exactly the folds ``dala-search evaluate`` uses
 (``folds.fold_splits`` with the same protocol, k and seed), and writes
-``<search folder>/baselines/<mag>.json`` (format in ``dala_search/evaluate.py``'s docstring)
-with DALAResNet50's row read from ``evaluation/<mag>.json`` when the protocol and k match.
+``<search folder>/baselines/<mag>.json`` (``runs.documents.BaselineDocument``) with
+DALAResNet50's row read from ``evaluation/<mag>.json`` when the protocol and k match.
+Every model's figures are those of ``evaluate.summarise``: the pooled out-of-fold estimate
+with its patient-level cluster-bootstrap interval, and the per-fold mean and SD, so the
+rows are comparable with each other and with the evaluation.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dala_search.errors import ConfigError, DataError
+from dala_search.errors import ConfigError
 from dala_search.evaluate import (
     Log,
     SearchRef,
+    fold_cell,
     fold_data,
-    fold_document,
+    fold_record,
     metric_batch,
     open_bests,
     stderr_log,
     summarise,
     tracking_client,
     train_folds,
-    write_json,
 )
+from dala_search.runs.documents import BaselineDocument, EvaluationDocument, MetricSummary, ModelRow
 
 # The paper's table (accuracy, F1, IBA, G-mean) first, then the two we add.
 BASELINE_METRICS: tuple[str, ...] = (
@@ -101,9 +104,9 @@ def run_baselines(
     docs = []
     for best, data, splits in fold_data(ref, bests, protocol, k, log):
         mag = best.magnification
-        rows = []
+        rows, record = [], None
         for model in names:
-            per_fold = train_folds(
+            folds = train_folds(
                 best.config,
                 data,
                 splits,
@@ -112,70 +115,58 @@ def run_baselines(
                 build_model=baseline_builder(model),
                 log=log,
             )
-            rows.append({"model": model, "metrics": summarise(per_fold, BASELINE_METRICS)})
-        doc = fold_document(
-            ref,
-            best,
-            data,
-            splits,
-            protocol,
-            k,
-            rows=rows,
-            dalaresnet50=_evaluation_row(ref, mag, protocol, k, log),
+            rows.append(ModelRow(model, summarise(folds, BASELINE_METRICS, seed=ref.plan.seed)))
+            # The same folds for every model: the test images (and so these counts) agree.
+            record = fold_record(ref, best, data, splits, protocol, k, folds)
+        assert record is not None  # parse_models refuses an empty list
+        doc = BaselineDocument(
+            **record, rows=rows, dalaresnet50=_evaluation_row(ref, mag, protocol, k, log)
         )
-        path = write_json(ref.folder / "baselines" / f"{mag}.json", doc)
+        path = doc.write(ref.folder / "baselines" / f"{mag}.json")
         log(f"[{mag}] wrote {path}")
         client = tracking_client(ref.tracking_uri)
-        batch = [
-            m for r in rows for m in metric_batch(f"baseline_{r['model']}_test_", r["metrics"])
-        ]
+        batch = [m for r in rows for m in metric_batch(f"baseline_{r.model}_test_", r.metrics)]
         for i in range(0, len(batch), 1000):  # MLflow's log_batch limit
             client.log_batch(best.parent_run_id, metrics=batch[i : i + 1000])
-        client.log_dict(best.parent_run_id, doc, f"baselines/{mag}.json")
-        docs.append(doc)
+        client.log_dict(best.parent_run_id, doc.to_json(), f"baselines/{mag}.json")
+        docs.append(doc.to_json())
     return docs
 
 
-def _evaluation_row(
-    ref: SearchRef, mag: str, protocol: str, k: int, log: Log
-) -> dict[str, Any] | None:
+def _evaluation_row(ref: SearchRef, mag: str, protocol: str, k: int, log: Log) -> ModelRow | None:
     """DALAResNet50's row from ``evaluation/<mag>.json``, or None when not evaluated yet."""
     path = ref.folder / "evaluation" / f"{mag}.json"
     if not path.is_file():
         log(f"[{mag}] note: no {path}; run `dala-search evaluate {ref.name}` for its row")
         return None
-    try:
-        ev = json.loads(path.read_text())
-        row = {
-            "model": "dalaresnet50",
-            "protocol": ev["protocol"],
-            "k": ev["k"],
-            "metrics": {n: ev["metrics"][n] for n in BASELINE_METRICS if n in ev["metrics"]},
-        }
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path}: not an evaluation written by dala-search evaluate ({e})") from e
-    if (row["protocol"], row["k"]) != (protocol, k):
+    ev = EvaluationDocument.read(path, mag)
+    if (ev.protocol, ev.k) != (protocol, k):
         # Different folds are not a comparison: leave the row out rather than mislead.
         log(
-            f"[{mag}] note: {path} used {row['protocol']} k={row['k']}, the baselines "
+            f"[{mag}] note: {path} used {ev.protocol} k={ev.k}, the baselines "
             f"{protocol} k={k}: not the same folds, so no DALAResNet50 row; run "
             f"`dala-search evaluate {ref.name} --{protocol} {k}` for it"
         )
         return None
-    return row
+    metrics = {n: ev.metrics[n] for n in BASELINE_METRICS if n in ev.metrics}
+    return ModelRow("dalaresnet50", metrics)
 
 
 # ---- the table ---------------------------------------------------------------------------
 
 
-def _cell(s: dict[str, Any] | None) -> str:
-    """ "0.8123 ± 0.0456" (the t-interval's half-width) or what is missing."""
-    if not s or s.get("mean") is None:
+def _cell(s: MetricSummary | None) -> str:
+    """ "0.8123 [0.78, 0.84]": the pooled estimate and its interval, or what is missing."""
+    if s is None or s.estimate is None:
         return "n/a"
-    if s.get("ci_low") is None:
-        return f"{s['mean']:.4f}"
-    return f"{s['mean']:.4f} ± {(s['ci_high'] - s['ci_low']) / 2:.4f}"
+    if s.ci_low is None or s.ci_high is None:
+        return f"{s.estimate:.4f}"
+    return f"{s.estimate:.4f} [{s.ci_low:.2f}, {s.ci_high:.2f}]"
 
+
+# The secondary per-fold column of the table: one metric, to keep the table readable.
+FOLD_METRIC = "balanced_accuracy"
+FOLD_LABEL = "bal. acc. fold mean ± sd"
 
 # Column titles of the comparison table (the paper's names).
 _LABELS = {
@@ -188,18 +179,26 @@ _LABELS = {
 }
 
 
-def baselines_table(doc: dict[str, Any]) -> list[str]:
-    """Plain-text comparison table of one magnification (mean ± CI half-width)."""
-    tag = " (SYNTHETIC data)" if doc["synthetic"] else ""
-    lines = [f"{doc['magnification']}  search {doc['search']}, {doc['protocol']} k={doc['k']}{tag}"]
-    rows = list(doc["rows"])
-    if doc.get("dalaresnet50"):
-        rows = [doc["dalaresnet50"], *rows]
-    width = max(len(r["model"]) for r in rows)
-    header = "".join(f"  {_LABELS[n]:>16}" for n in BASELINE_METRICS)
-    lines.append(f"  {'model':{width}}{header}")
-    for r in rows:
-        cells = "".join(f"  {_cell(r['metrics'].get(n)):>16}" for n in BASELINE_METRICS)
-        lines.append(f"  {r['model']:{width}}{cells}")
-    lines.append("  (mean ± half-width of the 95% t-interval over the folds)")
+def baselines_table(doc: BaselineDocument | dict[str, Any]) -> list[str]:
+    """Plain-text comparison table of one magnification: per model and metric the pooled
+    estimate [95% interval], then the per-fold mean ± SD of the headline metric."""
+    if not isinstance(doc, BaselineDocument):
+        doc = BaselineDocument.from_json(doc, "baselines document")
+    tag = " (SYNTHETIC data)" if doc.synthetic else ""
+    lines = [f"{doc.magnification}  search {doc.search}, {doc.protocol} k={doc.k}{tag}"]
+    rows = ([doc.dalaresnet50] if doc.dalaresnet50 else []) + list(doc.rows)
+    width = max(len(r.model) for r in rows)
+    cells = {r.model: [_cell(r.metrics.get(n)) for n in BASELINE_METRICS] for r in rows}
+    widths = [
+        max(len(_LABELS[n]), *(len(c[i]) for c in cells.values()))
+        for i, n in enumerate(BASELINE_METRICS)
+    ]
+    folds = [fold_cell(r.metrics[FOLD_METRIC]) if FOLD_METRIC in r.metrics else "n/a" for r in rows]
+    fold_width = max(len(FOLD_LABEL), *(len(f) for f in folds))
+    header = "".join(f"  {_LABELS[n]:>{w}}" for n, w in zip(BASELINE_METRICS, widths, strict=True))
+    lines.append(f"  {'model':{width}}{header}  {FOLD_LABEL:>{fold_width}}")
+    for r, f in zip(rows, folds, strict=True):
+        row = "".join(f"  {c:>{w}}" for c, w in zip(cells[r.model], widths, strict=True))
+        lines.append(f"  {r.model:{width}}{row}  {f:>{fold_width}}")
+    lines.append(f"  (pooled out-of-fold estimate [95% interval]: {doc.ci})")
     return lines

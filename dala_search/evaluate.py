@@ -3,7 +3,7 @@
 ``dala-search evaluate NAME`` (``evaluate_search``) calls this module, and
 ``dala-search baselines NAME`` (``comparison.run_baselines``) trains the paper's models on
 the same folds with this module's helpers; ``dala-search report`` READS what both write.
-The file formats below are that interface; change them only together with the report.
+The file formats (``dala_search/runs/documents.py``) are that interface.
 
 The protocols (``--folds K`` or ``--seeds K``) and their folds: ``folds.py``.
 
@@ -11,45 +11,30 @@ Every run is the same ``train.train_trial`` as a search trial, with the best con
 read from MLflow (the magnification's parent run names the best trial; its
 ``trial_config.json`` artifact is the exact config) and ``--epochs``/``--device`` applied.
 
-The confidence interval is a two-sided 95 % Student t-interval over the K per-fold test
-values (``scipy.stats.t``, K - 1 degrees of freedom): mean +- t * sd / sqrt(K). Values that are
-undefined in a fold (e.g. ROC AUC on a test part with one class) are written as ``null`` and
-left out of the mean and interval; with fewer than two defined values the interval is
-``null``. The interval is not clipped to [0, 1]: with K = 2 the t quantile is 12.7 and an
-interval wider than the metric's range says honestly how little two folds tell.
+Every figure is a test figure of patients the fold's model never trained on. Per metric the
+document holds (``dala_search/runs/documents.py`` is the format, field by field):
 
-Files (written atomically: temp file + rename; strict JSON, undefined numbers are ``null``):
+- ``estimate``: the metric on all folds' test predictions pooled (the primary figure), with
+  ``ci_low`` / ``ci_high``, its 95% patient-level cluster-bootstrap interval
+  (``dala_search/intervals.py``: patients resampled with replacement within their class,
+  2,000 resamples, percentile interval, seeded with the search's seed): always inside
+  [0, 1]. With ``seeds`` (and BreakHis's official folds) test parts overlap: a patient
+  tested by several repetitions contributes each repetition's predictions, scored as one
+  patient-level unit per repetition and resampled as one patient.
+- ``mean``, ``sd``, ``values``: the per-fold figures (secondary): the mean and sample SD of
+  the defined fold values, and the value of each fold (``null`` where undefined in that
+  fold, e.g. ROC AUC on a test part with one class). ``mean`` is NOT the centre of the
+  interval; ``estimate`` is the figure the interval is for.
 
-``<search folder>/evaluation/<mag>.json``::
+Files: ``<search folder>/evaluation/<mag>.json`` (``EvaluationDocument``) and, from
+``comparison.py``, ``<search folder>/baselines/<mag>.json`` (``BaselineDocument``).
 
-    {"magnification": "40X", "search": NAME, "protocol": "folds" | "seeds", "k": K,
-     "config": {TrialConfig keys}, "synthetic": bool, "code_version": "0.1.0+abc123",
-     "ci": "<how the interval was computed>",
-     "splits": [{"description", "train"|"val"|"test": {"slides", "n_images"}}, one per fold],
-     "best_run_id": "<MLflow run of the best trial>",
-     "metrics": {NAME: {"mean", "ci_low", "ci_high", "values": [one per fold]}}}
-
-  NAME in ``EVAL_METRICS``: accuracy, balanced_accuracy, f1, gmean, iba, roc_auc,
-  patient_accuracy (``dala_search.metrics``; binary IBA, malignant positive).
-
-``<search folder>/baselines/<mag>.json``::
-
-    {"magnification": "40X", "search": NAME, "protocol": ..., "k": K, "synthetic": bool,
-     "code_version": ..., "ci": ..., "splits": [...], "config": {the shared training config},
-     "rows": [{"model": "resnet50", "metrics": {NAME: {"mean", "ci_low", "ci_high",
-               "values"}}}, ...],
-     "dalaresnet50": {"model": "dalaresnet50", "protocol", "k", "metrics": {...}} | null}
-
-  NAME in ``comparison.BASELINE_METRICS`` (accuracy, f1, iba, gmean, balanced_accuracy, roc_auc);
-  ``dalaresnet50`` is the evaluation of the same search read from ``evaluation/<mag>.json``
-  when it exists and used the same protocol and k (the same folds), else ``null``.
-
-MLflow, on the magnification's parent run: ``test_<name>_mean`` / ``_ci_low`` / ``_ci_high``
-metrics and the artifact ``evaluation/<mag>.json`` (evaluate); metrics
-``baseline_<model>_test_<name>_mean`` / ``_ci_low`` / ``_ci_high`` and the artifact
+MLflow, on the magnification's parent run: ``test_<name>_estimate`` / ``_ci_low`` /
+``_ci_high`` / ``_mean`` / ``_sd`` metrics and the artifact ``evaluation/<mag>.json``
+(evaluate); metrics ``baseline_<model>_test_<name>_...`` likewise and the artifact
 ``baselines/<mag>.json`` (baselines). The search's registered best model version
 (``dala.registered_model`` tag of the parent run) gets tags ``dala.eval.protocol``,
-``dala.eval.k`` and ``dala.eval.test_<name>`` = "mean [ci_low, ci_high]".
+``dala.eval.k`` and ``dala.eval.test_<name>`` = "estimate [ci_low, ci_high]".
 
 Folds run one after the other in this process (on the GPU when there is one).
 """
@@ -59,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -74,6 +58,8 @@ from dala_search.config import TrialConfig
 from dala_search.data.breakhis import BreakHisIndex
 from dala_search.errors import ConfigError, DalaError, DataError
 from dala_search.folds import check_protocol, fold_splits
+from dala_search.intervals import N_RESAMPLES, cluster_bootstrap, method_name
+from dala_search.runs.documents import EvaluationDocument, MetricSummary
 
 EVAL_METRICS: tuple[str, ...] = (
     "accuracy",
@@ -84,7 +70,6 @@ EVAL_METRICS: tuple[str, ...] = (
     "roc_auc",
     "patient_accuracy",
 )
-CI_METHOD = "95% Student t-interval over the k folds/seeds (scipy.stats.t, k-1 df)"
 
 Log = Callable[[str], None]
 
@@ -231,24 +216,57 @@ def best_config(
 # ---- statistics ---------------------------------------------------------------------------
 
 
-def confidence_interval(values: Sequence[float | None]) -> dict[str, Any]:
-    """Mean and 95% t-interval of the defined (finite) values; ``values`` kept, NaN -> None."""
-    from scipy import stats
+@dataclass(frozen=True)
+class FoldOutcome:
+    """One fold's test figures and the predictions they came from (pooled across folds)."""
 
+    test: dict[str, float]  # the fold's test metrics (train_trial's)
+    y_true: np.ndarray  # (n,) test labels, in the order of split.test
+    y_prob: np.ndarray  # (n, C) test probabilities
+    slides: list[str]  # the patient of each test image
+
+
+def fold_figures(values: Sequence[float | None]) -> dict[str, Any]:
+    """Per-fold ``values`` (NaN -> None), the ``mean`` and sample ``sd`` of the defined ones."""
     kept = [None if v is None or not math.isfinite(v) else float(v) for v in values]
     finite = np.array([v for v in kept if v is not None], dtype=np.float64)
     mean = float(finite.mean()) if len(finite) else None
-    low = high = None
-    if len(finite) >= 2:
-        half = float(stats.t.ppf(0.975, len(finite) - 1) * finite.std(ddof=1))
-        half /= math.sqrt(len(finite))
-        low, high = mean - half, mean + half
-    return {"mean": mean, "ci_low": low, "ci_high": high, "values": kept}
+    sd = float(finite.std(ddof=1)) if len(finite) >= 2 else None
+    return {"mean": mean, "sd": sd, "values": tuple(kept)}
 
 
-def summarise(per_fold: Sequence[dict[str, float]], names: Sequence[str]) -> dict[str, Any]:
-    """``{name: confidence_interval(values over folds)}`` for each metric name."""
-    return {n: confidence_interval([m.get(n, math.nan) for m in per_fold]) for n in names}
+def pooled(folds: Sequence[FoldOutcome]) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """All folds' test predictions: labels, probabilities, patients (the bootstrap's
+    clusters) and ``<fold>:<patient>`` (the patient-level units: a patient tested by several
+    folds/seeds is one prediction per fold's model)."""
+    y_true = np.concatenate([f.y_true for f in folds]).astype(np.int64)
+    y_prob = np.concatenate([f.y_prob for f in folds])
+    clusters = [s for f in folds for s in f.slides]
+    units = [f"{i}:{s}" for i, f in enumerate(folds) for s in f.slides]
+    return y_true, y_prob, clusters, units
+
+
+def summarise(
+    folds: Sequence[FoldOutcome], names: Sequence[str], *, seed: int
+) -> dict[str, MetricSummary]:
+    """Per metric: the pooled estimate with its cluster-bootstrap interval, and the fold
+    figures (module docstring)."""
+    y_true, y_prob, clusters, units = pooled(folds)
+    intervals = cluster_bootstrap(
+        y_true, y_prob, clusters, names, units=units, n_resamples=N_RESAMPLES, seed=seed
+    )
+    out = {}
+    for n in names:
+        iv = intervals[n]
+        out[n] = MetricSummary(
+            estimate=iv.estimate,
+            ci_low=iv.low,
+            ci_high=iv.high,
+            **fold_figures([f.test.get(n, math.nan) for f in folds]),
+            n_undefined=iv.n_undefined,
+            ci_note=iv.reason,
+        )
+    return out
 
 
 # ---- training over folds ----------------------------------------------------------------
@@ -268,8 +286,8 @@ def train_folds(
     label: str,
     build_model: Callable[[TrialConfig], Any] | None = None,
     log: Log = stderr_log,
-) -> list[dict[str, float]]:
-    """Train ``config`` once per split and return each split's test metrics.
+) -> list[FoldOutcome]:
+    """Train ``config`` once per split; each split's test metrics and predictions.
 
     ``data`` is a ``train.TrialData`` of the magnification (its own split is ignored).
     ``seeds`` trains split i with ``config.seed + i``; ``folds`` keeps the config's seed.
@@ -291,7 +309,14 @@ def train_folds(
             f"patients), {cfg.epochs} epoch(s) ..."
         )
         result = train_trial(cfg, fold, **kwargs)
-        out.append(result.test)
+        out.append(
+            FoldOutcome(
+                test=result.test,
+                y_true=np.asarray(result.test_scores["y_true"], dtype=np.int64),
+                y_prob=np.asarray(result.test_scores["y_prob"], dtype=np.float64),
+                slides=data.slides(split.test),
+            )
+        )
         t = result.test
         log(
             f"[{label}] {protocol[:-1]} {i + 1}/{len(splits)}: test acc "
@@ -359,16 +384,17 @@ def fold_data(
         yield best, data, fold_splits(index, data.records, protocol, k, seed=ref.plan.seed)
 
 
-def fold_document(
+def fold_record(
     ref: SearchRef,
     best: BestConfig,
     data: Any,
     splits: Sequence[Any],
     protocol: str,
     k: int,
-    **figures: Any,
+    folds: Sequence[FoldOutcome],
 ) -> dict[str, Any]:
-    """What every per-magnification document records about how its figures were made."""
+    """The fields every per-magnification document records about how its figures were
+    made (``runs.documents._FoldsRecord``)."""
     from dala_search.search import tracking
 
     return {
@@ -377,11 +403,12 @@ def fold_document(
         "protocol": protocol,
         "k": k,
         "config": best.config.to_dict(),
-        **figures,
         "synthetic": bool(data.synthetic),
         "code_version": tracking.code_version(),
-        "ci": CI_METHOD,
+        "ci": method_name(N_RESAMPLES, ref.plan.seed),
         "splits": [s.to_json(data.records) for s in splits],
+        "n_images": sum(len(f.y_true) for f in folds),
+        "n_patients": len({s for f in folds for s in f.slides}),
     }
 
 
@@ -417,32 +444,38 @@ def evaluate_search(
     docs = []
     for best, data, splits in fold_data(ref, bests, protocol, k, log):
         mag = best.magnification
-        per_fold = train_folds(best.config, data, splits, protocol, label=mag, log=log)
-        doc = fold_document(
-            ref, best, data, splits, protocol, k, metrics=summarise(per_fold, EVAL_METRICS)
+        folds = train_folds(best.config, data, splits, protocol, label=mag, log=log)
+        doc = EvaluationDocument(
+            **fold_record(ref, best, data, splits, protocol, k, folds),
+            best_run_id=best.best_run_id,
+            metrics=summarise(folds, EVAL_METRICS, seed=ref.plan.seed),
         )
-        doc["best_run_id"] = best.best_run_id
-        path = write_json(ref.folder / "evaluation" / f"{mag}.json", doc)
+        path = doc.write(ref.folder / "evaluation" / f"{mag}.json")
         log(f"[{mag}] wrote {path}")
         _log_evaluation(ref, best, doc, log)
-        docs.append(doc)
+        docs.append(doc.to_json())
     return docs
 
 
-def metric_batch(prefix: str, metrics: dict[str, dict[str, Any]]) -> list[Any]:
-    """MLflow ``Metric``s ``<prefix><name>_mean`` / ``_ci_low`` / ``_ci_high`` (defined ones)."""
+SUMMARY_PARTS = ("estimate", "ci_low", "ci_high", "mean", "sd")
+
+
+def metric_batch(prefix: str, metrics: dict[str, MetricSummary]) -> list[Any]:
+    """MLflow ``Metric``s ``<prefix><name>_<part>`` for each of ``SUMMARY_PARTS`` (the
+    defined ones)."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     out = []
     for name, s in metrics.items():
-        for part in ("mean", "ci_low", "ci_high"):
-            if s[part] is not None:  # MLflow has no "undefined": leave the metric out
-                out.append(Metric(f"{prefix}{name}_{part}", float(s[part]), now, 0))
+        for part in SUMMARY_PARTS:
+            value = getattr(s, part)
+            if value is not None:  # MLflow has no "undefined": leave the metric out
+                out.append(Metric(f"{prefix}{name}_{part}", float(value), now, 0))
     return out
 
 
-def _log_evaluation(ref: SearchRef, best: BestConfig, doc: dict[str, Any], log: Log) -> None:
+def _log_evaluation(ref: SearchRef, best: BestConfig, doc: EvaluationDocument, log: Log) -> None:
     """Metrics and the JSON on the parent run; the figures as tags on the registered model."""
     from mlflow.entities import RunTag
 
@@ -450,10 +483,10 @@ def _log_evaluation(ref: SearchRef, best: BestConfig, doc: dict[str, Any], log: 
     mag = best.magnification
     client.log_batch(
         best.parent_run_id,
-        metrics=metric_batch("test_", doc["metrics"]),
-        tags=[RunTag("dala.evaluation", f"{doc['protocol']} k={doc['k']}")],
+        metrics=metric_batch("test_", doc.metrics),
+        tags=[RunTag("dala.evaluation", f"{doc.protocol} k={doc.k}")],
     )
-    client.log_dict(best.parent_run_id, doc, f"evaluation/{mag}.json")
+    client.log_dict(best.parent_run_id, doc.to_json(), f"evaluation/{mag}.json")
     if not best.registered_model:
         log(
             f"[{mag}] note: the best trial logged no model, so no registered version to tag; "
@@ -461,11 +494,9 @@ def _log_evaluation(ref: SearchRef, best: BestConfig, doc: dict[str, Any], log: 
         )
         return
     model, _, version = best.registered_model.rpartition("/")
-    tags = {"dala.eval.protocol": doc["protocol"], "dala.eval.k": str(doc["k"])}
-    for name, s in doc["metrics"].items():
-        tags[f"dala.eval.test_{name}"] = (
-            f"{_fmt(s['mean'])} [{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}]"
-        )
+    tags = {"dala.eval.protocol": doc.protocol, "dala.eval.k": str(doc.k)}
+    for name, s in doc.metrics.items():
+        tags[f"dala.eval.test_{name}"] = s.cell()
     for key, value in tags.items():
         client.set_model_version_tag(model, version, key, value)
     log(f"[{mag}] tagged registered model {model} version {version} with the figures")
@@ -474,27 +505,24 @@ def _log_evaluation(ref: SearchRef, best: BestConfig, doc: dict[str, Any], log: 
 # ---- files and tables ---------------------------------------------------------------------
 
 
-def write_json(path: Path, doc: dict[str, Any]) -> Path:
-    """Strict JSON (NaN refused: callers turn undefined values into null), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(doc, handle, indent=2, allow_nan=False)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the report reads it as anyone
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def fold_cell(s: MetricSummary) -> str:
+    """``0.8100 ± 0.0300``: the per-fold mean ± SD (the secondary figure)."""
+    if s.mean is None:
+        return "n/a"
+    return f"{s.mean:.4f}" + (f" ± {s.sd:.4f}" if s.sd is not None else "")
 
 
-def evaluation_table(doc: dict[str, Any]) -> list[str]:
+def evaluation_table(doc: EvaluationDocument | dict[str, Any]) -> list[str]:
     """Plain-text lines for one magnification's evaluation (the CLI prints them)."""
-    tag = " (SYNTHETIC data)" if doc["synthetic"] else ""
-    lines = [f"{doc['magnification']}  search {doc['search']}, {doc['protocol']} k={doc['k']}{tag}"]
-    lines.append(f"  {'metric':20}{'mean':>9}  {'95% CI':>20}")
-    for name, s in doc["metrics"].items():
-        ci = f"[{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}]" if s["ci_low"] is not None else "n/a"
-        lines.append(f"  {name:20}{_fmt(s['mean']):>9}  {ci:>20}")
+    if not isinstance(doc, EvaluationDocument):
+        doc = EvaluationDocument.from_json(doc, "evaluation document")
+    tag = " (SYNTHETIC data)" if doc.synthetic else ""
+    lines = [
+        f"{doc.magnification}  search {doc.search}, {doc.protocol} k={doc.k}, "
+        f"{doc.n_images} test predictions of {doc.n_patients} patients{tag}"
+    ]
+    lines.append(f"  {'metric':20}{'pooled [95% CI]':>26}  {'fold mean ± sd':>17}")
+    for name, s in doc.metrics.items():
+        lines.append(f"  {name:20}{s.cell():>26}  {fold_cell(s):>17}")
+    lines.append(f"  ({doc.ci})")
     return lines

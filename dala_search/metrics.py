@@ -222,13 +222,21 @@ def _multiclass(y_true: np.ndarray, y_prob: np.ndarray, y_pred: np.ndarray) -> d
     }
 
 
-def _patient(
-    y_true: np.ndarray, y_prob: np.ndarray, y_pred: np.ndarray, slides: np.ndarray, binary: bool
-) -> dict[str, float]:
-    """Aggregate images by slide (patient) and score the slides; see classification_metrics."""
-    _, slide_of = np.unique(slides, return_inverse=True)
-    n_slides, n_classes = int(slide_of.max()) + 1, y_prob.shape[1]
+def patient_predictions(
+    y_true: np.ndarray, y_prob: np.ndarray, slides: Sequence[str], binary: bool | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per slide (patient), in ``np.unique(slides)`` order: ``(slide ids, true label,
+    predicted label, image accuracy)`` under the rules of ``classification_metrics``.
+
+    ``intervals.py`` resamples these rows (the patient-level scores of a bootstrap resample
+    are weighted means of them); ``classification_metrics`` scores them directly.
+    """
+    y_true, y_prob = _checked(y_true, y_prob, slides)
+    binary = y_prob.shape[1] == 2 if binary is None else binary
+    ids, slide_of = np.unique(np.asarray(list(slides)), return_inverse=True)
+    n_slides, n_classes = len(ids), y_prob.shape[1]
     n_images = np.bincount(slide_of, minlength=n_slides)
+    y_pred = y_prob.argmax(axis=1)
 
     def per_slide_counts(labels: np.ndarray) -> np.ndarray:
         counts = np.zeros((n_slides, n_classes))
@@ -245,7 +253,16 @@ def _patient(
         votes = per_slide_counts(y_pred)
         top = votes == votes.max(axis=1, keepdims=True)
         slide_pred = np.where(top, mean_prob, -1.0).argmax(axis=1)  # tie -> higher mean prob
-    image_accuracy = np.bincount(slide_of, weights=(y_pred == y_true).astype(float)) / n_images
+    correct = (y_pred == y_true).astype(float)
+    image_accuracy = np.bincount(slide_of, weights=correct, minlength=n_slides) / n_images
+    return ids, slide_true, slide_pred, image_accuracy
+
+
+def _patient(
+    y_true: np.ndarray, y_prob: np.ndarray, y_pred: np.ndarray, slides: np.ndarray, binary: bool
+) -> dict[str, float]:
+    """Aggregate images by slide (patient) and score the slides; see classification_metrics."""
+    _, slide_true, slide_pred, image_accuracy = patient_predictions(y_true, y_prob, slides, binary)
     return {
         "patient_accuracy": accuracy_score(slide_true, slide_pred),
         "patient_balanced_accuracy": balanced_accuracy_score(slide_true, slide_pred),

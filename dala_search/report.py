@@ -6,8 +6,9 @@ magnification:
 
 * best configuration and its validation/test metrics (MLflow: ``tracking.best_table``,
   the parent runs) and the Optuna study's trial counts;
-* the final evaluation with 95% confidence intervals (``<search folder>/evaluation/<mag>.json``,
-  written by ``dala-search evaluate``);
+* the final evaluation: per metric the pooled out-of-fold estimate with its 95%
+  patient-level bootstrap interval, and the per-fold mean ± SD and values
+  (``<search folder>/evaluation/<mag>.json``, written by ``dala-search evaluate``);
 * the comparison with the paper's baselines (``<search folder>/baselines/<mag>.json``,
   written by ``dala-search baselines``);
 * Optuna's own visualisations of the study (matplotlib backend: PNG without plotly/kaleido);
@@ -26,16 +27,15 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import json
 import math
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from dala_search.errors import DalaError
+from dala_search.runs.documents import BaselineDocument, EvaluationDocument, MetricSummary
 from dala_search.search import tracking
 
 # Metrics shown first (the paper's four, then the rest of the evaluate command's set).
@@ -63,8 +63,9 @@ class MagSection:
     best: dict[str, Any] | None = None  # best_table row
     trial_counts: dict[str, int] = field(default_factory=dict)
     metric_rows: list[tuple[str, str, str]] = field(default_factory=list)  # name, val, test
-    evaluation: dict[str, Any] | None = None
-    evaluation_rows: list[tuple[str, str, str, str]] = field(default_factory=list)
+    evaluation: dict[str, Any] | None = None  # the document's JSON and its "source" path
+    evaluation_doc: EvaluationDocument | None = None
+    evaluation_rows: list[tuple[str, str, str, str, str]] = field(default_factory=list)
     comparison: dict[str, Any] | None = None
     comparison_metrics: list[str] = field(default_factory=list)
     comparison_rows: list[tuple[str, list[str]]] = field(default_factory=list)
@@ -172,29 +173,17 @@ def _parent_runs(uri: str, name: str) -> dict[str, Any]:
     return {r.data.tags[tracking.TAG_MAG]: r for r in runs}
 
 
-def _read_json(path: Path, required: tuple[str, ...], magnification: str) -> dict[str, Any]:
-    """A JSON file another command wrote; a malformed one is an error naming file and key."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DalaError(f"{path}: cannot read it as JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise DalaError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    for key in required:
-        if key not in data:
-            raise DalaError(f"{path}: missing key {key!r}")
-    if data["magnification"] != magnification:
-        raise DalaError(
-            f"{path}: key 'magnification' is {data['magnification']!r}, expected {magnification!r}"
-        )
-    return data
+def _estimate_and_ci(m: MetricSummary) -> tuple[str, str]:
+    """The pooled estimate and ``[low, high]`` as text (``n/a`` where undefined)."""
+    if m.ci_low is None:
+        return _num(m.estimate), "n/a" + (f" ({m.ci_note})" if m.ci_note else "")
+    return _num(m.estimate), f"[{_num(m.ci_low)}, {_num(m.ci_high)}]"
 
 
-def _ci_cell(path: Path, name: str, m: Any) -> tuple[str, str]:
-    """``mean`` and ``[low, high]`` as text; a malformed entry names file and metric."""
-    if not isinstance(m, Mapping) or not all(k in m for k in ("mean", "ci_low", "ci_high")):
-        raise DalaError(f"{path}: metric {name!r} needs 'mean', 'ci_low' and 'ci_high'")
-    return _num(m["mean"]), f"[{_num(m['ci_low'])}, {_num(m['ci_high'])}]"
+def _fold_text(m: MetricSummary) -> str:
+    if m.mean is None:
+        return "n/a"
+    return _num(m.mean) + (f" ± {_num(m.sd)}" if m.sd is not None else "")
 
 
 def _num(v: Any) -> str:
@@ -222,54 +211,40 @@ def _best_section(sec: MagSection) -> None:
 def _evaluation_section(sec: MagSection, path: Path) -> None:
     if not path.is_file():
         return
-    required = ("magnification", "protocol", "k", "metrics", "synthetic", "code_version")
-    ev = _read_json(path, required, sec.magnification)
-    if not isinstance(ev["metrics"], Mapping) or not ev["metrics"]:
-        raise DalaError(f"{path}: key 'metrics' must be a non-empty object")
-    names = [k for k in EVAL_METRICS if k in ev["metrics"]]
-    names += sorted(set(ev["metrics"]) - set(EVAL_METRICS))
+    ev = EvaluationDocument.read(path, sec.magnification)
+    names = [k for k in EVAL_METRICS if k in ev.metrics]
+    names += sorted(set(ev.metrics) - set(EVAL_METRICS))
     for k in names:
-        mean, ci = _ci_cell(path, k, ev["metrics"][k])
-        values = ev["metrics"][k].get("values", [])
-        sec.evaluation_rows.append((k, mean, ci, ", ".join(_num(v) for v in values)))
-    ev["source"] = str(path)
-    sec.evaluation = ev
+        m = ev.metrics[k]
+        estimate, ci = _estimate_and_ci(m)
+        values = ", ".join(_num(v) for v in m.values)
+        sec.evaluation_rows.append((k, estimate, ci, _fold_text(m), values))
+    sec.evaluation = {**ev.to_json(), "source": str(path)}
+    sec.evaluation_doc = ev
 
 
 def _comparison_section(sec: MagSection, path: Path) -> None:
     if not path.is_file():
         return
-    base = _read_json(path, ("magnification", "k", "rows"), sec.magnification)
-    rows = list(base["rows"])
-    for i, r in enumerate(rows):
-        if not isinstance(r, Mapping) or "model" not in r or "metrics" not in r:
-            raise DalaError(f"{path}: rows[{i}] needs keys 'model' and 'metrics'")
-    ours = base.get("dalaresnet50")
+    base = BaselineDocument.read(path, sec.magnification)
+    rows = [(r.model, r.metrics) for r in base.rows]
+    ours = base.dalaresnet50.metrics if base.dalaresnet50 else None
     ours_label = "DALAResNet50 (searched best)"
-    # The baselines ran before `evaluate`: the evaluation's row is the same protocol only
-    # when k matches; otherwise it is left out (and the page says so).
-    if ours is None and sec.evaluation is not None and sec.evaluation["k"] == base["k"]:
-        ours = {"metrics": sec.evaluation["metrics"]}
+    # The baselines ran before `evaluate`: the evaluation's row is the same folds only when
+    # the protocol and k match; otherwise it is left out (and the page says so).
+    ev = sec.evaluation_doc
+    if ours is None and ev is not None and (ev.protocol, ev.k) == (base.protocol, base.k):
+        ours = ev.metrics
         ours_label += " (from evaluation/)"
     if ours is not None:
-        # Either a full row ({"model", "metrics", ...}) or the metrics mapping itself.
-        metrics = ours.get("metrics", ours)
-        rows.append({"model": ours_label, "metrics": metrics})
-    present = {k for r in rows for k in r["metrics"]}
+        rows.append((ours_label, ours))
+    present = {k for _, metrics in rows for k in metrics}
     sec.comparison_metrics = [k for k in EVAL_METRICS if k in present]
     sec.comparison_metrics += sorted(present - set(EVAL_METRICS))
-    for r in rows:
-        cells = []
-        for k in sec.comparison_metrics:
-            if k in r["metrics"]:
-                mean, ci = _ci_cell(path, f"{r['model']}.{k}", r["metrics"][k])
-                cells.append(f"{mean} {ci}")
-            else:
-                cells.append("-")
-        sec.comparison_rows.append((str(r["model"]), cells))
-    base["source"] = str(path)
-    base["has_ours"] = ours is not None
-    sec.comparison = base
+    for model, metrics in rows:
+        cells = [metrics[k].cell() if k in metrics else "-" for k in sec.comparison_metrics]
+        sec.comparison_rows.append((model, cells))
+    sec.comparison = {**base.to_json(), "source": str(path), "has_ours": ours is not None}
 
 
 def _save(fig: Any, fig_dir: Path, name: str, page_dir: Path, title: str) -> Figure:

@@ -114,42 +114,48 @@ def write_result_jsons():
     ``write_result_jsons(folder, "40X")`` returns the two payloads; the numbers are
     distinctive so a test can find them in a report.
     """
-    import json
+    from dala_search.runs.documents import (
+        BaselineDocument,
+        EvaluationDocument,
+        MetricSummary,
+        ModelRow,
+    )
 
-    def ci(mean: float, lo: float, hi: float, values: list | None = None) -> dict:
-        out = {"mean": mean, "ci_low": lo, "ci_high": hi}
-        if values is not None:
-            out["values"] = values
-        return out
+    def ci(estimate: float, lo: float, hi: float, values: tuple = (0.5, 0.6, 0.7)) -> MetricSummary:
+        mean = sum(values) / len(values)
+        return MetricSummary(estimate, lo, hi, mean=mean, sd=0.05, values=values)
 
     def write(folder: Path, mag: str) -> tuple[dict, dict]:
-        evaluation = {
-            "magnification": mag,
-            "search": folder.name,
-            "protocol": "folds",
-            "k": 3,
-            "config": {"attention": "eca", "lr": 0.003},
-            "metrics": {
-                "accuracy": ci(0.8123, 0.7012, 0.9234, [0.79, 0.81, 0.8369]),
-                "f1": ci(0.8456, 0.7345, 0.9567, [0.83, 0.84, 0.8668]),
-                "roc_auc": ci(0.9111, 0.8222, 0.9999, [0.9, 0.91, 0.9233]),
-            },
-            "synthetic": True,
-            "code_version": "0.1.0+test",
+        common = dict(
+            magnification=mag,
+            search=folder.name,
+            protocol="folds",
+            k=3,
+            config={"attention": "eca", "lr": 0.003},
+            synthetic=True,
+            code_version="0.1.0+test",
+            ci="patient-level cluster bootstrap (test)",
+            splits=[],
+            n_images=300,
+            n_patients=24,
+        )
+        metrics = {
+            "accuracy": ci(0.8123, 0.7012, 0.9234, (0.79, 0.81, 0.8369)),
+            "f1": ci(0.8456, 0.7345, 0.9567, (0.83, 0.84, 0.8668)),
+            "roc_auc": ci(0.9111, 0.8222, 0.9999, (0.9, 0.91, 0.9233)),
         }
-        baselines = {
-            "magnification": mag,
-            "k": 3,
-            "rows": [
-                {"model": "densenet121", "metrics": {"accuracy": ci(0.6543, 0.5432, 0.7654)}},
-                {"model": "<b>vgg16</b>", "metrics": {"f1": ci(0.6111, 0.5111, 0.7111)}},
+        evaluation = EvaluationDocument(**common, best_run_id="run0", metrics=metrics)
+        baselines = BaselineDocument(
+            **common,
+            rows=[
+                ModelRow("densenet121", {"accuracy": ci(0.6543, 0.5432, 0.7654)}),
+                ModelRow("<b>vgg16</b>", {"f1": ci(0.6111, 0.5111, 0.7111)}),
             ],
-            "dalaresnet50": {"model": "dalaresnet50", "metrics": evaluation["metrics"]},
-        }
-        for sub, payload in (("evaluation", evaluation), ("baselines", baselines)):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
-            (folder / sub / f"{mag}.json").write_text(json.dumps(payload))
-        return evaluation, baselines
+            dalaresnet50=ModelRow("dalaresnet50", metrics),
+        )
+        evaluation.write(folder / "evaluation" / f"{mag}.json")
+        baselines.write(folder / "baselines" / f"{mag}.json")
+        return evaluation.to_json(), baselines.to_json()
 
     return write
 

@@ -8,7 +8,6 @@ the evaluation writes (JSON, MLflow metrics, artifacts, model tags) never touch 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sqlite3
 from pathlib import Path
@@ -21,7 +20,7 @@ from dala_search.comparison import BASELINE_METRICS
 from dala_search.data.breakhis import index_breakhis
 from dala_search.data.splits import check_disjoint
 from dala_search.errors import DataError
-from dala_search.evaluate import EVAL_METRICS, confidence_interval
+from dala_search.evaluate import EVAL_METRICS, evaluation_table
 from dala_search.folds import fold_splits
 
 K = 2
@@ -90,21 +89,21 @@ def test_official_folds_used_when_the_data_has_them(tmp_path: Path) -> None:
         fold_splits(index, records, "folds", 9)
 
 
-def test_confidence_interval_is_the_t_interval() -> None:
-    ci = confidence_interval([0.6, 0.8, 0.7])
-    # mean 0.7, sd 0.1, t(0.975, 2 df) = 4.302652729911275 (tables): half 0.248414...
-    half = 4.302652729911275 * 0.1 / math.sqrt(3)
-    assert ci["mean"] == pytest.approx(0.7)
-    assert ci["ci_low"] == pytest.approx(0.7 - half)
-    assert ci["ci_high"] == pytest.approx(0.7 + half)
-    assert ci["values"] == [0.6, 0.8, 0.7]
-    # Undefined values are null and left out; one defined value has no interval.
-    ci = confidence_interval([0.5, float("nan"), 0.7])
-    assert ci["values"] == [0.5, None, 0.7] and ci["mean"] == pytest.approx(0.6)
-    assert ci["ci_low"] < 0.6 < ci["ci_high"]
-    assert confidence_interval([0.5, float("nan")])["ci_low"] is None
-    same = confidence_interval([0.5, 0.5])
-    assert same["ci_low"] == same["ci_high"] == 0.5
+def test_tables_show_the_pooled_estimate_with_its_interval_and_the_fold_figures(
+    tmp_path: Path, write_result_jsons
+) -> None:
+    from dala_search.comparison import baselines_table
+
+    evaluation, baselines = write_result_jsons(tmp_path / "s", "40X")
+    lines = evaluation_table(evaluation)
+    assert "pooled [95% CI]" in lines[1] and "fold mean ± sd" in lines[1]
+    (acc,) = [ln for ln in lines if ln.split()[0] == "accuracy"]
+    assert "0.8123 [0.7012, 0.9234]" in acc and "0.8123 ± 0.0500" in acc
+    assert lines[-1] == "  (patient-level cluster bootstrap (test))"
+    lines = baselines_table(baselines)
+    assert [ln.split()[0] for ln in lines[2:5]] == ["dalaresnet50", "densenet121", "<b>vgg16</b>"]
+    assert "0.6543 [0.54, 0.77]" in lines[3]
+    assert len({len(ln) for ln in lines[1:5]}) == 1  # the columns line up
 
 
 # ---- end to end on a copy of the finished search ------------------------------------------
@@ -176,12 +175,20 @@ def test_evaluate_writes_the_documented_json(search_copy: dict, evaluated: dict)
     assert doc["synthetic"] is True and doc["code_version"]
     assert doc["config"]["epochs"] == 1 and doc["config"]["pretrained"] == "none"
     assert set(doc["metrics"]) == set(EVAL_METRICS)
+    assert doc["ci"].startswith("patient-level cluster bootstrap") and "2000 resamples" in doc["ci"]
     for name, m in doc["metrics"].items():
         assert len(m["values"]) == K, name
-        if m["ci_low"] is not None:
-            assert m["ci_low"] <= m["mean"] <= m["ci_high"], name
+        if m["ci_low"] is not None:  # the interval of the pooled estimate, inside [0, 1]
+            assert 0.0 <= m["ci_low"] <= m["ci_high"] <= 1.0, name
+            assert m["estimate"] is not None
     acc = doc["metrics"]["accuracy"]
     assert acc["mean"] == pytest.approx(sum(acc["values"]) / K)
+    # Folds: every test image once, so the pooled accuracy is the image-weighted fold mean.
+    sizes = [s["test"]["n_images"] for s in doc["splits"]]
+    assert doc["n_images"] == sum(sizes)
+    assert acc["estimate"] == pytest.approx(
+        sum(v * n for v, n in zip(acc["values"], sizes, strict=True)) / sum(sizes)
+    )
     # Folds are patient-disjoint: every patient tested once, never trained on in its fold.
     tests = [set(s["test"]["slides"]) for s in doc["splits"]]
     assert not tests[0] & tests[1]
@@ -204,6 +211,7 @@ def test_evaluate_logs_to_mlflow(search_copy: dict, evaluated: dict) -> None:
     )
     m = parent.data.metrics
     assert m["test_accuracy_mean"] == pytest.approx(doc["metrics"]["accuracy"]["mean"])
+    assert m["test_accuracy_estimate"] == pytest.approx(doc["metrics"]["accuracy"]["estimate"])
     assert m["test_accuracy_ci_low"] == pytest.approx(doc["metrics"]["accuracy"]["ci_low"])
     assert m["test_f1_ci_high"] == pytest.approx(doc["metrics"]["f1"]["ci_high"])
     assert parent.data.tags["dala.evaluation"] == f"folds k={K}"
@@ -213,7 +221,10 @@ def test_evaluate_logs_to_mlflow(search_copy: dict, evaluated: dict) -> None:
     model, version = parent.data.tags["dala.registered_model"].rsplit("/", 1)
     tags = client.get_model_version(model, version).tags
     assert tags["dala.eval.protocol"] == "folds" and tags["dala.eval.k"] == str(K)
-    assert tags["dala.eval.test_accuracy"].startswith(f"{doc['metrics']['accuracy']['mean']:.4f}")
+    acc = doc["metrics"]["accuracy"]
+    assert tags["dala.eval.test_accuracy"] == (
+        f"{acc['estimate']:.4f} [{acc['ci_low']:.4f}, {acc['ci_high']:.4f}]"
+    )
     # Written to the copy's artifact store, not to the shared fixture's.
     pattern = "*/artifacts/evaluation/40X.json"
     assert len(list(search_copy["artifacts"].glob(pattern))) == 1
@@ -240,7 +251,8 @@ def test_baselines_command_with_two_models(search_copy: dict, evaluated: dict) -
         assert set(row["metrics"]) == set(BASELINE_METRICS)
         for m in row["metrics"].values():
             assert len(m["values"]) == K
-            assert {"mean", "ci_low", "ci_high"} <= set(m)
+            assert {"estimate", "mean", "sd", "ci_low", "ci_high"} <= set(m)
+            assert m["ci_low"] is None or 0.0 <= m["ci_low"] <= m["ci_high"] <= 1.0
     # Same folds as the evaluation, and its row beside the baselines.
     (evaluation,) = evaluated["out"]["magnifications"]
     assert doc["splits"] == evaluation["splits"]

@@ -68,6 +68,7 @@ def test_every_section_is_filled_from_its_source(full_report: dict, finished_sea
     assert f"{acc:.4f}" in best
     ev = parts["evaluation"]
     assert "0.8123" in ev and "[0.7012, 0.9234]" in ev and "0.8369" in ev
+    assert "± 0.0500" in ev and "patient-level cluster bootstrap (test)" in ev
     cmp = parts["comparison"]
     assert "densenet121" in cmp and "0.6543 [0.5432, 0.7654]" in cmp
     assert "DALAResNet50 (searched best)" in cmp and "0.8456 [0.7345, 0.9567]" in cmp
@@ -136,12 +137,16 @@ def test_missing_sources_name_the_command(finished_search: dict, tmp_path: Path)
     assert "<img" not in parts["gradcam"] and "<table" not in parts["evaluation"]
 
 
-def test_bad_inputs_exit_2_naming_file_and_key(finished_search: dict, tmp_path: Path):
+def test_bad_inputs_exit_2_naming_file_and_key(
+    finished_search: dict, tmp_path: Path, write_result_jsons
+):
     runs = _copy_search(finished_search, tmp_path / "runs")
     name = finished_search["name"]
     bad = runs / name / "evaluation" / "40X.json"
-    bad.parent.mkdir()
-    bad.write_text(json.dumps({"magnification": "40X", "protocol": "folds", "k": 3}))
+    write_result_jsons(runs / name, "40X")
+    doc = json.loads(bad.read_text())
+    del doc["metrics"]
+    bad.write_text(json.dumps(doc))
     r = CliRunner().invoke(main, ["report", name, "--runs-dir", str(runs)])
     assert r.exit_code == 2, r.output
     assert str(bad) in r.output and "'metrics'" in r.output

@@ -1,0 +1,1 @@
+"""The record of a search: plan, MLflow schema and the evaluation/baseline documents (Ray-free)."""

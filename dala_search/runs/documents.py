@@ -1,0 +1,336 @@
+"""The evaluation and baseline documents: ``evaluation/<mag>.json`` and ``baselines/<mag>.json``.
+
+``dala-search evaluate`` (``evaluate.py``) writes ``EvaluationDocument``, ``dala-search
+baselines`` (``comparison.py``) writes ``BaselineDocument``, ``dala-search report`` reads
+both; this module is that interface (the field comments below are the format's
+documentation, in one place). Files are strict JSON (undefined numbers are ``null``),
+written atomically (temp file + rename). Reading validates every key and type: a malformed
+or outdated file is a ``DalaError`` naming the file and the key.
+
+Per metric (``MetricSummary``) the primary figure is the pooled out-of-fold ``estimate``
+with its patient-level cluster-bootstrap interval ``ci_low``/``ci_high``
+(``dala_search.intervals``; the document's ``ci`` names the method); ``mean``, ``sd`` and
+``values`` are the per-fold figures (secondary). So ``mean`` is what it always was, the
+mean of the fold values, and the interval is NOT centred on it: it is the interval of
+``estimate``.
+
+No ray, optuna or mlflow here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dala_search.errors import DalaError
+
+PROTOCOLS = ("folds", "seeds")
+
+T = TypeVar("T")
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> Path:
+    """Strict JSON (NaN refused: callers turn undefined values into null), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(doc, handle, indent=2, allow_nan=False)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the report reads it as anyone
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ---- validation -----------------------------------------------------------------------------
+
+
+class _Reader:
+    """Typed access to one JSON object of a file; every error names the file and key path."""
+
+    def __init__(self, data: Any, source: str, where: str = "") -> None:
+        self.source, self.where = source, where
+        if not isinstance(data, Mapping):
+            raise self.error(f"expected a JSON object, found {type(data).__name__}")
+        self.data = data
+
+    def error(self, msg: str, key: str | None = None) -> DalaError:
+        at = f"{self.where}{key}" if key is not None else self.where.rstrip(".")
+        return DalaError(f"{self.source}: " + (f"key {at!r}: " if at else "") + msg)
+
+    def only(self, *keys: str) -> None:
+        extra = sorted(set(self.data) - set(keys))
+        if extra:
+            raise self.error(f"unknown key(s) {extra} (not written by this dala-search)")
+
+    def get(self, key: str, kind: type | tuple[type, ...], *, null: bool = False) -> Any:
+        if key not in self.data:
+            raise self.error("missing (written by another dala-search version? run it again)", key)
+        v = self.data[key]
+        if v is None and null:
+            return None
+        ok = isinstance(v, kind) and not (isinstance(v, bool) and bool not in _tuple(kind))
+        if not ok:
+            want = " or ".join(t.__name__ for t in _tuple(kind)) + (" or null" if null else "")
+            raise self.error(f"expected {want}, found {json.dumps(v)[:60]}", key)
+        return v
+
+    def number(self, key: str, *, null: bool = True) -> float | None:
+        v = self.get(key, (int, float), null=null)
+        if v is not None and not math.isfinite(v):
+            raise self.error(f"expected a finite number, found {v}", key)
+        return None if v is None else float(v)
+
+    def child(self, key: str, data: Any) -> _Reader:
+        return _Reader(data, self.source, f"{self.where}{key}.")
+
+
+def _tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+# ---- documents --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetricSummary:
+    """One metric over the folds: the pooled figure with its interval, and the fold figures.
+
+    Every number is in the metric's range ([0, 1] for all of ``metrics.py``) or ``null``
+    (undefined: e.g. ROC AUC where the test patients hold one class).
+    """
+
+    estimate: float | None  # the metric on all folds' test predictions pooled (primary)
+    ci_low: float | None  # 95% interval of ``estimate`` (method: the document's ``ci``)
+    ci_high: float | None  # both null when there is no interval (``ci_note`` says why)
+    mean: float | None  # mean of the defined per-fold values (secondary)
+    sd: float | None  # their sample SD (ddof 1); null with fewer than 2 defined values
+    values: tuple[float | None, ...]  # one per fold/seed; null where undefined in that fold
+    n_undefined: int = 0  # bootstrap resamples where the metric was undefined (dropped)
+    ci_note: str | None = None  # why ci_low/ci_high are null
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "estimate": self.estimate,
+            "ci_low": self.ci_low,
+            "ci_high": self.ci_high,
+            "mean": self.mean,
+            "sd": self.sd,
+            "values": list(self.values),
+            "n_undefined": self.n_undefined,
+            "ci_note": self.ci_note,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, source: str, where: str = "") -> MetricSummary:
+        r = _Reader(data, source, where)
+        r.only("estimate", "ci_low", "ci_high", "mean", "sd", "values", "n_undefined", "ci_note")
+        values = r.get("values", list)
+        for i, v in enumerate(values):
+            if v is not None and (
+                isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+            ):
+                raise r.error(f"expected numbers or null, found {json.dumps(v)} at {i}", "values")
+        out = cls(
+            estimate=r.number("estimate"),
+            ci_low=r.number("ci_low"),
+            ci_high=r.number("ci_high"),
+            mean=r.number("mean"),
+            sd=r.number("sd"),
+            values=tuple(None if v is None else float(v) for v in values),
+            n_undefined=r.get("n_undefined", int),
+            ci_note=r.get("ci_note", str, null=True),
+        )
+        if (out.ci_low is None) != (out.ci_high is None):
+            raise r.error("ci_low and ci_high must both be numbers or both null", "ci_low")
+        if out.ci_low is not None and not out.ci_low <= out.ci_high:  # type: ignore[operator]
+            raise r.error(f"{out.ci_low} > ci_high {out.ci_high}", "ci_low")
+        return out
+
+    def cell(self, digits: int = 4) -> str:
+        """``0.8123 [0.7801, 0.8445]``: the estimate and its interval, as tables show it."""
+        if self.estimate is None:
+            return "n/a"
+        text = f"{self.estimate:.{digits}f}"
+        if self.ci_low is not None and self.ci_high is not None:
+            text += f" [{self.ci_low:.{digits}f}, {self.ci_high:.{digits}f}]"
+        return text
+
+
+def _metrics_json(metrics: Mapping[str, MetricSummary]) -> dict[str, Any]:
+    return {k: m.to_json() for k, m in metrics.items()}
+
+
+def _metrics_from(r: _Reader, key: str) -> dict[str, MetricSummary]:
+    raw = r.get(key, dict)
+    if not raw:
+        raise r.error("must be a non-empty object", key)
+    return {
+        name: MetricSummary.from_json(m, r.source, f"{r.where}{key}.{name}.")
+        for name, m in raw.items()
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class _FoldsRecord:
+    """What every per-magnification document records about how its figures were made."""
+
+    magnification: str  # "40X"
+    search: str  # the search's name
+    protocol: str  # "folds" | "seeds" (folds.py)
+    k: int  # number of folds / seeded repetitions
+    config: dict[str, Any]  # the TrialConfig every fold trained with (TrialConfig keys)
+    synthetic: bool  # the data were synthetic (procedural tiles, not patients)
+    code_version: str  # dala-search version that wrote it, "0.1.0+abc123"
+    ci: str  # how the intervals were computed (intervals.method_name)
+    splits: list[dict[str, Any]]  # one per fold: {"description", "train"|"val"|"test":
+    # {"slides", "n_images"}} (PatientSplit.to_json)
+    n_images: int  # pooled test predictions (with "seeds", a patient tested by several
+    # repetitions contributes each repetition's predictions)
+    n_patients: int  # distinct test patients among them (the bootstrap's clusters)
+
+    _COMMON = (
+        "magnification",
+        "search",
+        "protocol",
+        "k",
+        "config",
+        "synthetic",
+        "code_version",
+        "ci",
+        "splits",
+        "n_images",
+        "n_patients",
+    )
+
+    def _common_json(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self._COMMON}
+
+    @staticmethod
+    def _common_from(r: _Reader) -> dict[str, Any]:
+        out = {
+            "magnification": r.get("magnification", str),
+            "search": r.get("search", str),
+            "protocol": r.get("protocol", str),
+            "k": r.get("k", int),
+            "config": r.get("config", dict),
+            "synthetic": r.get("synthetic", bool),
+            "code_version": r.get("code_version", str),
+            "ci": r.get("ci", str),
+            "splits": r.get("splits", list),
+            "n_images": r.get("n_images", int),
+            "n_patients": r.get("n_patients", int),
+        }
+        if out["protocol"] not in PROTOCOLS:
+            raise r.error(f"expected one of {PROTOCOLS}, found {out['protocol']!r}", "protocol")
+        if out["k"] < 2:
+            raise r.error(f"expected at least 2, found {out['k']}", "k")
+        return out
+
+    def write(self, path: Path) -> Path:
+        """Write the document to ``path`` atomically."""
+        return write_json(path, self.to_json())  # type: ignore[attr-defined]
+
+    @classmethod
+    def read(cls: type[T], path: Path, magnification: str | None = None) -> T:
+        """Read and validate ``path``; ``magnification``: the one it must be about."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise DalaError(f"{path}: cannot read it as JSON ({e})") from None
+        doc = cls.from_json(data, str(path))  # type: ignore[attr-defined]
+        if magnification is not None and doc.magnification != magnification:
+            raise DalaError(
+                f"{path}: key 'magnification' is {doc.magnification!r}, expected {magnification!r}"
+            )
+        return doc
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluationDocument(_FoldsRecord):
+    """``<search folder>/evaluation/<mag>.json``: the best configuration retrained on K folds.
+
+    Also logged as the artifact ``evaluation/<mag>.json`` of the magnification's parent run,
+    with metrics ``test_<name>_estimate`` / ``_ci_low`` / ``_ci_high`` / ``_mean`` there.
+    """
+
+    best_run_id: str  # the MLflow run of the best trial (its trial_config.json is ``config``)
+    metrics: dict[str, MetricSummary] = field(default_factory=dict)  # name ->, names in
+    # evaluate.EVAL_METRICS: accuracy, balanced_accuracy, f1, gmean, iba, roc_auc (binary:
+    # malignant positive), patient_accuracy
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self._common_json(),
+            "best_run_id": self.best_run_id,
+            "metrics": _metrics_json(self.metrics),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, source: str) -> EvaluationDocument:
+        r = _Reader(data, source)
+        r.only(*cls._COMMON, "best_run_id", "metrics")
+        return cls(
+            **cls._common_from(r),
+            best_run_id=r.get("best_run_id", str),
+            metrics=_metrics_from(r, "metrics"),
+        )
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """One model's row of the comparison."""
+
+    model: str  # "resnet50", ... or "dalaresnet50" (the search's best configuration)
+    metrics: dict[str, MetricSummary]  # names in comparison.BASELINE_METRICS
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "metrics": _metrics_json(self.metrics)}
+
+    @classmethod
+    def from_json(cls, data: Any, source: str, where: str) -> ModelRow:
+        r = _Reader(data, source, where)
+        r.only("model", "metrics")
+        return cls(model=r.get("model", str), metrics=_metrics_from(r, "metrics"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class BaselineDocument(_FoldsRecord):
+    """``<search folder>/baselines/<mag>.json``: the paper's models on the evaluation's folds.
+
+    ``config`` is the shared training recipe (the best configuration's). Also logged as the
+    artifact ``baselines/<mag>.json``, with metrics ``baseline_<model>_test_<name>_...``.
+    """
+
+    rows: list[ModelRow] = field(default_factory=list)  # one per baseline model, in order
+    dalaresnet50: ModelRow | None = None  # the search's evaluation (evaluation/<mag>.json)
+    # when it used the same protocol and k (the same folds), else null
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self._common_json(),
+            "rows": [r.to_json() for r in self.rows],
+            "dalaresnet50": self.dalaresnet50.to_json() if self.dalaresnet50 else None,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, source: str) -> BaselineDocument:
+        r = _Reader(data, source)
+        r.only(*cls._COMMON, "rows", "dalaresnet50")
+        rows = r.get("rows", list)
+        ours = r.get("dalaresnet50", dict, null=True)
+        return cls(
+            **cls._common_from(r),
+            rows=[ModelRow.from_json(row, source, f"rows[{i}].") for i, row in enumerate(rows)],
+            dalaresnet50=None
+            if ours is None
+            else ModelRow.from_json(ours, source, "dalaresnet50."),
+        )
