@@ -142,7 +142,7 @@ def materialise(
     return np.asarray(y_true)[order], np.asarray(y_prob)[order], labels
 
 
-class _Table:
+class ClusterTable:
     """Per-cluster sufficient statistics of the pooled predictions: every metric of a
     resample is a function of ``counts @ <table>``."""
 
@@ -264,7 +264,7 @@ def _from_confusion(cm: np.ndarray, binary: bool, positive: int) -> dict[str, np
 
 
 def weighted_metrics(
-    table: _Table, counts: np.ndarray, names: Sequence[str]
+    table: ClusterTable, counts: np.ndarray, names: Sequence[str]
 ) -> dict[str, np.ndarray]:
     """Each metric in ``names`` for each row of ``counts`` (``(B, clusters)`` draw counts)."""
     c = table.n_classes
@@ -320,7 +320,7 @@ def cluster_bootstrap(
     y_prob = np.asarray(y_prob, dtype=np.float64)
     if len(y_true) == 0:
         return {n: Interval(None, None, None, 0, 0, "no predictions") for n in names}
-    table = _Table(y_true, y_prob, clusters, units, positive)
+    table = ClusterTable(y_true, y_prob, clusters, units, positive)
     # The pooled value: every patient drawn once (equal to classification_metrics on the
     # pooled predictions, tested; this path skips scikit-learn's per-call validation).
     once = weighted_metrics(table, np.ones((1, len(table.ids)), dtype=np.int64), names)

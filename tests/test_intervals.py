@@ -12,7 +12,7 @@ from scipy import stats
 
 from dala_search.evaluate import EVAL_METRICS, FoldOutcome, summarise
 from dala_search.intervals import (
-    _Table,
+    ClusterTable,
     cluster_bootstrap,
     materialise,
     resample_counts,
@@ -67,7 +67,7 @@ def test_weighted_metrics_equal_classification_metrics_on_materialised_resamples
     # Units as the seeds protocol makes them: two "repetitions" tested some patients twice.
     units = [f"{i % 2}:{slide}" for i, slide in enumerate(s)]
     names = (BINARY_METRICS if n_classes == 2 else MULTICLASS_METRICS) + PATIENT_METRICS
-    table = _Table(y, p, s, units, positive=1)
+    table = ClusterTable(y, p, s, units, positive=1)
     counts = resample_counts(table.strata, 25, np.random.default_rng(0))
     got = weighted_metrics(table, counts, names)
     for b in range(len(counts)):
@@ -96,7 +96,7 @@ def test_a_patient_drawn_twice_counts_as_two_patients() -> None:
     assert sorted(set(ss)) == ["A#0", "A#1", "C#0", "D#0"]
     # Four patients, all right; merging A's copies would score three patients.
     assert classification_metrics(yy, pp, slides=ss)["patient_accuracy"] == 1.0
-    table = _Table(y, p, s, None, positive=1)
+    table = ClusterTable(y, p, s, None, positive=1)
     got = weighted_metrics(table, counts[None, :], ["patient_accuracy", "accuracy"])
     assert got["patient_accuracy"][0] == 1.0 and got["accuracy"][0] == 1.0
     # B drawn twice instead: 2 of 4 patients right (B#0, B#1 wrong), not 1 of 3.
