@@ -1,4 +1,4 @@
-"""The five benchmarks keep working: each runs at --tiny size and prints its JSON last.
+"""The benchmarks keep working: each runs at --tiny size and prints its JSON last.
 
 Benchmarks are not timed tests: these check the JSON's shape and that the figures are
 positive finite numbers, never a speed (bench/README.md holds the recorded figures).
@@ -24,6 +24,7 @@ CASES = {
     "memory": ["data_pss_1_mib", "data_pss_4_mib", "ratio", "total_pss_1_mib"],
     "search": ["epochs_pruned", "epochs_unpruned", "ratio"],
     "overhead": ["search_s_per_trial", "loop_s_per_trial"],
+    "intervals": ["vectorised_s_binary", "vectorised_s_subtype", "loop_s_binary", "ratio"],
 }
 # memory (five trial processes), search (two Ray searches) and overhead (a Ray search) take
 # ~100 s together at --tiny on 2 cores: marked slow (CI still runs them).
