@@ -138,7 +138,7 @@ def classification_metrics(
             else _multiclass(y_true, y_prob, y_pred)
         )
         if slides is not None:
-            out.update(_patient(y_true, y_prob, y_pred, np.asarray(list(slides)), binary))
+            out.update(_patient(y_true, y_prob, np.asarray(list(slides)), binary))
     return {k: float(out[k]) for k in keys}
 
 
@@ -259,7 +259,7 @@ def patient_predictions(
 
 
 def _patient(
-    y_true: np.ndarray, y_prob: np.ndarray, y_pred: np.ndarray, slides: np.ndarray, binary: bool
+    y_true: np.ndarray, y_prob: np.ndarray, slides: np.ndarray, binary: bool
 ) -> dict[str, float]:
     """Aggregate images by slide (patient) and score the slides; see classification_metrics."""
     _, slide_true, slide_pred, image_accuracy = patient_predictions(y_true, y_prob, slides, binary)
