@@ -19,6 +19,7 @@ import yaml
 from dala_search.config import SELECT_METRICS, TRIAL_KEYS, TrialConfig
 from dala_search.data.breakhis import MAGNIFICATIONS, check_magnification
 from dala_search.errors import ConfigError, DataError
+from dala_search.runs.plan import check_name
 from dala_search.space import (
     _FIELD_TYPES,
     PARAM_TYPES,
@@ -101,10 +102,7 @@ def parse_space(path: Path, raw: dict[str, Any]) -> SearchSpace:
         raise ConfigError(f"{path}: key 'name' must be a non-empty string, got {name!r}")
     # The name starts the default search name, which becomes a folder and an MLflow
     # experiment: no '/', '..' or spaces.
-    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise ConfigError(
-            f"{path}: key 'name' {name!r}: use letters, digits, '-', '_' and '.' only"
-        )
+    check_name(name, f"{path}: key 'name'")
     description = raw.get("description", "")
     if not isinstance(description, str):
         raise ConfigError(f"{path}: key 'description' must be a string, got {description!r}")
