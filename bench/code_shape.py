@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,38 +31,55 @@ def _resolve(node: ast.ImportFrom, module: str, is_package: bool) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
-def imports(path: Path, module: str, known: set[str]) -> set[str]:
-    """Every package module ``path`` imports, at module level or inside a function."""
+class Import(NamedTuple):
+    name: str  # "ray.tune", "dala_search.search.tuner.plan_search" (may name an object)
+    in_function: bool  # written inside a function (imported when it runs), not at the top
+    line: int
+
+
+def imported_names(path: Path, module: str) -> list[Import]:
+    """Every name ``path`` imports, at module level, under ``if TYPE_CHECKING`` or inside a
+    function (``from a import b`` gives ``a.b``: b may be a module or an object in a)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     is_package = path.name == "__init__.py"
-    found: set[str] = set()
+    inside: set[int] = set()
     for node in ast.walk(tree):
-        names: list[str] = []
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            inside.update(id(n) for n in ast.walk(node) if n is not node)
+    found = []
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = _resolve(node, module, is_package)
-            names = [f"{base}.{a.name}" for a in node.names] + [base]
-        for name in names:
-            # "from pkg import mod" names the module; "from mod import func" the module.
-            while name and name not in known:
-                name = name.rpartition(".")[0]
-            if name and name != module:
-                found.add(name)
+            names = [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        found += [Import(n, id(node) in inside, node.lineno) for n in names]
     return found
 
 
+def package_module(name: str, known: set[str]) -> str | None:
+    """The package module ``name`` is or lies in (``a.b.func`` -> ``a.b``), or None."""
+    while name and name not in known:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
 def import_graph(package_dir: Path) -> dict[str, set[str]]:
+    """Module -> the package modules it imports (anywhere in its source, functions too)."""
     mods = modules(package_dir)
     known = set(mods)
-    graph = {m: imports(p, m, known) for m, p in mods.items()}
-    # A package's __init__ importing its own submodule is no cycle worth reporting, and
-    # importing "pkg.sub" implies "pkg": keep only the edges a reader wrote.
+    graph: dict[str, set[str]] = {}
+    for mod, path in mods.items():
+        targets = {package_module(i.name, known) for i in imported_names(path, mod)}
+        graph[mod] = {t for t in targets if t and t != mod}
     return graph
 
 
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components with more than one module (Tarjan)."""
+    """The modules caught in import cycles: each strongly connected component of more than
+    one module (Tarjan), sorted; ``cycle_path`` shows one cycle through it."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -98,6 +116,27 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return result
 
 
+def cycle_path(graph: dict[str, set[str]], component: list[str]) -> list[str]:
+    """One cycle inside ``component``: ``[a, b, ..., a]`` (shortest, by breadth first)."""
+    start, members = component[0], set(component)
+    parent: dict[str, str | None] = {start: None}
+    frontier = [start]
+    while frontier:
+        following = []
+        for v in frontier:
+            for w in sorted(graph[v] & members):
+                if w == start:
+                    path = [v]
+                    while parent[path[-1]] is not None:
+                        path.append(parent[path[-1]])
+                    return [*reversed(path), start]
+                if w not in parent:
+                    parent[w] = v
+                    following.append(w)
+        frontier = following
+    raise ValueError(f"{component} holds no cycle")
+
+
 def functions(path: Path, module: str) -> list[tuple[int, str]]:
     tree = ast.parse(path.read_text())
     out = []
@@ -108,25 +147,12 @@ def functions(path: Path, module: str) -> list[tuple[int, str]]:
 
 
 def local_imports(path: Path) -> int:
-    tree = ast.parse(path.read_text())
-    count = 0
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            for inner in ast.walk(node):
-                if isinstance(inner, (ast.Import, ast.ImportFrom)):
-                    count += 1
-    # nested functions would be counted twice: count each import node once
-    return count
-
-
-def _local_import_nodes(path: Path) -> int:
+    """Import statements written inside functions."""
     tree = ast.parse(path.read_text())
     seen: set[int] = set()
     for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            for inner in ast.walk(node):
-                if isinstance(inner, (ast.Import, ast.ImportFrom)):
-                    seen.add(id(inner))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            seen.update(id(n) for n in ast.walk(node) if isinstance(n, ast.Import | ast.ImportFrom))
     return len(seen)
 
 
@@ -140,11 +166,12 @@ def main(package_dir: Path) -> None:
     print("10 largest modules (lines):")
     for n, name in sizes[:10]:
         print(f"  {n:4d}  {name}")
-    cycles = find_cycles(import_graph(package_dir))
+    graph = import_graph(package_dir)
+    cycles = find_cycles(graph)
     print(f"import cycles: {len(cycles)}")
     for c in cycles:
-        print("  " + " <-> ".join(c))
-    print(f"function-local imports: {sum(_local_import_nodes(p) for p in mods.values())}")
+        print("  " + " -> ".join(cycle_path(graph, c)))
+    print(f"function-local imports: {sum(local_imports(p) for p in mods.values())}")
     print(f"modules: {len(mods)}, lines: {sum(n for n, _ in sizes)}")
 
 

@@ -132,7 +132,7 @@ def main() -> None:
     import torch
 
     from dala_search.search.tuner import plan_search, run_search
-    from dala_search.space import load_space
+    from dala_search.space_file import load_space
     from dala_search.train import prepare_data, train_trial
 
     torch.set_num_threads(args.threads)

@@ -520,7 +520,7 @@ def main() -> None:
     import ray
 
     from dala_search.search.tuner import plan_search, run_search
-    from dala_search.space import load_space
+    from dala_search.space_file import load_space
 
     space = load_space(SPACE)
     settings = space.settings

@@ -146,7 +146,7 @@ def train_cmd(
 @click.option("--verbose", "-v", is_flag=True, help="Show every parameter.")
 def spaces_cmd(verbose: bool) -> None:
     """List the shipped search spaces (`--space` also takes a path to your own YAML)."""
-    from dala_search.space import list_spaces
+    from dala_search.space_file import list_spaces
 
     for sp in list_spaces():
         click.echo(f"{sp.name:10} {len(sp.params):2d} params  {sp.description}")

@@ -59,7 +59,7 @@ def plan_search(
 ) -> SearchPlan:
     """Resolve and check a search before anything starts (no run, no folder, no Ray)."""
     from dala_search.search.pruning import make_pruner, make_sampler
-    from dala_search.space import load_space
+    from dala_search.space_file import load_space
 
     sp = load_space(space)
     s = sp.settings
@@ -202,7 +202,7 @@ def run_search(plan: SearchPlan, *, resume: bool = False) -> list[MagnificationO
     """
     import ray
 
-    from dala_search.space import load_space
+    from dala_search.space_file import load_space
     from dala_search.train import prepare_data
 
     space = load_space(plan.space)
