@@ -32,8 +32,17 @@ from dala_search.space import (
     show_value,
 )
 
-# The repository's shipped spaces live beside the package (an editable / source checkout).
-SPACES_DIR: Path = Path(__file__).resolve().parents[1] / "search_spaces"
+
+def _shipped_spaces_dir() -> Path:
+    """Where the shipped spaces are: ``dala_search/search_spaces/`` in an installed wheel
+    (pyproject maps the top-level folder there), the repository's top-level
+    ``search_spaces/`` in a checkout (editable install or PYTHONPATH)."""
+    here = Path(__file__).resolve().parent
+    installed = here / "search_spaces"
+    return installed if installed.is_dir() else here.parent / "search_spaces"
+
+
+SPACES_DIR: Path = _shipped_spaces_dir()
 
 # TrialConfig fields holding a tuple (attention_stages): YAML gives lists, Optuna needs
 # scalars, so such choices are encoded as "3,4" for Optuna and decoded back.
