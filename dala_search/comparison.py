@@ -19,7 +19,6 @@ from typing import Any
 from dala_search.errors import ConfigError, DataError
 from dala_search.evaluate import (
     Log,
-    SearchRef,
     fold_data,
     fold_document,
     metric_batch,
@@ -30,6 +29,7 @@ from dala_search.evaluate import (
     train_folds,
     write_json,
 )
+from dala_search.runs.plan import SearchRef
 
 # The paper's table (accuracy, F1, IBA, G-mean) first, then the two we add.
 BASELINE_METRICS: tuple[str, ...] = (

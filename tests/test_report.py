@@ -51,7 +51,7 @@ def full_report(finished_search: dict, tmp_path_factory, write_result_jsons) -> 
 
 
 def test_every_section_is_filled_from_its_source(full_report: dict, finished_search: dict):
-    from dala_search.search.tracking import best_table
+    from dala_search.runs.schema import best_table
 
     parts = sections_of(full_report["html"])
     assert list(parts) == list(SECTIONS)

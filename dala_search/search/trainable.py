@@ -19,6 +19,7 @@ from typing import Any
 from dala_search import faults
 from dala_search.config import TrialConfig
 from dala_search.errors import ConfigError
+from dala_search.runs import schema
 from dala_search.search import tracking
 from dala_search.search.pruning import FINAL_EPOCH_KEY
 from dala_search.space import SearchSpace
@@ -92,15 +93,15 @@ def record_trial(
         ctx.parent_run_id,
         run_name=f"{ctx.magnification}-{trial_name}",
         tags={
-            tracking.TAG_MAG: ctx.magnification,
-            tracking.TAG_RAY_ID: trial_id,
-            tracking.TAG_NODE: ray.get_runtime_context().get_node_id(),
-            tracking.TAG_PID: str(os.getpid()),
-            tracking.TAG_GPUS: ",".join(gpu_ids) or "none",
-            tracking.TAG_OPTUNA_NUMBER: str(optuna_number),
-            tracking.TAG_SYNTHETIC: str(ctx.synthetic).lower(),
-            tracking.TAG_SEARCH: ctx.search,
-            tracking.TAG_CODE: ctx.code_version,
+            schema.TAG_MAG: ctx.magnification,
+            schema.TAG_RAY_ID: trial_id,
+            schema.TAG_NODE: ray.get_runtime_context().get_node_id(),
+            schema.TAG_PID: str(os.getpid()),
+            schema.TAG_GPUS: ",".join(gpu_ids) or "none",
+            schema.TAG_OPTUNA_NUMBER: str(optuna_number),
+            schema.TAG_SYNTHETIC: str(ctx.synthetic).lower(),
+            schema.TAG_SEARCH: ctx.search,
+            schema.TAG_CODE: ctx.code_version,
             **(extra_tags or {}),
         },
         params=config.to_dict(),
@@ -169,7 +170,7 @@ def _beats_completed(ctx: TrialContext, result: TrialResult) -> bool:
     if not math.isfinite(mine):
         return False
     client = MlflowClient(tracking_uri=ctx.tracking_uri)
-    best = tracking.best_completed_run(client, ctx.experiment_id, ctx.parent_run_id, key)
+    best = schema.best_completed_run(client, ctx.experiment_id, ctx.parent_run_id, key)
     # Strictly better: a tie with a completed trial adds no model (that trial holds one,
     # and the search's best among tied runs is the one with a model).
     return best is None or mine > best.data.metrics.get(key, -math.inf)

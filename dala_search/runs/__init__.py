@@ -1,0 +1,3 @@
+"""The record of a search, without Ray: its plan and folder (``plan``) and the names and
+readers of what it leaves in MLflow (``schema``). Evaluation, report and CLI read searches
+through this layer; ``dala_search.search`` writes them."""
