@@ -112,6 +112,8 @@ class SearchSettings:
     # ranked, and the best chosen, by ``metric``.
     prune_on: str | None = None
     max_concurrent: int = 0  # 0: let the tuner decide from the resources
+    # Inner folds per trial (``--cv``): 1 = one validation split (see train_cv.py).
+    cv: int = 1
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,7 @@ SEARCH_KEYS: tuple[str, ...] = (
     "pruner",
     "prune_on",
     "max_concurrent",
+    "cv",
 )
 PARAM_FIELDS: tuple[str, ...] = ("type", "low", "high", "step", "log", "choices", "condition")
 # Fields each type accepts besides ``type`` and ``condition``.
@@ -230,6 +231,7 @@ def _parse_search(path: Path, raw: dict[str, Any]) -> SearchSettings:
         max_concurrent=_count(
             path, "search.max_concurrent", raw.get("max_concurrent", d.max_concurrent), 0
         ),
+        cv=_count(path, "search.cv", raw.get("cv", d.cv), 1),
     )
 
 

@@ -229,6 +229,14 @@ def spaces_cmd(verbose: bool) -> None:
     show_default=True,
     help="Restarts of a trial whose process or node died (a trial that raised is not retried).",
 )
+@click.option(
+    "--cv",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Inner folds per trial: each trial trains K models on K patient-grouped folds of "
+    "the non-test patients and is scored (and pruned) on their mean; about K times the "
+    "cost of a trial (default: the space's search.cv, else 1 = one validation split).",
+)
 @SEED_OPT
 @RUNS_OPT
 def start_cmd(
@@ -251,6 +259,7 @@ def start_cmd(
     time_budget: str | None,
     fold: int | None,
     max_retries: int,
+    cv: int | None,
     seed: int | None,
     runs_dir: Path | None,
 ) -> None:
@@ -279,10 +288,13 @@ def start_cmd(
         runs_dir=runs_dir,
         fold=fold,
         max_retries=max_retries,
+        cv=cv,
     )
     click.echo(
         f"search {plan.name}: space {plan.space}, {plan.trials} trial(s) x "
-        f"{', '.join(plan.magnifications)}; folder {plan.folder}",
+        f"{', '.join(plan.magnifications)}"
+        + (f", {plan.cv} inner folds per trial" if plan.cv > 1 else "")
+        + f"; folder {plan.folder}",
         err=True,
     )
     click.echo(f"tracking: {plan.tracking_uri}   study: {plan.storage}", err=True)

@@ -42,6 +42,17 @@ def check_name(name: str, label: str) -> str:
     return name
 
 
+def study_seed(seed: int, magnification: str) -> int:
+    """``seed * 1000 + i``, i the magnification's place in 40X, 100X, 200X, 400X (0..3).
+
+    Each magnification's study explores on its own: with the search seed for all four, the
+    studies proposed the same configurations and spent their random start-up on the same
+    points. Deterministic, so a search re-planned with the same seed proposes the same
+    sequences; 40X keeps the search seed itself (i = 0).
+    """
+    return seed * 1000 + MAGNIFICATIONS.index(check_magnification(magnification))
+
+
 @dataclass(frozen=True)
 class SearchPlan:
     """Everything one search needs, resolved and checked; saved as ``search.json``."""
@@ -73,6 +84,9 @@ class SearchPlan:
     # Restarts of a trial whose process or node died (Tune FailureConfig). A trial that
     # raised (a bug, NaN loss, out of memory) is not retried: see search/trainable.py.
     max_retries: int = 2
+    # Inner folds per trial (``--cv``): 1 is one validation split; K >= 2 trains K models on
+    # K patient-grouped folds of the non-test patients and scores their mean (train_cv.py).
+    cv: int = 1
 
     @property
     def tune_metric(self) -> str:
@@ -85,6 +99,10 @@ class SearchPlan:
 
     def study_name(self, magnification: str) -> str:
         return f"{self.name}-{magnification}"
+
+    def study_seed(self, magnification: str) -> int:
+        """The seed of one magnification's Optuna sampler (see `study_seed`)."""
+        return study_seed(self.seed, magnification)
 
     def save(self, *, new: bool = False) -> None:
         """Atomically (temp file + rename): a crash never leaves half a plan.

@@ -1,4 +1,5 @@
-"""The Ray Tune function trial: sampled params -> TrialConfig -> ``train_trial``.
+"""The Ray Tune function trial: sampled params -> TrialConfig -> ``train_trial``
+(``train_cv_trial`` with ``--cv K``: K inner folds in lockstep, the fold mean reported).
 
 Runs inside a Ray worker process, wherever the trial was placed. It opens its own MLflow
 child run, reports every epoch to Tune (which feeds OptunaSearch and the pruning
@@ -18,12 +19,14 @@ from typing import Any
 
 from dala_search import faults
 from dala_search.config import TrialConfig
+from dala_search.data.splits import Split
 from dala_search.errors import ConfigError
 from dala_search.runs import schema
 from dala_search.search import tracking
 from dala_search.search.pruning import FINAL_EPOCH_KEY
 from dala_search.space import SearchSpace
 from dala_search.train import TrialData, TrialResult, train_trial
+from dala_search.train_cv import train_cv_trial
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,9 @@ class TrialContext:
     synthetic: bool
     code_version: str
     log_models: bool = True
+    # ``--cv K``: the K inner folds every trial trains on (``data.splits.inner_folds``); empty
+    # for one validation split. Same folds for every trial, so their means compare.
+    folds: tuple[Split, ...] = ()
 
 
 def run_trial(params: dict[str, Any], *, data: TrialData, ctx: TrialContext) -> None:
@@ -102,6 +108,7 @@ def record_trial(
             schema.TAG_SYNTHETIC: str(ctx.synthetic).lower(),
             schema.TAG_SEARCH: ctx.search,
             schema.TAG_CODE: ctx.code_version,
+            schema.TAG_CV: str(max(1, len(ctx.folds))),
             **(extra_tags or {}),
         },
         params=config.to_dict(),
@@ -124,9 +131,14 @@ def record_trial(
 
     try:
         check_gpu_visible(gpu_ids, config)
-        result = train_trial(
-            config, data, report, keep_model=ctx.log_models, distributed=distributed
-        )
+        if ctx.folds:  # the reported val_* are the folds' means: Optuna and pruner judge them
+            if distributed:
+                raise ConfigError("--cv with --workers-per-trial > 1 is not supported")
+            result = train_cv_trial(config, data, ctx.folds, report, keep_model=ctx.log_models)
+        else:
+            result = train_trial(
+                config, data, report, keep_model=ctx.log_models, distributed=distributed
+            )
     except Exception as e:
         # A raised error (a bug, a NaN loss, out of memory) would repeat: the run is marked
         # so a restart by Tune's FailureConfig ends at once instead of training again.

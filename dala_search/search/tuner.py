@@ -56,6 +56,7 @@ def plan_search(
     runs_dir: str | Path | None = None,
     fold: int | None = None,
     max_retries: int = 2,
+    cv: int | None = None,
 ) -> SearchPlan:
     """Resolve and check a search before anything starts (no run, no folder, no Ray)."""
     from dala_search.search.pruning import make_pruner, make_sampler
@@ -102,6 +103,15 @@ def plan_search(
         raise ConfigError(f"--max-retries: {max_retries} must be >= 0")
     if workers_per_trial < 1:
         raise ConfigError(f"--workers-per-trial: {workers_per_trial} must be at least 1")
+    cv = s.cv if cv is None else cv
+    if isinstance(cv, bool) or not isinstance(cv, int) or cv < 1:
+        raise ConfigError(f"--cv: {cv!r} must be an integer >= 1 (1: one validation split)")
+    if cv > 1 and workers_per_trial > 1:
+        raise ConfigError(
+            f"--cv {cv} with --workers-per-trial {workers_per_trial}: a cross-validated trial "
+            "trains its folds in one process; use one worker per trial (concurrent trials "
+            "already spread over the GPUs)"
+        )
     max_concurrent = s.max_concurrent if max_concurrent is None else max_concurrent
     if max_concurrent < 0:
         raise ConfigError(f"--max-concurrent: {max_concurrent} must be >= 0")
@@ -126,7 +136,9 @@ def plan_search(
     # exist: a folder without images, an empty magnification or a bad split fails here.
     from dala_search.data.preflight import check_search_data
 
-    _PREFLIGHT_INDEX[str(data_path)] = check_search_data(data_path, mags, seed=seed, fold=fold)
+    _PREFLIGHT_INDEX[str(data_path)] = check_search_data(
+        data_path, mags, seed=seed, fold=fold, cv=cv
+    )
     return SearchPlan(
         name=name,
         space=str(sp.path),
@@ -150,6 +162,7 @@ def plan_search(
         fold=fold,
         max_retries=max_retries,
         prune_on=prune_on,
+        cv=cv,
     )
 
 
@@ -166,6 +179,31 @@ def _make_searcher_class():  # noqa: ANN202 - defined lazily: importing Ray is s
             return config
 
     return DalaOptunaSearch
+
+
+def make_searcher(plan: SearchPlan, space: Any, mag: str) -> Any:
+    """The searcher of one magnification's study, its sampler seeded with the study seed.
+
+    The study records ``study_seed`` and ``cv`` as user attributes (optuna-dashboard shows
+    them). Called by ``_run_magnification`` when a magnification starts (a resumed one
+    restores its searcher, sampler state included).
+    """
+    from dala_search.search.pruning import make_sampler
+
+    seed = plan.study_seed(mag)
+    searcher = _make_searcher_class()(
+        space=space.suggest,
+        metric=plan.tune_metric,
+        mode="max",
+        sampler=make_sampler(plan.sampler, seed=seed),
+        study_name=plan.study_name(mag),
+        storage=plan.storage,
+        seed=seed,
+        prune_metric=plan.tune_prune_metric,
+    )
+    searcher.study.set_user_attr("study_seed", seed)
+    searcher.study.set_user_attr("cv", plan.cv)
+    return searcher
 
 
 @dataclass
@@ -344,10 +382,10 @@ def _run_magnification(
         OptunaPruningScheduler,
         PrunedMarkingASHAScheduler,
         make_pruner,
-        make_sampler,
     )
     from dala_search.search.trainable import TrialContext, run_trial
 
+    study_seed = plan.study_seed(mag)
     parent = tracker.parent_run(
         mag,
         tags={
@@ -355,9 +393,12 @@ def _run_magnification(
             schema.TAG_DATA_ROOT: plan.data_dir,
             schema.TAG_SPLIT: data.split.description,
             schema.TAG_SPACE: plan.space,
+            schema.TAG_CV: str(plan.cv),
+            schema.TAG_STUDY_SEED: str(study_seed),
         },
     )
     tracker.client.update_run(parent, status="RUNNING")
+    folds = _inner_folds(plan, data, tracker, parent)
     res = _resources(plan)
     overrides: dict[str, Any] = {"epochs": plan.epochs, "select_metric": plan.metric}
     if res["gpu"] == 0:
@@ -374,6 +415,7 @@ def _run_magnification(
         synthetic=data.synthetic,
         code_version=schema.code_version(),
         log_models=plan.log_models,
+        folds=folds,
     )
     if plan.workers_per_trial > 1:  # data parallel: Ray Train workers (distributed.py)
         import ray
@@ -399,16 +441,7 @@ def _run_magnification(
         )
     else:
         epochs = plan.epochs or int(space.fixed.get("epochs", 10))
-        searcher = _make_searcher_class()(
-            space=space.suggest,
-            metric=plan.tune_metric,
-            mode="max",
-            sampler=make_sampler(plan.sampler, seed=plan.seed),
-            study_name=plan.study_name(mag),
-            storage=plan.storage,
-            seed=plan.seed,
-            prune_metric=plan.tune_prune_metric,
-        )
+        searcher = make_searcher(plan, space, mag)
         if plan.pruner == "asha":
             scheduler = PrunedMarkingASHAScheduler(
                 time_attr="training_iteration",
@@ -458,6 +491,26 @@ def _run_magnification(
         )
     tuner.fit()
     return _summarise(plan, mag, parent, tracker, budget_s)
+
+
+def _inner_folds(
+    plan: SearchPlan, data: Any, tracker: tracking.SearchTracker, parent: str
+) -> tuple[Any, ...]:
+    """The inner folds every trial of a ``--cv K`` search trains on (empty for K = 1).
+
+    Made once per magnification (seeded with the search seed, so a resumed search makes the
+    same) and logged on the parent run as ``inner_folds.json`` (slides per side and fold),
+    with the outer split as ``split.json``: the record shows no test patient in any fold.
+    """
+    from dala_search.data.splits import inner_folds
+
+    schema.retry(tracker.client.log_dict, parent, data.split.to_json(data.records), "split.json")
+    if plan.cv < 2:
+        return ()
+    folds = tuple(inner_folds(data.records, data.split, plan.cv, seed=plan.seed))
+    record = {"cv": plan.cv, "folds": [f.to_json(data.records) for f in folds]}
+    schema.retry(tracker.client.log_dict, parent, record, "inner_folds.json")
+    return folds
 
 
 def _summarise(
