@@ -126,9 +126,9 @@ def _cli(*args: str, env: dict) -> subprocess.Popen:  # noqa: ANN202
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize(
-    ("sig", "workers"),
-    [(signal.SIGINT, 1), (signal.SIGTERM, 1), (signal.SIGINT, 2)],
-    ids=["SIGINT", "SIGTERM", "SIGINT-ddp"],
+    ("sig", "workers", "cv"),
+    [(signal.SIGINT, 1, 1), (signal.SIGTERM, 1, 1), (signal.SIGINT, 2, 1), (signal.SIGINT, 1, 2)],
+    ids=["SIGINT", "SIGTERM", "SIGINT-ddp", "SIGINT-cv2"],
 )
 def test_driver_interrupted_then_resumed_completes_exactly(
     tmp_path: Path,
@@ -136,11 +136,15 @@ def test_driver_interrupted_then_resumed_completes_exactly(
     tiny_space: Path,
     sig: signal.Signals,
     workers: int,
+    cv: int,
     checked_records: Callable,
 ) -> None:
     # workers=2: data-parallel trials (Ray Train, gloo), interrupted and resumed the same
     # way; fewer and shorter trials (each starts a process group: ~4x a plain trial's cost)
+    # cv=2: cross-validated trials (two fold models each), interrupted and resumed the same way
     n_trials, epochs = (4, 3) if workers == 1 else (3, 1)
+    if cv > 1:
+        n_trials, epochs = 3, 2
     env = {**os.environ, "DALA_RUNS_DIR": str(tmp_path / "runs")}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = ["--data", str(demo_root), "--tracking-uri", uri]
@@ -158,6 +162,8 @@ def test_driver_interrupted_then_resumed_completes_exactly(
         "1",
         "--workers-per-trial",
         str(workers),
+        "--cv",
+        str(cv),
         *common,
         env=env,
     )
@@ -193,6 +199,13 @@ def test_driver_interrupted_then_resumed_completes_exactly(
     trials, runs = checked_records(plan)
     assert len(trials) == n_trials  # exactly the requested trials, none lost, none duplicated
     assert plan.workers_per_trial == workers  # the resumed search kept its layout
+    assert plan.cv == cv and {r.data.tags[schema.TAG_CV] for r in runs} == {str(cv)}
+    if cv > 1:  # trials after the resume were scored on the same folds' mean
+        for run in runs:
+            if run.data.tags[schema.TAG_STATE] == "completed":
+                m = run.data.metrics
+                folds = [m[f"cv_fold_{k}_val_balanced_accuracy"] for k in (1, 2)]
+                assert m["val_balanced_accuracy"] == pytest.approx(sum(folds) / 2)
     client = MlflowClient(uri)
     parent = client.get_run(runs[0].data.tags[schema.PARENT_TAG])
     assert parent.info.status == "FINISHED"
