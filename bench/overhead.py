@@ -52,20 +52,20 @@ def _breakdown(uri: str, name: str, start: float, end: float, loop_each: list[fl
     """
     from mlflow import MlflowClient
 
-    from dala_search.search import tracking
+    from dala_search.runs import schema
 
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(tracking.experiment_name(name))
+    exp = client.get_experiment_by_name(schema.experiment_name(name))
     runs = client.search_runs(
         [exp.experiment_id],
-        filter_string=f"tags.`{tracking.TAG_ROLE}` = 'trial'",
+        filter_string=f"tags.`{schema.TAG_ROLE}` = 'trial'",
         order_by=["attributes.start_time ASC"],
     )
     spans = [
         (
             r.info.start_time / 1000,
             r.info.end_time / 1000,
-            int(r.data.tags[tracking.TAG_OPTUNA_NUMBER]),
+            int(r.data.tags[schema.TAG_OPTUNA_NUMBER]),
         )
         for r in runs
     ]
@@ -77,7 +77,7 @@ def _breakdown(uri: str, name: str, start: float, end: float, loop_each: list[fl
         "one_off_s": round((spans[0][0] - start) + (end - spans[-1][1]), 3),
         "first_trial_extra_s": round(spans[0][1] - spans[0][0] - loop_each[spans[0][2]], 3),
         "steady_per_trial_s": round(c.median(steady), 3) if steady else None,
-        "trial_processes": len({r.data.tags.get(tracking.TAG_PID) for r in runs}),
+        "trial_processes": len({r.data.tags.get(schema.TAG_PID) for r in runs}),
     }
 
 
@@ -132,7 +132,7 @@ def main() -> None:
     import torch
 
     from dala_search.search.tuner import plan_search, run_search
-    from dala_search.space import load_space
+    from dala_search.space_file import load_space
     from dala_search.train import prepare_data, train_trial
 
     torch.set_num_threads(args.threads)

@@ -205,18 +205,18 @@ def _write_curves(keep: Path, settings: dict) -> Path:
     import optuna
     from mlflow import MlflowClient
 
-    from dala_search.search import tracking
+    from dala_search.runs import schema
 
     client = MlflowClient(f"sqlite:///{keep / 'mlflow.db'}")
-    exp = client.get_experiment_by_name(tracking.experiment_name(SIDES["unpruned"]))
+    exp = client.get_experiment_by_name(schema.experiment_name(SIDES["unpruned"]))
     if exp is None:
         raise SystemExit(f"{keep / 'mlflow.db'}: no {SIDES['unpruned']} search recorded there")
     runs = client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.`{tracking.TAG_ROLE}` = 'trial'"
+        [exp.experiment_id], filter_string=f"tags.`{schema.TAG_ROLE}` = 'trial'"
     )
     curves: dict[int, dict[str, list[float]]] = {}
     for run in runs:
-        number = int(run.data.tags[tracking.TAG_OPTUNA_NUMBER])
+        number = int(run.data.tags[schema.TAG_OPTUNA_NUMBER])
         if number in curves:
             raise SystemExit(f"{keep / 'mlflow.db'}: two runs of Optuna trial {number}")
         curves[number] = {
@@ -520,7 +520,7 @@ def main() -> None:
     import ray
 
     from dala_search.search.tuner import plan_search, run_search
-    from dala_search.space import load_space
+    from dala_search.space_file import load_space
 
     space = load_space(SPACE)
     settings = space.settings

@@ -21,7 +21,6 @@ from typing import Any
 from dala_search.errors import ConfigError
 from dala_search.evaluate import (
     Log,
-    SearchRef,
     fold_cell,
     fold_data,
     fold_record,
@@ -33,6 +32,7 @@ from dala_search.evaluate import (
     train_folds,
 )
 from dala_search.runs.documents import BaselineDocument, EvaluationDocument, MetricSummary, ModelRow
+from dala_search.runs.plan import SearchRef
 
 # The paper's table (accuracy, F1, IBA, G-mean) first, then the two we add.
 BASELINE_METRICS: tuple[str, ...] = (

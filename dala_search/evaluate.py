@@ -59,7 +59,9 @@ from dala_search.data.breakhis import BreakHisIndex
 from dala_search.errors import ConfigError, DalaError, DataError
 from dala_search.folds import check_protocol, fold_splits
 from dala_search.intervals import N_RESAMPLES, cluster_bootstrap, method_name
+from dala_search.runs import schema
 from dala_search.runs.documents import EvaluationDocument, MetricSummary
+from dala_search.runs.plan import SearchRef, open_search, parse_magnifications
 
 EVAL_METRICS: tuple[str, ...] = (
     "accuracy",
@@ -81,50 +83,14 @@ def stderr_log(line: str) -> None:
 
 def tracking_client(uri: str) -> Any:
     """An ``MlflowClient`` on ``uri``."""
-    # Explicit store, no global "active run" (as search/tracking.py); mlflow imports slowly.
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
+    return schema.client(uri)
 
 
 # ---- the search -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SearchRef:
-    """A finished (or partly finished) search: its plan, folder and tracking store."""
-
-    name: str
-    folder: Path
-    plan: Any  # search.tuner.SearchPlan
-    tracking_uri: str
-
-
-def open_search(
-    name: str, runs_dir: str | Path | None = None, tracking_uri: str | None = None
-) -> SearchRef:
-    """Load ``<runs_dir>/<name>/search.json``; ``tracking_uri`` overrides the plan's store."""
-    from dala_search.search import tracking
-    from dala_search.search.tuner import SearchPlan, default_runs_dir
-
-    runs = Path(runs_dir or default_runs_dir()).resolve()
-    folder = runs / name
-    if not (folder / "search.json").is_file():
-        known = sorted(p.parent.name for p in runs.glob("*/search.json"))
-        raise DalaError(
-            f"no search named {name!r} in {runs}"
-            + (f"; searches there: {', '.join(known)}" if known else " (no searches there)")
-        )
-    plan = SearchPlan.load(folder)
-    uri = tracking.resolve_tracking_uri(tracking_uri) if tracking_uri else plan.tracking_uri
-    tracking.check_tracking_uri(uri)
-    return SearchRef(name=name, folder=folder, plan=plan, tracking_uri=uri)
-
-
 def select_magnifications(ref: SearchRef, requested: str | None) -> tuple[str, ...]:
     """The search's magnifications, or the requested subset of them (comma list or 'all')."""
-    from dala_search.search.tuner import parse_magnifications
-
     if requested is None or requested.strip().lower() == "all":
         return tuple(ref.plan.magnifications)
     mags = parse_magnifications(requested)
@@ -163,23 +129,21 @@ def best_config(
     epochs is shortened to fit (the written config shows it); the search's CPU thread
     count is dropped (torch's default for this process).
     """
-    from dala_search.search import tracking
-
     client = tracking_client(ref.tracking_uri)
-    exp = client.get_experiment_by_name(tracking.experiment_name(ref.name))
+    exp = client.get_experiment_by_name(schema.experiment_name(ref.name))
     if exp is None:
         raise DalaError(f"no search named {ref.name!r} in the MLflow store {ref.tracking_uri}")
     parents = client.search_runs(
         [exp.experiment_id],
         filter_string=(
-            f"tags.`{tracking.TAG_ROLE}` = 'magnification' and "
-            f"tags.`{tracking.TAG_MAG}` = '{magnification}'"
+            f"tags.`{schema.TAG_ROLE}` = 'magnification' and "
+            f"tags.`{schema.TAG_MAG}` = '{magnification}'"
         ),
     )
     if not parents:
         raise DalaError(f"search {ref.name!r} has no MLflow run for {magnification} yet")
     parent = parents[0]
-    best_run_id = parent.data.tags.get("dala.best_run_id")
+    best_run_id = parent.data.tags.get(schema.TAG_BEST_RUN)
     if not best_run_id:
         raise DalaError(
             f"search {ref.name!r}, {magnification}: no completed trial yet (nothing to evaluate)"
@@ -208,7 +172,7 @@ def best_config(
         magnification=magnification,
         parent_run_id=parent.info.run_id,
         best_run_id=best_run_id,
-        registered_model=parent.data.tags.get("dala.registered_model"),
+        registered_model=parent.data.tags.get(schema.TAG_REGISTERED),
         config=config,
     )
 
@@ -395,8 +359,6 @@ def fold_record(
 ) -> dict[str, Any]:
     """The fields every per-magnification document records about how its figures were
     made (``runs.documents._FoldsRecord``)."""
-    from dala_search.search import tracking
-
     return {
         "magnification": best.magnification,
         "search": ref.name,
@@ -404,7 +366,7 @@ def fold_record(
         "k": k,
         "config": best.config.to_dict(),
         "synthetic": bool(data.synthetic),
-        "code_version": tracking.code_version(),
+        "code_version": schema.code_version(),
         "ci": method_name(N_RESAMPLES, ref.plan.seed),
         "splits": [s.to_json(data.records) for s in splits],
         "n_images": sum(len(f.y_true) for f in folds),
@@ -484,7 +446,7 @@ def _log_evaluation(ref: SearchRef, best: BestConfig, doc: EvaluationDocument, l
     client.log_batch(
         best.parent_run_id,
         metrics=metric_batch("test_", doc.metrics),
-        tags=[RunTag("dala.evaluation", f"{doc.protocol} k={doc.k}")],
+        tags=[RunTag(schema.TAG_EVALUATION, f"{doc.protocol} k={doc.k}")],
     )
     client.log_dict(best.parent_run_id, doc.to_json(), f"evaluation/{mag}.json")
     if not best.registered_model:
@@ -494,9 +456,9 @@ def _log_evaluation(ref: SearchRef, best: BestConfig, doc: EvaluationDocument, l
         )
         return
     model, _, version = best.registered_model.rpartition("/")
-    tags = {"dala.eval.protocol": doc.protocol, "dala.eval.k": str(doc.k)}
+    tags = {schema.TAG_EVAL_PROTOCOL: doc.protocol, schema.TAG_EVAL_K: str(doc.k)}
     for name, s in doc.metrics.items():
-        tags[f"dala.eval.test_{name}"] = s.cell()
+        tags[f"{schema.TAG_EVAL_TEST_PREFIX}{name}"] = s.cell()
     for key, value in tags.items():
         client.set_model_version_tag(model, version, key, value)
     log(f"[{mag}] tagged registered model {model} version {version} with the figures")

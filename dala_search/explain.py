@@ -12,6 +12,10 @@ Target layer: the last bottleneck of stage 4 (``backbone.layer4[-1]``). With the
 ``post`` placement that module is the bottleneck *wrapped with its attention*, so the map
 shows what the attention-weighted features respond to; with ``residual`` placement the
 attention sits inside it. Either way it is the last spatial feature map before pooling.
+
+A cross-validated search registers an ensemble of its fold models
+(``model.ensemble.ProbabilityEnsemble``): the map then explains the ensemble's output at
+every member's target layer, and pytorch-grad-cam averages the members' maps.
 """
 
 from __future__ import annotations
@@ -59,6 +63,14 @@ def target_layer(model: nn.Module) -> nn.Module:
         ) from None
 
 
+def target_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers Grad-CAM reads: the model's own, or each member's of an ensemble."""
+    members = getattr(model, "members", None)
+    if members is not None:
+        return [target_layer(m) for m in members]
+    return [target_layer(model)]
+
+
 def class_names(n_classes: int) -> tuple[str, ...]:
     """Names of the model's outputs: benign/malignant, or the 8 subtype codes."""
     return CLASSES if n_classes == len(CLASSES) else SUBTYPE_CODES[:n_classes]
@@ -103,7 +115,7 @@ def gradcam_overlays(
         raise DalaError(f"Grad-CAM: the split of {data.root} has no test images")
     chosen = sample_test_indices(labels, test_idx, per_class, seed)
     model = model.cpu().eval()
-    layer = target_layer(model)
+    layers = target_layers(model)
     images = np.ascontiguousarray(data.cache.images[data.rows[chosen]])  # uint8 NHWC
     x = normalize(to_float(torch.from_numpy(images)))
     # Gradients must reach the target layer even when every backbone stage is frozen.
@@ -113,7 +125,7 @@ def gradcam_overlays(
     names = class_names(probs.shape[1])
     # One batched pass: the map of each image explains its own predicted class.
     preds = probs.argmax(axis=1)
-    with GradCAM(model=model, target_layers=[layer]) as cam:
+    with GradCAM(model=model, target_layers=layers) as cam:
         masks = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(p)) for p in preds])
     out: list[tuple[GradCamSample, np.ndarray]] = []
     for k, i in enumerate(chosen):

@@ -4,7 +4,7 @@
 ``templates/report.html.j2``) gathers what the search and the later commands recorded, per
 magnification:
 
-* best configuration and its validation/test metrics (MLflow: ``tracking.best_table``,
+* best configuration and its validation/test metrics (MLflow: ``runs.schema.best_table``,
   the parent runs) and the Optuna study's trial counts;
 * the final evaluation: per metric the pooled out-of-fold estimate with its 95%
   patient-level bootstrap interval, and the per-fold mean ± SD and values
@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from dala_search.errors import DalaError
+from dala_search.runs import schema
 from dala_search.runs.documents import BaselineDocument, EvaluationDocument, MetricSummary
-from dala_search.search import tracking
+from dala_search.runs.plan import open_search
 
 # Metrics shown first (the paper's four, then the rest of the evaluate command's set).
 PAPER_METRICS = ("accuracy", "f1", "iba", "gmean")
@@ -96,24 +97,15 @@ def build_report(
     ``gradcam_per_class=0`` leaves Grad-CAM out (the page says so); ``log_gradcam=False``
     keeps the overlays out of MLflow (used on stores a caller must not change).
     """
-    from dala_search.search.tuner import SearchPlan, default_runs_dir
-
-    # The name becomes a folder under the runs dir: '../x' or '/x' must not reach outside.
-    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise DalaError(f"search name {name!r}: use letters, digits, '-', '_' and '.' only")
-    folder = Path(runs_dir or default_runs_dir()).resolve() / name
-    if not folder.is_dir():
-        raise DalaError(f"no search named {name!r} in {folder.parent} (see --runs-dir)")
-    plan = SearchPlan.load(folder)
-    uri = tracking.resolve_tracking_uri(tracking_uri or plan.tracking_uri)
-    tracking.check_tracking_uri(uri)
+    ref = open_search(name, runs_dir, tracking_uri)
+    folder, plan, uri = ref.folder, ref.plan, ref.tracking_uri
     html_path = Path(out).resolve() if out else default_report_path(folder)
     if html_path.suffix.lower() not in (".html", ".htm"):
         raise DalaError(f"--out {out}: the report is an HTML file; give a path ending in .html")
     fig_dir = html_path.parent / f"{html_path.stem}_figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
 
-    rows = {r["magnification"]: r for r in tracking.best_table(uri, name)}
+    rows = {r["magnification"]: r for r in schema.best_table(uri, name)}
     parents = _parent_runs(uri, name)
     mags = [m for m in plan.magnifications if m in rows or m in parents] or list(rows)
     steps: Any = mags
@@ -164,13 +156,13 @@ def _parent_runs(uri: str, name: str) -> dict[str, Any]:
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(tracking.experiment_name(name))
+    exp = client.get_experiment_by_name(schema.experiment_name(name))
     if exp is None:  # best_table has already refused this; kept for direct callers
         raise DalaError(f"no search named {name!r} in the MLflow store {uri}")
     runs = client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.`{tracking.TAG_ROLE}` = 'magnification'"
+        [exp.experiment_id], filter_string=f"tags.`{schema.TAG_ROLE}` = 'magnification'"
     )
-    return {r.data.tags[tracking.TAG_MAG]: r for r in runs}
+    return {r.data.tags[schema.TAG_MAG]: r for r in runs}
 
 
 def _estimate_and_ci(m: MetricSummary) -> tuple[str, str]:
@@ -425,13 +417,13 @@ def _provenance(parent: Any) -> dict[str, str]:
         return {}
     t = parent.data.tags
     return {
-        "data set": t.get("dala.data_root", "-"),
+        "data set": t.get(schema.TAG_DATA_ROOT, "-"),
         "data": "SYNTHETIC (procedural tiles, not patients)"
-        if t.get(tracking.TAG_SYNTHETIC) == "true"
+        if t.get(schema.TAG_SYNTHETIC) == "true"
         else "real",
-        "split": t.get("dala.split", "-"),
-        "search space": t.get("dala.space", "-"),
-        "code version": t.get(tracking.TAG_CODE, "-"),
+        "split": t.get(schema.TAG_SPLIT, "-"),
+        "search space": t.get(schema.TAG_SPACE, "-"),
+        "code version": t.get(schema.TAG_CODE, "-"),
         "MLflow parent run": parent.info.run_id,
         "started": _when(parent.info.start_time),
         "ended": _when(parent.info.end_time),
@@ -449,7 +441,7 @@ def _render(**ctx: Any) -> str:
     template = resources.files("dala_search") / "templates" / "report.html.j2"
     return env.from_string(template.read_text(encoding="utf-8")).render(
         generated=now,
-        report_code_version=tracking.code_version(),
+        report_code_version=schema.code_version(),
         section_ids=SECTIONS,
         **ctx,
     )

@@ -11,13 +11,14 @@ is checked by building a real TrialConfig from it, so a space never proposes a t
 ``train_trial`` would refuse an hour into a search.
 
 Optuna is imported lazily inside ``suggest``: the CLI lists spaces without paying for it.
+Reading a space file (``load_space``) is ``space_file.py``; this module holds what it builds.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,22 +29,11 @@ from dala_search.errors import ConfigError
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import optuna
 
-# The repository's shipped spaces live beside the package (an editable / source checkout).
-SPACES_DIR: Path = Path(__file__).resolve().parents[1] / "search_spaces"
-
 # Names only: the search package maps them to Optuna samplers / pruners (and keeps its own
 # registry); validating them here lets a typo fail at load time, not when the study starts.
 SAMPLERS: tuple[str, ...] = ("tpe", "random", "cmaes", "gp")
 PRUNERS: tuple[str, ...] = ("median", "percentile", "sha", "hyperband", "asha", "none")
 PARAM_TYPES: tuple[str, ...] = ("float", "int", "categorical")
-
-# TrialConfig fields holding a tuple (attention_stages): YAML gives lists, Optuna needs
-# scalars, so such choices are encoded as "3,4" for Optuna and decoded back.
-_TUPLE_FIELDS: frozenset[str] = frozenset(
-    f.name for f in fields(TrialConfig) if str(f.type).startswith("tuple")
-)
-# Each field's declared type ("int", "float", ...; config.py uses postponed annotations).
-_FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(TrialConfig)}
 
 
 @dataclass(frozen=True)
@@ -67,14 +57,14 @@ class ParamSpec:
     @property
     def optuna_choices(self) -> tuple[Any, ...]:
         """The choices as Optuna accepts them (None/bool/int/float/str); tuples become "3,4"."""
-        return tuple(_encode(c) for c in self.choices or ())
+        return tuple(encode_choice(c) for c in self.choices or ())
 
     def decode(self, value: Any) -> Any:
         """Map a value Optuna returned ("3,4") back to the TrialConfig value ((3, 4))."""
         if self.choices is None:
             return value
         for choice in self.choices:
-            if _encode(choice) == value and type(_encode(choice)) is type(value):
+            if encode_choice(choice) == value and type(encode_choice(choice)) is type(value):
                 return choice
         return value  # already decoded (a list from a caller): TrialConfig coerces it
 
@@ -97,7 +87,7 @@ class ParamSpec:
     def describe(self) -> str:
         """The range / choices part of a ``describe`` line."""
         if self.type == "categorical":
-            text = "{" + ", ".join(_show(c) for c in self.choices or ()) + "}"
+            text = "{" + ", ".join(show_value(c) for c in self.choices or ()) + "}"
         else:
             text = f"[{self.low!r}, {self.high!r}]"
             if self.log:
@@ -105,7 +95,7 @@ class ParamSpec:
             if self.step is not None:
                 text += f" step {self.step!r}"
         for k, allowed in (self.condition or {}).items():
-            text += f"  if {k} in {{{', '.join(_show(v) for v in allowed)}}}"
+            text += f"  if {k} in {{{', '.join(show_value(v) for v in allowed)}}}"
         return text
 
 
@@ -122,6 +112,8 @@ class SearchSettings:
     # ranked, and the best chosen, by ``metric``.
     prune_on: str | None = None
     max_concurrent: int = 0  # 0: let the tuner decide from the resources
+    # Inner folds per trial (``--cv``): 1 = one validation split (see train_cv.py).
+    cv: int = 1
 
 
 @dataclass(frozen=True)
@@ -175,74 +167,21 @@ class SearchSpace:
         names = [*self.params, *self.fixed]
         width = max((len(n) for n in names), default=0)
         lines = [f"{p.name:<{width}}  {p.type:<11}  {p.describe()}" for p in self.params.values()]
-        lines += [f"{k:<{width}}  {'fixed':<11}  {_show(v)}" for k, v in self.fixed.items()]
+        lines += [f"{k:<{width}}  {'fixed':<11}  {show_value(v)}" for k, v in self.fixed.items()]
         return lines
-
-
-def load_space(name_or_path: str | Path) -> SearchSpace:
-    """Load and validate a space: a bare name means ``SPACES_DIR/<name>.yaml``.
-
-    Called by the CLI (``start``, ``spaces``) and the tuner; raises ConfigError naming the
-    file and key for anything wrong.
-    """
-    if isinstance(name_or_path, str) and _is_bare_name(name_or_path):
-        path = SPACES_DIR / f"{name_or_path}.yaml"
-        if not path.is_file():
-            names = ", ".join(p.stem for p in _space_files()) or "(none)"
-            raise ConfigError(
-                f"no search space named {name_or_path!r} in {SPACES_DIR}; available: {names}"
-            )
-    else:
-        path = Path(name_or_path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such search space file")
-    from dala_search.space_file import parse_space, read_space_yaml
-
-    return parse_space(path, read_space_yaml(path))
-
-
-def list_spaces() -> list[SearchSpace]:
-    """Every shipped space (``SPACES_DIR/*.yaml``), validated, sorted by file name."""
-    return [load_space(p) for p in _space_files()]
-
-
-# --- reading -------------------------------------------------------------------------------
-
-
-def _space_files() -> list[Path]:
-    return sorted(SPACES_DIR.glob("*.yaml")) if SPACES_DIR.is_dir() else []
-
-
-def _is_bare_name(text: str) -> bool:
-    return "/" not in text and "\\" not in text and not text.endswith((".yaml", ".yml"))
 
 
 # --- values --------------------------------------------------------------------------------
 
 
-def _normalise(name: str, value: Any) -> Any:
-    """Tuple fields take a list (or one int) in YAML; keep them as tuples, hashable."""
-    if name in _TUPLE_FIELDS:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return (value,)
-        if isinstance(value, list):
-            return tuple(value)
-    return value
-
-
-def _encode(value: Any) -> Any:
+def encode_choice(value: Any) -> Any:
     """Optuna's categorical choices must be None/bool/int/float/str: (3, 4) -> "3,4"."""
     if isinstance(value, tuple | list):
         return ",".join(str(v) for v in value)
     return value
 
 
-def _quote(value: Any) -> str:
-    """A value in an error message: repr, with tuples shown as the YAML list they came from."""
-    return repr(list(value)) if isinstance(value, tuple) else repr(value)
-
-
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
     if isinstance(value, tuple | list):
-        return "[" + ", ".join(_show(v) for v in value) + "]"
+        return "[" + ", ".join(show_value(v) for v in value) + "]"
     return str(value)

@@ -1,4 +1,4 @@
-"""Reading and checking a search space file (``space.load_space`` calls this module).
+"""Reading and checking a search space file: ``load_space`` (a shipped name or a path).
 
 Every error is a ConfigError naming the file and the key (and the bad value); every bound
 and every choice is checked by building a real TrialConfig from it.
@@ -11,6 +11,7 @@ import graphlib
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +20,37 @@ import yaml
 from dala_search.config import SELECT_METRICS, TRIAL_KEYS, TrialConfig
 from dala_search.data.breakhis import MAGNIFICATIONS, check_magnification
 from dala_search.errors import ConfigError, DataError
+from dala_search.runs.plan import check_name
 from dala_search.space import (
-    _FIELD_TYPES,
     PARAM_TYPES,
     PRUNERS,
     SAMPLERS,
     ParamSpec,
     SearchSettings,
     SearchSpace,
-    _encode,
-    _normalise,
-    _quote,
-    _show,
+    encode_choice,
+    show_value,
 )
+
+
+def _shipped_spaces_dir() -> Path:
+    """Where the shipped spaces are: ``dala_search/search_spaces/`` in an installed wheel
+    (pyproject maps the top-level folder there), the repository's top-level
+    ``search_spaces/`` in a checkout (editable install or PYTHONPATH)."""
+    here = Path(__file__).resolve().parent
+    installed = here / "search_spaces"
+    return installed if installed.is_dir() else here.parent / "search_spaces"
+
+
+SPACES_DIR: Path = _shipped_spaces_dir()
+
+# TrialConfig fields holding a tuple (attention_stages): YAML gives lists, Optuna needs
+# scalars, so such choices are encoded as "3,4" for Optuna and decoded back.
+_TUPLE_FIELDS: frozenset[str] = frozenset(
+    f.name for f in fields(TrialConfig) if str(f.type).startswith("tuple")
+)
+# Each field's declared type ("int", "float", ...; config.py uses postponed annotations).
+_FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(TrialConfig)}
 
 TOP_LEVEL_KEYS: tuple[str, ...] = ("name", "description", "search", "fixed", "params")
 SEARCH_KEYS: tuple[str, ...] = (
@@ -42,6 +61,7 @@ SEARCH_KEYS: tuple[str, ...] = (
     "pruner",
     "prune_on",
     "max_concurrent",
+    "cv",
 )
 PARAM_FIELDS: tuple[str, ...] = ("type", "low", "high", "step", "log", "choices", "condition")
 # Fields each type accepts besides ``type`` and ``condition``.
@@ -101,10 +121,7 @@ def parse_space(path: Path, raw: dict[str, Any]) -> SearchSpace:
         raise ConfigError(f"{path}: key 'name' must be a non-empty string, got {name!r}")
     # The name starts the default search name, which becomes a folder and an MLflow
     # experiment: no '/', '..' or spaces.
-    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise ConfigError(
-            f"{path}: key 'name' {name!r}: use letters, digits, '-', '_' and '.' only"
-        )
+    check_name(name, f"{path}: key 'name'")
     description = raw.get("description", "")
     if not isinstance(description, str):
         raise ConfigError(f"{path}: key 'description' must be a string, got {description!r}")
@@ -214,6 +231,7 @@ def _parse_search(path: Path, raw: dict[str, Any]) -> SearchSettings:
         max_concurrent=_count(
             path, "search.max_concurrent", raw.get("max_concurrent", d.max_concurrent), 0
         ),
+        cv=_count(path, "search.cv", raw.get("cv", d.cv), 1),
     )
 
 
@@ -305,7 +323,7 @@ def _parse_choices(path: Path, where: str, name: str, raw: Mapping[str, Any]) ->
     if not isinstance(choices, list) or not choices:
         raise ConfigError(f"{path}: {where}.choices: expected a non-empty list, got {choices!r}")
     normalised = tuple(_normalise(name, c) for c in choices)
-    encoded = [_encode(c) for c in normalised]
+    encoded = [encode_choice(c) for c in normalised]
     for i, e in enumerate(encoded):
         if encoded.index(e) != i:
             raise ConfigError(f"{path}: {where}.choices: {choices[i]!r} is listed twice")
@@ -356,7 +374,7 @@ def _check_conditions(path: Path, specs: Mapping[str, ParamSpec], fixed: Mapping
                 if value not in (parent.choices or ()):
                     raise ConfigError(
                         f"{path}: {key}: value {_quote(value)} is not among the choices of "
-                        f"{other!r}: {', '.join(_show(c) for c in parent.choices or ())}"
+                        f"{other!r}: {', '.join(show_value(c) for c in parent.choices or ())}"
                     )
 
 
@@ -380,3 +398,60 @@ def _dependency_order(path: Path, specs: Mapping[str, ParamSpec]) -> list[str]:
         order.append(first)
         sorter.done(first)
     return order
+
+
+# --- the shipped spaces ------------------------------------------------------------------
+
+
+def load_space(name_or_path: str | Path) -> SearchSpace:
+    """Load and validate a space: a bare name means ``SPACES_DIR/<name>.yaml``.
+
+    Called by the CLI (``start``, ``spaces``) and the tuner; raises ConfigError naming the
+    file and key for anything wrong.
+    """
+    if isinstance(name_or_path, str) and _is_bare_name(name_or_path):
+        path = SPACES_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            names = ", ".join(p.stem for p in _space_files()) or "(none)"
+            raise ConfigError(
+                f"no search space named {name_or_path!r} in {SPACES_DIR}; available: {names}"
+            )
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such search space file")
+    return parse_space(path, read_space_yaml(path))
+
+
+def list_spaces() -> list[SearchSpace]:
+    """Every shipped space (``SPACES_DIR/*.yaml``), validated, sorted by file name."""
+    return [load_space(p) for p in _space_files()]
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def _space_files() -> list[Path]:
+    return sorted(SPACES_DIR.glob("*.yaml")) if SPACES_DIR.is_dir() else []
+
+
+def _is_bare_name(text: str) -> bool:
+    return "/" not in text and "\\" not in text and not text.endswith((".yaml", ".yml"))
+
+
+# --- values ---------------------------------------------------------------------------------
+
+
+def _normalise(name: str, value: Any) -> Any:
+    """Tuple fields take a list (or one int) in YAML; keep them as tuples, hashable."""
+    if name in _TUPLE_FIELDS:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return (value,)
+        if isinstance(value, list):
+            return tuple(value)
+    return value
+
+
+def _quote(value: Any) -> str:
+    """A value in an error message: repr, with tuples shown as the YAML list they came from."""
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)

@@ -13,7 +13,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,19 +22,25 @@ from torch import nn
 from dala_search import faults
 from dala_search.config import TrialConfig
 from dala_search.data.augment import AugmentSpec, augment_normalized, to_normalized
-from dala_search.data.breakhis import (
-    BreakHisIndex,
-    ImageRecord,
-    check_magnification,
-    index_breakhis,
-)
-from dala_search.data.cache import ImageCache, build_cache
 from dala_search.data.sampling import epoch_indices
-from dala_search.data.splits import Split, official_fold_split, patient_split
-from dala_search.errors import ConfigError, DataError
+from dala_search.data.splits import Split
+from dala_search.errors import ConfigError
 from dala_search.losses import create_loss
 from dala_search.metrics import classification_metrics, confusion
 from dala_search.model.dalaresnet import NUM_CLASSES, build_dalaresnet
+
+# Re-exported: the data-serving pieces moved to trial_data.py, their importers still use these.
+from dala_search.trial_data import (  # noqa: F401
+    Batches,
+    TrialData,
+    _Batches,
+    _BatchView,
+    device_positions,
+    prepare_data,
+)
+
+# (metrics, y_true, y_prob) of one split side
+Tested = tuple[dict[str, float], np.ndarray, np.ndarray]
 
 # Called once per epoch with the epoch number (1-based) and that epoch's metrics.
 Reporter = Callable[[int, dict[str, float]], None]
@@ -43,93 +48,6 @@ Reporter = Callable[[int, dict[str, float]], None]
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite: the trial stops instead of burning epochs."""
-
-
-@dataclass
-class TrialData:
-    """One magnification's images (rows of the shared cache), labels and split.
-
-    Pickles small: the cache re-opens its memory map by path, so Ray can ship this to a
-    trial process without copying the images.
-    """
-
-    cache: ImageCache
-    records: list[ImageRecord]  # the records with a cache row, in split-index order
-    rows: np.ndarray  # cache row of each record
-    split: Split
-    magnification: str  # "40X" .. or "all"
-    synthetic: bool
-    root: str
-
-    def labels(self, task: str) -> np.ndarray:
-        """Integer targets for ``task`` ("binary": malignant=1, "subtype": 8 classes)."""
-        if task == "binary":
-            return np.array([r.label_index for r in self.records], dtype=np.int64)
-        return np.array([r.subtype_index for r in self.records], dtype=np.int64)
-
-    def slides(self, idx: Sequence[int]) -> list[str]:
-        return [self.records[i].slide for i in idx]
-
-    def describe(self) -> dict[str, Any]:
-        """What a tracker records about the data: where from, how split, synthetic or real."""
-        return {
-            "data_root": self.root,
-            "magnification": self.magnification,
-            "synthetic": self.synthetic,
-            "split": self.split.description,
-            "n_train": len(self.split.train),
-            "n_val": len(self.split.val),
-            "n_test": len(self.split.test),
-            "image_size": self.cache.image_size,
-        }
-
-
-def prepare_data(
-    data_dir: str | Path | BreakHisIndex,
-    magnification: str,
-    *,
-    image_size: int,
-    seed: int = 0,
-    fold: int | None = None,
-    val_fraction: float = 0.15,
-    test_fraction: float = 0.2,
-    cache_dir: str | Path | None = None,
-    progress: bool = False,
-) -> TrialData:
-    """Index, cache (decode once) and split one magnification ("all" pools the four).
-
-    ``data_dir`` may be an index already built, so a search indexes its folder once.
-    """
-    if isinstance(data_dir, BreakHisIndex):
-        index = data_dir
-    else:
-        index = index_breakhis(data_dir, progress=progress)
-    mag = "all" if str(magnification).lower() == "all" else check_magnification(magnification)
-    records = index.select(None if mag == "all" else mag)
-    if not records:
-        raise DataError(f"{index.root}: no images at magnification {mag}")
-    cache = build_cache(records, image_size, cache_dir, progress=progress)
-    rows = cache.rows_for(records)
-    kept = [r for r, row in zip(records, rows, strict=True) if row >= 0]
-    if not kept:
-        raise DataError(
-            f"{index.root}: none of the {len(records)} images at {mag} could be decoded"
-        )
-    if fold is not None:
-        split = official_fold_split(index, kept, fold, seed=seed, val_fraction=val_fraction)
-    else:
-        split = patient_split(
-            kept, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction
-        )
-    return TrialData(
-        cache=cache,
-        records=kept,
-        rows=rows[rows >= 0].astype(np.int64),
-        split=split,
-        magnification=mag,
-        synthetic=index.synthetic,
-        root=str(index.root),
-    )
 
 
 @dataclass
@@ -162,53 +80,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"key 'device': {name!r} requested but CUDA is not available here")
     return torch.device(name)
-
-
-class _Batches:
-    """Serves uint8 batches of one split side from the cache, on the trial's device.
-
-    On CUDA the whole side is copied to device memory once (a magnification at 224 px is a
-    few hundred MB); on the CPU rows are gathered from the memory map per batch, so
-    concurrent trials share the page cache instead of holding a copy each.
-    """
-
-    def __init__(self, data: TrialData, idx: Sequence[int], device: torch.device) -> None:
-        self.rows = data.rows[np.asarray(idx, dtype=np.int64)]
-        self.device = device
-        self.resident: torch.Tensor | None = None
-        if device.type == "cuda":
-            host = np.ascontiguousarray(data.cache.images[self.rows])
-            self.resident = torch.from_numpy(host).to(device)
-        self.images = data.cache.images
-
-    def get(self, positions: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 NHWC batch at ``positions`` (numpy, or a tensor from `device_positions`)."""
-        if self.resident is not None:
-            if isinstance(positions, np.ndarray):
-                positions = device_positions(positions, self.device)
-            return self.resident[positions]
-        if isinstance(positions, torch.Tensor):
-            positions = positions.cpu().numpy()
-        rows = self.rows[positions]
-        batch = np.empty((len(rows), *self.images.shape[1:]), dtype=np.uint8)
-        # row by row, in file order (kinder to the page cache): one copy, where fancy
-        # indexing gathers into a temporary first (64 x 224 px: 1.9 ms vs 4.9 ms here)
-        for j in np.argsort(rows):
-            batch[j] = self.images[rows[j]]
-        return torch.from_numpy(batch)
-
-
-def device_positions(positions: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Batch positions as an int64 tensor on ``device``, without stalling a GPU.
-
-    A copy from pageable host memory synchronises the CUDA stream (the host waits for all
-    queued kernels) on every batch; from pinned memory with ``non_blocking`` it is queued like
-    a kernel. PyTorch's caching host allocator makes ``pin_memory`` cheap after warm-up.
-    """
-    t = torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64))
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def _cuda_modes(
@@ -244,7 +115,7 @@ def _lr_factor(config: TrialConfig, epoch: int) -> float:
 
 def train_one_epoch(
     model: nn.Module,
-    batches: _Batches,
+    batches: Batches,
     labels: torch.Tensor,
     order: np.ndarray,
     *,
@@ -313,7 +184,7 @@ def train_one_epoch(
 
 
 def _plain_batch(
-    batches: _Batches,
+    batches: Batches,
     positions: np.ndarray,
     device: torch.device,
     memory_format: torch.memory_format | None,
@@ -328,7 +199,7 @@ def _plain_batch(
 @torch.no_grad()
 def recalibrate_batchnorm(
     model: nn.Module,
-    batches: _Batches,
+    batches: Batches,
     n: int,
     *,
     config: TrialConfig,
@@ -411,7 +282,7 @@ def recalibrate_batchnorm(
 @torch.no_grad()
 def predict(
     model: nn.Module,
-    batches: _Batches,
+    batches: Batches,
     n: int,
     *,
     config: TrialConfig,
@@ -434,7 +305,7 @@ def predict(
 def evaluate(
     model: nn.Module,
     data: TrialData,
-    batches: _Batches,
+    batches: Batches,
     idx: Sequence[int],
     *,
     config: TrialConfig,
@@ -452,6 +323,15 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
+def check_image_size(config: TrialConfig, data: TrialData) -> None:
+    """ConfigError when the config's image size is not the cache's."""
+    if config.image_size != data.cache.image_size:
+        raise ConfigError(
+            f"key 'image_size': the config asks for {config.image_size} px but the data "
+            f"cache holds {data.cache.image_size} px images"
+        )
+
+
 def _rank_and_world(distributed: bool) -> tuple[int, int]:
     """This process's rank and the group size (0, 1 unless data parallel)."""
     if not distributed:
@@ -461,11 +341,238 @@ def _rank_and_world(distributed: bool) -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def _from_rank0(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank (a small picklable value: metrics, test scores)."""
+def _from_rank0(obj: Any, world: int) -> Any:
+    """Rank 0's ``obj`` on every rank (a small picklable value: metrics, test scores).
+
+    Every rank then reports, selects the best epoch and stops early on the same numbers.
+    """
+    if world == 1:
+        return obj
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+class FoldRun:
+    """One model on one split, trained an epoch at a time.
+
+    ``train_trial`` loops over one; ``train_cv.train_cv_trial`` steps K of them in lockstep
+    (one per inner fold). The constructor does the whole setup in the order that fixes the
+    random draws (seed, model, loss, optimiser, augmentation generator), so a run is
+    repeatable on the CPU. ``sides`` hands in (train, val) batch servers made elsewhere
+    (views of one shared copy of the images); by default each side gets its own.
+    Data parallel (``distributed``): see ``train_trial``.
+    """
+
+    def __init__(
+        self,
+        config: TrialConfig,
+        data: TrialData,
+        split: Split | None = None,
+        *,
+        build_model: Callable[[TrialConfig], nn.Module] = build_dalaresnet,
+        distributed: bool = False,
+        sides: tuple[Batches, Batches | None] | None = None,
+    ) -> None:
+        check_image_size(config, data)
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        _seed_everything(config.seed)
+        self.config, self.data = config, data
+        self.split = data.split if split is None else split
+        self.device = device = resolve_device(config.device)
+        model = build_model(config).to(device)
+        if device.type == "cuda" and config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.rank, self.world = _rank_and_world(distributed)
+        if distributed and device.type == "cuda":  # batch statistics of the global batch
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model
+        # evaluation (rank 0 only) runs the unwrapped model
+        self.run_model: nn.Module = torch.compile(model) if config.compile else model
+        self.train_model = self.run_model
+        if distributed:
+            ids = [torch.cuda.current_device()] if device.type == "cuda" else None
+            ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            self.train_model = torch.compile(ddp) if config.compile else ddp
+
+        self.train_idx = np.asarray(self.split.train, dtype=np.int64)
+        self.train_labels_np = data.labels(config.task)[self.train_idx]
+        self.n_classes = NUM_CLASSES[config.task]
+        class_counts = np.bincount(self.train_labels_np, minlength=self.n_classes).tolist()
+        loss_fn = create_loss(
+            config.loss_weighting,
+            class_counts,
+            beta=config.effective_beta,
+            gamma=config.focal_gamma,
+            label_smoothing=config.label_smoothing,
+        ).to(device)
+        self.loss_fn = faults.wrap_loss(loss_fn)  # no-op unless a reliability test injects a NaN
+        self.optimizer = _make_optimizer(config, model)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda e: _lr_factor(config, e)
+        )
+        # Each rank its own augmentation draws (rank 0 keeps the single-process stream).
+        self.generator = torch.Generator(device=device).manual_seed(config.seed + 7919 * self.rank)
+        if sides is None:
+            train_b = _Batches(data, self.split.train, device)
+            val_b = _Batches(data, self.split.val, device) if self.rank == 0 else None
+            sides = (train_b, val_b)
+        self.train_b, self.val_b = sides
+        self.train_labels = torch.from_numpy(self.train_labels_np).to(device)
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def epoch(self, epoch: int) -> dict[str, float]:
+        """Train epoch ``epoch`` (1-based), recompute BatchNorm statistics, validate.
+
+        Returns ``val_*`` metrics (rank 0's on every rank), ``train_loss``, ``lr`` and timing.
+        """
+        config, device = self.config, self.device
+        start = time.perf_counter()
+        order = epoch_indices(
+            self.train_labels_np, config.sampling, seed=config.seed * 1000 + epoch
+        )
+        stats = train_one_epoch(
+            self.train_model,
+            self.train_b,
+            self.train_labels,
+            order,
+            config=config,
+            loss_fn=self.loss_fn,
+            optimizer=self.optimizer,
+            generator=self.generator,
+            device=device,
+            rank=self.rank,
+            world_size=self.world,
+        )
+        self.scheduler.step()
+        bn_start = time.perf_counter()
+        passed = recalibrate_batchnorm(
+            self.model,
+            self.train_b,
+            len(self.train_idx),
+            config=config,
+            device=device,
+            rank=self.rank,
+            world_size=self.world,
+        )
+        if passed and device.type == "cuda":  # one wait per epoch: the time is the pass's
+            torch.cuda.synchronize(device)
+        bn_s = time.perf_counter() - bn_start
+        val = None
+        if self.val_b is not None:
+            val, _, _ = evaluate(
+                self.run_model, self.data, self.val_b, self.split.val, config=config, device=device
+            )
+        val = _from_rank0(val, self.world)
+        metrics = {f"val_{k}": v for k, v in val.items()}
+        metrics.update(stats)
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["epoch_time_s"] = time.perf_counter() - start
+        metrics["precise_bn_s"] = bn_s
+        metrics["epoch"] = float(epoch)
+        return metrics
+
+    def snapshot(self) -> None:
+        """Keep the current weights (on the host) as the best so far; rank 0 only tests."""
+        if self.rank == 0:
+            state = self.model.state_dict()
+            self.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in state.items()})
+
+    def restore_best(self) -> None:
+        """Load the weights of the last `snapshot` (none taken: keep the current ones)."""
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+
+    def test(
+        self, batches: Batches | None = None
+    ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+        """(metrics, y_true, y_prob) of the current weights on the split's test side.
+
+        Rank 0 computes them, every rank returns them. ``batches`` serves the test side when
+        several runs share one copy of it.
+        """
+        tested = None
+        if self.rank == 0:
+            if batches is None:
+                batches = _Batches(self.data, self.split.test, self.device)
+            tested = evaluate(
+                self.model,
+                self.data,
+                batches,
+                self.split.test,
+                config=self.config,
+                device=self.device,
+            )
+        return _from_rank0(tested, self.world)
+
+    def kept_model(self) -> nn.Module | None:
+        """The model on the host for the caller to keep (rank 0 only)."""
+        return self.model.cpu() if self.rank == 0 else None
+
+
+@dataclass
+class BestEpoch:
+    """Best-epoch selection and early stopping on one metric of the reported dicts."""
+
+    key: str  # e.g. "val_balanced_accuracy"
+    patience: int  # 0: never stop early
+    value: float = -math.inf
+    epoch: int = 0  # 0: no finite value yet
+    metrics: dict[str, float] = field(default_factory=dict)
+    since: int = 0
+
+    def update(self, epoch: int, metrics: dict[str, float]) -> bool:
+        """Record epoch ``epoch``; True when it is the best so far (the caller snapshots)."""
+        value = metrics.get(self.key, float("nan"))
+        if math.isfinite(value) and value > self.value:
+            self.value, self.epoch, self.metrics, self.since = value, epoch, metrics, 0
+            return True
+        self.since += 1
+        return False
+
+    @property
+    def stop(self) -> bool:
+        return bool(self.patience) and self.since >= self.patience
+
+
+def progress_bar(config: TrialConfig, desc: str, enabled: bool) -> Any:
+    """A tqdm bar over the epochs, or None."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.epochs, desc=desc, unit="epoch")
+
+
+def _tick(bar: Any, metrics: dict[str, float], key: str) -> None:
+    if bar is not None:
+        value = metrics.get(key, float("nan"))
+        bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", **{key: f"{value:.3f}"})
+        bar.update(1)
+
+
+def trial_result(
+    best: BestEpoch,
+    history: list[dict[str, float]],
+    tested: Tested,
+    n_classes: int,
+    model: nn.Module | None,
+) -> TrialResult:
+    """The TrialResult of a finished run (``best.epoch`` 0: no finite value, the last epoch)."""
+    test, y_true, y_prob = tested
+    y_pred = y_prob.argmax(axis=1) if len(y_prob) else np.zeros(0, dtype=np.int64)
+    return TrialResult(
+        best_epoch=best.epoch,
+        epochs_run=len(history),
+        best=best.metrics if best.epoch else history[-1],
+        final=history[-1],
+        test=test,
+        history=history,
+        test_confusion=confusion(y_true, y_pred, n_classes).tolist(),
+        test_scores={"y_true": y_true.tolist(), "y_prob": y_prob.tolist()},
+        model=model,
+    )
 
 
 def train_trial(
@@ -493,143 +600,25 @@ def train_trial(
     reports, stops early and returns the metrics one process would compute (the model
     only on rank 0). BatchNorm statistics are per rank on the CPU, synchronised on CUDA.
     """
-    if config.image_size != data.cache.image_size:
-        raise ConfigError(
-            f"key 'image_size': the config asks for {config.image_size} px but the data "
-            f"cache holds {data.cache.image_size} px images"
-        )
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    _seed_everything(config.seed)
-    device = resolve_device(config.device)
-    model = build_model(config).to(device)
-    if device.type == "cuda" and config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    rank, world = _rank_and_world(distributed)
-    if distributed and device.type == "cuda":  # batch statistics of the global batch
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    run_model: nn.Module = torch.compile(model) if config.compile else model
-    train_model = run_model  # evaluation (rank 0 only) runs the unwrapped model
-    if distributed:
-        ddp = nn.parallel.DistributedDataParallel(
-            model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None
-        )
-        train_model = torch.compile(ddp) if config.compile else ddp
-
-    all_labels = data.labels(config.task)
-    train_idx = np.asarray(data.split.train, dtype=np.int64)
-    train_labels_np = all_labels[train_idx]
-    n_classes = NUM_CLASSES[config.task]
-    class_counts = np.bincount(train_labels_np, minlength=n_classes).tolist()
-    loss_fn = create_loss(
-        config.loss_weighting,
-        class_counts,
-        beta=config.effective_beta,
-        gamma=config.focal_gamma,
-        label_smoothing=config.label_smoothing,
-    ).to(device)
-    loss_fn = faults.wrap_loss(loss_fn)  # no-op unless a reliability test injects a NaN
-    optimizer = _make_optimizer(config, model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: _lr_factor(config, e))
-    # Each rank its own augmentation draws (rank 0 keeps the single-process stream).
-    generator = torch.Generator(device=device).manual_seed(config.seed + 7919 * rank)
-
-    train_b = _Batches(data, data.split.train, device)
-    val_b = _Batches(data, data.split.val, device) if rank == 0 else None
-    train_labels = torch.from_numpy(train_labels_np).to(device)
-
-    key = f"val_{config.select_metric}"
-    best_value, best_epoch, best_state = -math.inf, 0, None
-    best_metrics: dict[str, float] = {}
+    run = FoldRun(config, data, build_model=build_model, distributed=distributed)
+    best = BestEpoch(f"val_{config.select_metric}", config.early_stop_patience)
     history: list[dict[str, float]] = []
-    since_best = 0
-    epochs = range(1, config.epochs + 1)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.epochs, desc=f"train {data.magnification}", unit="epoch")
-    for epoch in epochs:
-        start = time.perf_counter()
-        order = epoch_indices(train_labels_np, config.sampling, seed=config.seed * 1000 + epoch)
-        stats = train_one_epoch(
-            train_model,
-            train_b,
-            train_labels,
-            order,
-            config=config,
-            loss_fn=loss_fn,
-            optimizer=optimizer,
-            generator=generator,
-            device=device,
-            rank=rank,
-            world_size=world,
-        )
-        scheduler.step()
-        bn_start = time.perf_counter()
-        passed = recalibrate_batchnorm(
-            model,
-            train_b,
-            len(train_idx),
-            config=config,
-            device=device,
-            rank=rank,
-            world_size=world,
-        )
-        if passed and device.type == "cuda":  # one wait per epoch: the time is the pass's
-            torch.cuda.synchronize(device)
-        bn_s = time.perf_counter() - bn_start
-        val = None
-        if val_b is not None:
-            val, _, _ = evaluate(
-                run_model, data, val_b, data.split.val, config=config, device=device
-            )
-        if world > 1:  # rank 0's numbers everywhere: one best epoch, one early stop
-            val = _from_rank0(val)
-        metrics = {f"val_{k}": v for k, v in val.items()}
-        metrics.update(stats)
-        metrics["lr"] = optimizer.param_groups[0]["lr"]
-        metrics["epoch_time_s"] = time.perf_counter() - start
-        metrics["precise_bn_s"] = bn_s
-        metrics["epoch"] = float(epoch)
+    bar = progress_bar(config, f"train {data.magnification}", progress)
+    for epoch in range(1, config.epochs + 1):
+        metrics = run.epoch(epoch)
         history.append(metrics)
-        value = metrics.get(key, float("nan"))
-        if math.isfinite(value) and value > best_value:
-            best_value, best_epoch, best_metrics = value, epoch, metrics
-            if rank == 0:  # the only rank that tests the weights
-                state = model.state_dict()
-                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in state.items()})
-            since_best = 0
-        else:
-            since_best += 1
-        if bar is not None:
-            bar.set_postfix(loss=f"{stats['train_loss']:.3f}", **{key: f"{value:.3f}"})
-            bar.update(1)
+        if best.update(epoch, metrics):
+            run.snapshot()
+        _tick(bar, metrics, best.key)
         if reporter is not None:
             reporter(epoch, metrics)
-        if config.early_stop_patience and since_best >= config.early_stop_patience:
+        if best.stop:
             break
     if bar is not None:
         bar.close()
-
-    if best_epoch == 0:  # no finite validation value at all: test the last weights, say so
-        best_metrics = history[-1]
-    elif best_state is not None:
-        model.load_state_dict(best_state)
-    tested = None
-    if rank == 0:
-        test_b = _Batches(data, data.split.test, device)
-        tested = evaluate(model, data, test_b, data.split.test, config=config, device=device)
-    test, y_true, y_prob = _from_rank0(tested) if world > 1 else tested
-    y_pred = y_prob.argmax(axis=1) if len(y_prob) else np.zeros(0, dtype=np.int64)
-    return TrialResult(
-        best_epoch=best_epoch,
-        epochs_run=len(history),
-        best=best_metrics,
-        final=history[-1],
-        test=test,
-        history=history,
-        test_confusion=confusion(y_true, y_pred, n_classes).tolist(),
-        test_scores={"y_true": y_true.tolist(), "y_prob": y_prob.tolist()},
-        model=model.cpu() if keep_model and rank == 0 else None,
+    if best.epoch:  # otherwise no finite validation value at all: test the last weights
+        run.restore_best()
+    tested = run.test()
+    return trial_result(
+        best, history, tested, run.n_classes, run.kept_model() if keep_model else None
     )

@@ -51,7 +51,7 @@ def full_report(finished_search: dict, tmp_path_factory, write_result_jsons) -> 
 
 
 def test_every_section_is_filled_from_its_source(full_report: dict, finished_search: dict):
-    from dala_search.search.tracking import best_table
+    from dala_search.runs.schema import best_table
 
     parts = sections_of(full_report["html"])
     assert list(parts) == list(SECTIONS)
@@ -178,3 +178,24 @@ def test_gradcam_overlays_on_a_fresh_model(demo_root: Path):
     for _, img in items:
         assert img.dtype == np.uint8 and img.shape == (DISPLAY_SIZE, 2 * DISPLAY_SIZE, 3)
         assert not np.array_equal(img[:, :DISPLAY_SIZE], img[:, DISPLAY_SIZE:])
+
+
+def test_gradcam_overlays_on_an_ensemble(demo_root: Path):
+    """A cross-validated search registers an ensemble: Grad-CAM reads every member's layer."""
+    import torch
+
+    from dala_search.explain import DISPLAY_SIZE, gradcam_overlays, target_layers
+    from dala_search.model.dalaresnet import DALAResNet50
+    from dala_search.model.ensemble import ProbabilityEnsemble
+    from dala_search.train import prepare_data
+
+    torch.manual_seed(0)
+    members = [DALAResNet50(2, pretrained="none", fc1=16, fc2=16) for _ in range(2)]
+    ensemble = ProbabilityEnsemble(members)
+    layers = target_layers(ensemble)
+    assert [id(x) for x in layers] == [id(m.backbone.layer4[-1]) for m in members]
+    data = prepare_data(demo_root, "40X", image_size=32)
+    items = gradcam_overlays(ensemble, data, per_class=1, seed=3)
+    assert items and all(img.shape == (DISPLAY_SIZE, 2 * DISPLAY_SIZE, 3) for _, img in items)
+    probs = torch.softmax(ensemble(torch.zeros(1, 3, 32, 32)), dim=1)
+    assert float(probs.sum()) == pytest.approx(1.0, abs=1e-6)

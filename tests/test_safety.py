@@ -169,7 +169,7 @@ HOSTILE_YAML = "fixed: !!python/object/apply:os.system ['touch {marker}']\n"
 
 def test_hostile_yaml_space_and_config_are_refused(tmp_path: Path) -> None:
     from dala_search.config import load_trial_config
-    from dala_search.space import load_space
+    from dala_search.space_file import load_space
 
     marker = tmp_path / "pwned"
     path = tmp_path / "hostile.yaml"

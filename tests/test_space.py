@@ -13,14 +13,8 @@ import pytest
 from dala_search.config import LOSS_WEIGHTINGS, SAMPLINGS, TrialConfig
 from dala_search.errors import ConfigError
 from dala_search.model.attention import available_attention
-from dala_search.space import (
-    PRUNERS,
-    SAMPLERS,
-    SPACES_DIR,
-    SearchSettings,
-    list_spaces,
-    load_space,
-)
+from dala_search.space import PRUNERS, SAMPLERS, SearchSettings
+from dala_search.space_file import SPACES_DIR, list_spaces, load_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

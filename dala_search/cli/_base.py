@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from dala_search.errors import DalaError
+from dala_search.runs.plan import NAME_RULE, is_valid_name, parse_duration, parse_magnifications
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -38,14 +39,14 @@ MAX_IMAGE_SIZE = 1024
 def check_search_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """A search name becomes a folder under the runs dir: no '/', '..' or absolute paths.
 
-    Same rule as ``plan_search`` (letters, digits, '-', '_', '.'), checked for ``resume``,
-    ``best`` and ``ui`` too: they join the name onto the runs dir and read (resume: write)
-    there, so ``../x`` would reach outside it.
+    The rule of ``runs.plan.is_valid_name``, checked for ``resume``, ``best`` and ``ui``
+    too: they join the name onto the runs dir and read (resume: write) there, so ``../x``
+    would reach outside it.
     """
     if value is None:
         return None
-    if not value.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise click.BadParameter(f"{value!r}: use letters, digits, '-', '_' and '.' only")
+    if not is_valid_name(value):
+        raise click.BadParameter(f"{value!r}: {NAME_RULE}")
     return value
 
 
@@ -72,8 +73,6 @@ def check_storage(ctx: click.Context, param: click.Parameter, value: str | None)
 
 def check_duration(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """Check ``--time-budget`` while parsing, before the demo data or anything else is made."""
-    from dala_search.search.tuner import parse_duration
-
     try:
         parse_duration(value)
     except DalaError as e:
@@ -104,8 +103,6 @@ def check_magnifications(
     ctx: click.Context, param: click.Parameter, value: str | None
 ) -> str | None:
     """``start``'s comma list or 'all', checked while parsing (plan_search takes the text)."""
-    from dala_search.search.tuner import parse_magnifications
-
     if value is None:
         return None
     try:

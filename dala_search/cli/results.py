@@ -160,13 +160,13 @@ def ui_cmd(
     """Start the MLflow UI against the search's tracking store."""
     import subprocess
 
-    from dala_search.search import tracking
-    from dala_search.search.tuner import SearchPlan, default_runs_dir
+    from dala_search.runs.plan import SearchPlan, runs_folder
+    from dala_search.runs.schema import resolve_tracking_uri
 
     uri = tracking_uri
     if uri is None and name:
-        uri = SearchPlan.load(Path(runs_dir or default_runs_dir()).resolve() / name).tracking_uri
-    uri = tracking.resolve_tracking_uri(uri)
+        uri = SearchPlan.load(runs_folder(runs_dir) / name).tracking_uri
+    uri = resolve_tracking_uri(uri)
     if uri.startswith(("http://", "https://")):
         click.echo(f"{uri} is a tracking server already: open it in a browser")
         return

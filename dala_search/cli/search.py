@@ -26,7 +26,8 @@ from dala_search.cli._base import (
     main,
 )
 from dala_search.config import SELECT_METRICS
-from dala_search.errors import DalaError
+from dala_search.runs.plan import latest_search, open_search, search_tracking_uri
+from dala_search.runs.schema import best_table, check_tracking_uri
 
 # ----------------------------------------------------------------------------- train
 
@@ -145,7 +146,7 @@ def train_cmd(
 @click.option("--verbose", "-v", is_flag=True, help="Show every parameter.")
 def spaces_cmd(verbose: bool) -> None:
     """List the shipped search spaces (`--space` also takes a path to your own YAML)."""
-    from dala_search.space import list_spaces
+    from dala_search.space_file import list_spaces
 
     for sp in list_spaces():
         click.echo(f"{sp.name:10} {len(sp.params):2d} params  {sp.description}")
@@ -228,6 +229,14 @@ def spaces_cmd(verbose: bool) -> None:
     show_default=True,
     help="Restarts of a trial whose process or node died (a trial that raised is not retried).",
 )
+@click.option(
+    "--cv",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Inner folds per trial: each trial trains K models on K patient-grouped folds of "
+    "the non-test patients and is scored (and pruned) on their mean; about K times the "
+    "cost of a trial (default: the space's search.cv, else 1 = one validation split).",
+)
 @SEED_OPT
 @RUNS_OPT
 def start_cmd(
@@ -250,6 +259,7 @@ def start_cmd(
     time_budget: str | None,
     fold: int | None,
     max_retries: int,
+    cv: int | None,
     seed: int | None,
     runs_dir: Path | None,
 ) -> None:
@@ -278,10 +288,13 @@ def start_cmd(
         runs_dir=runs_dir,
         fold=fold,
         max_retries=max_retries,
+        cv=cv,
     )
     click.echo(
         f"search {plan.name}: space {plan.space}, {plan.trials} trial(s) x "
-        f"{', '.join(plan.magnifications)}; folder {plan.folder}",
+        f"{', '.join(plan.magnifications)}"
+        + (f", {plan.cv} inner folds per trial" if plan.cv > 1 else "")
+        + f"; folder {plan.folder}",
         err=True,
     )
     click.echo(f"tracking: {plan.tracking_uri}   study: {plan.storage}", err=True)
@@ -293,12 +306,7 @@ def start_cmd(
 @RUNS_OPT
 def resume_cmd(name: str, runs_dir: Path | None) -> None:
     """Continue an interrupted search to its requested number of trials."""
-    from dala_search.search import tuner
-
-    folder = Path(runs_dir or tuner.default_runs_dir()).resolve() / name
-    plan = tuner.SearchPlan.load(folder)
-    tuner.tracking.check_tracking_uri(plan.tracking_uri)
-    _run(plan, resume=True)
+    _run(open_search(name, runs_dir).plan, resume=True)
 
 
 def _run(plan: Any, *, resume: bool) -> None:
@@ -338,22 +346,11 @@ def best_cmd(
     name: str | None, tracking_uri: str | None, runs_dir: Path | None, as_json: bool
 ) -> None:
     """Best configuration and metrics per magnification, read back from MLflow."""
-    from dala_search.search import tracking
-    from dala_search.search.tuner import SearchPlan, default_runs_dir
-
-    runs = Path(runs_dir or default_runs_dir()).resolve()
-    if name is None:
-        plans = sorted(runs.glob("*/search.json"), key=lambda p: p.stat().st_mtime)
-        if not plans:
-            raise DalaError(f"no searches in {runs}; name one or pass --runs-dir")
-        name = plans[-1].parent.name
-    uri = tracking_uri
-    if uri is None and (runs / name / "search.json").is_file():
-        uri = SearchPlan.load(runs / name).tracking_uri
-    uri = tracking.resolve_tracking_uri(uri)
+    name = name or latest_search(runs_dir)
+    uri = search_tracking_uri(name, runs_dir, tracking_uri)
     # MLflow's HTTP client retries an unreachable server for minutes: say so at once.
-    tracking.check_tracking_uri(uri)
-    rows = tracking.best_table(uri, name)
+    check_tracking_uri(uri)
+    rows = best_table(uri, name)
     if as_json:
         click.echo(json.dumps({"search": name, "magnifications": rows}, indent=2))
         return

@@ -19,20 +19,25 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from dala_search.data.augment_maps import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MIN_INTENSITY,
+    NORMALIZED_HI,
+    NORMALIZED_LO,
+    ColourMaps,
+    Geometry,
+)
 
 # Ruifrok & Johnston stain vectors (as in scikit-image's rgb_from_hed).
 _RGB_FROM_HED = torch.tensor(
     [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float32
 )
 _HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
-_MIN_INTENSITY = 1e-6  # optical density is -log(intensity): keep black pixels finite
 
 Rand = Callable[..., torch.Tensor]
 
@@ -83,17 +88,6 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - mean) / std
-
-
-class Geometry(NamedTuple):
-    """Per-sample geometric draws, int64 tensors of shape (n,) on the batch's device."""
-
-    turns: torch.Tensor  # quarter turns 0..3 (``torch.rot90`` over H, W), after the mirror
-    flip: torch.Tensor  # 1: mirror left-right first
-    top: torch.Tensor  # crop box: rows top..top+height-1, columns left..left+width-1
-    left: torch.Tensor
-    height: torch.Tensor
-    width: torch.Tensor
 
 
 def draw_geometry(
@@ -163,7 +157,7 @@ def _stain_jitter(x: torch.Tensor, sigma: float, rand: Rand) -> torch.Tensor:
     """Scale and shift each stain's optical density (haematoxylin, eosin, DAB)."""
     n = x.shape[0]
     dev, dt = x.device, x.dtype
-    od = -torch.log(x.clamp(min=_MIN_INTENSITY))  # optical density, NCHW
+    od = -torch.log(x.clamp(min=MIN_INTENSITY))  # optical density, NCHW
     hed = torch.einsum("nchw,cd->ndhw", od, _HED_FROM_RGB.to(dev, dt))
     alpha = 1 + (rand(n, 3) * 2 - 1) * sigma
     beta = (rand(n, 3) * 2 - 1) * sigma
@@ -209,9 +203,6 @@ def _color_jitter(x: torch.Tensor, amount: float, rand: Rand) -> torch.Tensor:
 # took 8 ms per batch there, OpenCV's 1.6.
 
 _LOG_255 = math.log(255.0)
-# clamping to [0, 1] and then normalising == normalising then clamping to these bounds
-_LO = [(0.0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]
-_HI = [(1.0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]
 
 
 def to_normalized(batch_u8: torch.Tensor) -> torch.Tensor:
@@ -259,7 +250,7 @@ def augment_normalized(
 
 
 def _augment_batched(
-    batch_u8: torch.Tensor, geo: Geometry | None, maps: _ColourMaps
+    batch_u8: torch.Tensor, geo: Geometry | None, maps: ColourMaps
 ) -> torch.Tensor:
     """The whole batch at once, nothing read back to the host: the GPU path."""
     n, h, w, _ = batch_u8.shape
@@ -306,17 +297,7 @@ def _geometry_grid(batch_u8: torch.Tensor, geo: Geometry) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-class _ColourMaps(NamedTuple):
-    """Per-sample maps of the colour step, (n, ...) tensors on the batch's device."""
-
-    stain_mix: torch.Tensor | None  # (n, 3, 3): log-intensity in -> stained log-intensity
-    stain_bias: torch.Tensor | None  # (n, 3, 1)
-    colour: torch.Tensor  # (n, 3, 3): intensity -> normalised value (planar, out = M @ in)
-    offset: torch.Tensor  # (n, 3, 1): -mean / std, the normalisation's shift
-    mean_gain: torch.Tensor | None  # (n, 3, 1): (1 - fc) fb / std, times the image's mean
-
-
-def _colour_maps(n: int, spec: AugmentSpec, rand: Rand, dev: torch.device) -> _ColourMaps:
+def _colour_maps(n: int, spec: AugmentSpec, rand: Rand, dev: torch.device) -> ColourMaps:
     """Draw stain then colour factors (the readable path's order) and fold them into maps."""
     c = _constants(dev)
     std = c["std"]
@@ -344,11 +325,11 @@ def _colour_maps(n: int, spec: AugmentSpec, rand: Rand, dev: torch.device) -> _C
         rows = (c["eye"] * scale).expand(n, 3, 3)
     colour = (rows / std).transpose(1, 2).contiguous()  # normalised: column c divided by std_c
     offset = (-c["mean"] / std).view(1, 3, 1).expand(n, 3, 1)
-    return _ColourMaps(mix, bias, colour, offset, mean_gain)
+    return ColourMaps(mix, bias, colour, offset, mean_gain)
 
 
 def _colour_normalize(
-    x: torch.Tensor, maps: _ColourMaps, out: torch.Tensor, scratch: torch.Tensor
+    x: torch.Tensor, maps: ColourMaps, out: torch.Tensor, scratch: torch.Tensor
 ) -> torch.Tensor:
     """Stain and colour jitter, normalisation and clamp of planar (n, 3, H*W) 0..255 floats.
 
@@ -356,12 +337,12 @@ def _colour_normalize(
     written to ``out``.
     """
     if maps.stain_mix is not None:
-        log_x = x.clamp_(min=255.0 * _MIN_INTENSITY).log_()
+        log_x = x.clamp_(min=255.0 * MIN_INTENSITY).log_()
         x = torch.baddbmm(maps.stain_bias, maps.stain_mix, log_x, out=scratch).exp_()
     offset = maps.offset
     if maps.mean_gain is not None:  # contrast pivots about the image's mean
         offset = torch.addcmul(offset, x.mean(dim=(1, 2)).view(-1, 1, 1), maps.mean_gain)
     torch.baddbmm(offset, maps.colour, x, out=out)
     for ch in range(3):  # scalar bounds per plane: ~10x cheaper than tensor bounds
-        out[:, ch].clamp_(_LO[ch], _HI[ch])
+        out[:, ch].clamp_(NORMALIZED_LO[ch], NORMALIZED_HI[ch])
     return out

@@ -19,15 +19,21 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from dala_search.data.augment import _HI, _LO, _MIN_INTENSITY, Geometry, _ColourMaps
+from dala_search.data.augment_maps import (
+    MIN_INTENSITY,
+    NORMALIZED_HI,
+    NORMALIZED_LO,
+    ColourMaps,
+    Geometry,
+)
 
 # log of each uint8 value as ``augment._colour_normalize`` computes it (clamped, float32):
 # the lookup table of the stain step
-_LOG_U8 = torch.arange(256, dtype=torch.float32).clamp_(min=255.0 * _MIN_INTENSITY).log_().numpy()
+_LOG_U8 = torch.arange(256, dtype=torch.float32).clamp_(min=255.0 * MIN_INTENSITY).log_().numpy()
 _FLOAT_U8 = torch.arange(256, dtype=torch.float32).numpy()  # uint8 -> the same float
 
 
-def augment_cpu(batch_u8: torch.Tensor, geo: Geometry | None, maps: _ColourMaps) -> torch.Tensor:
+def augment_cpu(batch_u8: torch.Tensor, geo: Geometry | None, maps: ColourMaps) -> torch.Tensor:
     """One image at a time in OpenCV, geometry in uint8: the CPU path.
 
     Returns float (n, 3, H, W) with channels_last strides (NHWC memory: OpenCV works on
@@ -46,7 +52,7 @@ def augment_cpu(batch_u8: torch.Tensor, geo: Geometry | None, maps: _ColourMaps)
     stain = torch.cat([maps.stain_mix, maps.stain_bias], 2).numpy() if stained else None
     colour = torch.cat([maps.colour, maps.offset], 2).numpy()
     mean_gain = maps.mean_gain.numpy()[:, :, 0] if maps.mean_gain is not None else None
-    lo, hi = (*_LO, 0.0), (*_HI, 0.0)
+    lo, hi = (*NORMALIZED_LO, 0.0), (*NORMALIZED_HI, 0.0)
     claims = itertools.count()  # each worker claims the next image (next() holds the GIL)
 
     def work() -> None:

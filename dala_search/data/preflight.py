@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dala_search.data.breakhis import BreakHisIndex, check_magnification, index_breakhis
-from dala_search.data.splits import official_fold_split, patient_split
+from dala_search.data.splits import inner_folds, official_fold_split, patient_split
 from dala_search.errors import DataError
 
 
@@ -26,6 +26,7 @@ def check_search_data(
     *,
     seed: int = 0,
     fold: int | None = None,
+    cv: int = 1,
     progress: bool = False,
 ) -> BreakHisIndex:
     """Index ``data_dir`` and make every magnification's split; return the index.
@@ -33,7 +34,8 @@ def check_search_data(
     Called by ``search.tuner.plan_search``. Raises DataError naming the folder
     and the magnification (or the Folds.csv and its fold) when one cannot be searched.
     The split arguments are ``prepare_data``'s defaults, so a split that passes here is the
-    one the search will use.
+    one the search will use. ``cv`` >= 2 also makes the inner folds of a cross-validated
+    objective (a class with fewer non-test patients than folds is refused here).
     """
     index = index_breakhis(data_dir, progress=progress)
     for mag in magnifications:
@@ -45,11 +47,18 @@ def check_search_data(
             )
         try:
             if fold is not None:
-                official_fold_split(index, records, fold, seed=seed)
+                split = official_fold_split(index, records, fold, seed=seed)
             else:
-                patient_split(records, seed=seed)
+                split = patient_split(records, seed=seed)
         except DataError as e:
             raise DataError(f"--data {index.root}, magnification {mag}: {e}") from None
+        if cv > 1:
+            try:
+                inner_folds(records, split, cv, seed=seed)
+            except DataError as e:
+                raise DataError(
+                    f"--cv {cv}: --data {index.root}, magnification {mag}: {e}"
+                ) from None
     return index
 
 

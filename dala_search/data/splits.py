@@ -188,6 +188,61 @@ def official_fold_split(
     return split
 
 
+def inner_folds(
+    records: Sequence[ImageRecord],
+    split: Split,
+    k: int,
+    *,
+    seed: int = 0,
+    stratify: str = "label",
+) -> list[Split]:
+    """K inner folds of ``split``'s non-test patients, for a cross-validated objective.
+
+    The patients of ``split.train`` and ``split.val`` are cut into ``k`` folds by
+    scikit-learn's `StratifiedGroupKFold` (grouped by slide, stratified, shuffled with
+    ``seed``); fold j validates on part j and trains on the others. The test side is kept
+    as it is in every fold: no test patient is trained or validated on. Every non-test
+    patient is validated exactly once. A DataError names the class when it has fewer than
+    ``k`` non-test patients (a fold would have none of it), or when the grouped assignment
+    leaves a validation part without a class.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise DataError(f"inner folds: k must be an integer >= 2, got {k!r}")
+    key = _stratify_key(stratify)
+    pool = np.array(sorted(split.train + split.val), dtype=np.int64)
+    if len(pool) == 0:
+        raise DataError(f"split {split.description!r} has no training or validation images")
+    _require_patients(records, pool, k, f"{k} inner folds of the non-test patients")
+    groups = np.array([records[i].slide for i in pool])
+    y = np.array([key(records[i]) for i in pool])
+    cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class", module="sklearn")
+        parts = list(cv.split(np.zeros(len(pool)), y, groups))
+    folds = []
+    for j, (train_pos, val_pos) in enumerate(parts, start=1):
+        if _min_patients(records, pool[val_pos]) < 1:
+            raise DataError(
+                f"inner fold {j} of {k} (seed {seed}) validates on no patient of a class "
+                f"({_describe(_patients_per_class(records, pool[val_pos]))}); use fewer "
+                "folds or another seed"
+            )
+        fold = Split(
+            train=_as_tuple(pool[train_pos]),
+            val=_as_tuple(pool[val_pos]),
+            test=split.test,
+            description=f"inner fold {j}/{k} (seed {seed}) of {split.description}",
+        )
+        check_disjoint(records, fold)
+        folds.append(fold)
+    return folds
+
+
+def min_class_patients(records: Sequence[ImageRecord], indices: Sequence[int]) -> int:
+    """Patients (slides) of the rarer class among ``indices``: the most inner folds possible."""
+    return _min_patients(records, np.asarray(indices, dtype=np.int64))
+
+
 def check_disjoint(records: Sequence[ImageRecord], split: Split) -> None:
     """Raise DataError if a slide (patient) or an image is on two sides.
 

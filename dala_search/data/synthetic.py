@@ -30,7 +30,7 @@ from tqdm import tqdm
 from dala_search import __version__
 from dala_search.data.breakhis import MAGNIFICATIONS, SUBTYPE_CODES, SUBTYPES
 from dala_search.data.breakhis import SYNTHETIC_MARKER as MARKER
-from dala_search.data.tiles import render_tile
+from dala_search.data.tiles import Patient, render_tile
 from dala_search.errors import ConfigError, DataError
 
 # Two patients per benign subtype and a malignant mix that, with the shared slide below,
@@ -56,21 +56,6 @@ _E_REF = np.array([0.2159, 0.8012, 0.5581], dtype=np.float32)
 
 
 # --- Patients ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Patient:
-    """One synthetic patient (slide): what is fixed across all its tiles."""
-
-    slide: str
-    label: str  # "benign" | "malignant"
-    subtypes: tuple[str, ...]  # folders it is filed under (two for the shared slide)
-    atypia: float  # 0 = bland, organised; 1 = large, crowded, pleomorphic
-    h_vec: tuple[float, float, float]  # haematoxylin OD direction (per-patient batch effect)
-    e_vec: tuple[float, float, float]
-    h_gain: float  # stain strength
-    e_gain: float
-    brightness: float  # illumination / background tint
 
 
 def _slide_ids(rng: np.random.Generator, n: int) -> list[str]:

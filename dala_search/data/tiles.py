@@ -19,13 +19,25 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-if TYPE_CHECKING:
-    from dala_search.data.synthetic import Patient
+
+@dataclass(frozen=True)
+class Patient:
+    """One synthetic patient (slide): what is fixed across all its tiles."""
+
+    slide: str
+    label: str  # "benign" | "malignant"
+    subtypes: tuple[str, ...]  # folders it is filed under (two for the shared slide)
+    atypia: float  # 0 = bland, organised; 1 = large, crowded, pleomorphic
+    h_vec: tuple[float, float, float]  # haematoxylin OD direction (per-patient batch effect)
+    e_vec: tuple[float, float, float]
+    h_gain: float  # stain strength
+    e_gain: float
+    brightness: float  # illumination / background tint
+
 
 # Apparent zoom relative to 40X. Not the optical ratio (10x at 400X): BreakHis fields at
 # 400X show nuclei of ~20 px radius at 700 px wide, about 8x their 40X size.

@@ -15,6 +15,7 @@ _EXPORTS = {
     "create_attention": "attention",
     "register_attention": "attention",
     "DALAResNet50": "dalaresnet",
+    "ProbabilityEnsemble": "ensemble",
     "NUM_CLASSES": "dalaresnet",
     "build_dalaresnet": "dalaresnet",
     "num_classes": "dalaresnet",

@@ -36,6 +36,7 @@ from typing import Any
 from ray.tune import Callback
 
 from dala_search.errors import ConfigError
+from dala_search.runs.schema import TAG_WORKERS
 from dala_search.search.trainable import TrialContext, record_trial, trial_config
 from dala_search.train import TrialData, train_trial
 
@@ -43,8 +44,6 @@ from dala_search.train import TrialData, train_trial
 # smallest real request and leaves every CPU and GPU to the workers.
 DRIVER_RESOURCES = {"cpu": 0, "gpu": 0, "memory": 1}
 
-# MLflow tag of a data-parallel trial's run: how many ranks trained it.
-TAG_WORKERS = "dala.workers"
 # Result key of the workers' placement group id (hex), read by FreeWorkersCallback.
 PG_KEY = "dala_workers_pg"
 

@@ -1,4 +1,5 @@
-"""The Ray Tune function trial: sampled params -> TrialConfig -> ``train_trial``.
+"""The Ray Tune function trial: sampled params -> TrialConfig -> ``train_trial``
+(``train_cv_trial`` with ``--cv K``: K inner folds in lockstep, the fold mean reported).
 
 Runs inside a Ray worker process, wherever the trial was placed. It opens its own MLflow
 child run, reports every epoch to Tune (which feeds OptunaSearch and the pruning
@@ -18,11 +19,14 @@ from typing import Any
 
 from dala_search import faults
 from dala_search.config import TrialConfig
+from dala_search.data.splits import Split
 from dala_search.errors import ConfigError
+from dala_search.runs import schema
 from dala_search.search import tracking
 from dala_search.search.pruning import FINAL_EPOCH_KEY
 from dala_search.space import SearchSpace
 from dala_search.train import TrialData, TrialResult, train_trial
+from dala_search.train_cv import train_cv_trial
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,9 @@ class TrialContext:
     synthetic: bool
     code_version: str
     log_models: bool = True
+    # ``--cv K``: the K inner folds every trial trains on (``data.splits.inner_folds``); empty
+    # for one validation split. Same folds for every trial, so their means compare.
+    folds: tuple[Split, ...] = ()
 
 
 def run_trial(params: dict[str, Any], *, data: TrialData, ctx: TrialContext) -> None:
@@ -92,15 +99,16 @@ def record_trial(
         ctx.parent_run_id,
         run_name=f"{ctx.magnification}-{trial_name}",
         tags={
-            tracking.TAG_MAG: ctx.magnification,
-            tracking.TAG_RAY_ID: trial_id,
-            tracking.TAG_NODE: ray.get_runtime_context().get_node_id(),
-            tracking.TAG_PID: str(os.getpid()),
-            tracking.TAG_GPUS: ",".join(gpu_ids) or "none",
-            tracking.TAG_OPTUNA_NUMBER: str(optuna_number),
-            tracking.TAG_SYNTHETIC: str(ctx.synthetic).lower(),
-            tracking.TAG_SEARCH: ctx.search,
-            tracking.TAG_CODE: ctx.code_version,
+            schema.TAG_MAG: ctx.magnification,
+            schema.TAG_RAY_ID: trial_id,
+            schema.TAG_NODE: ray.get_runtime_context().get_node_id(),
+            schema.TAG_PID: str(os.getpid()),
+            schema.TAG_GPUS: ",".join(gpu_ids) or "none",
+            schema.TAG_OPTUNA_NUMBER: str(optuna_number),
+            schema.TAG_SYNTHETIC: str(ctx.synthetic).lower(),
+            schema.TAG_SEARCH: ctx.search,
+            schema.TAG_CODE: ctx.code_version,
+            schema.TAG_CV: str(max(1, len(ctx.folds))),
             **(extra_tags or {}),
         },
         params=config.to_dict(),
@@ -123,9 +131,14 @@ def record_trial(
 
     try:
         check_gpu_visible(gpu_ids, config)
-        result = train_trial(
-            config, data, report, keep_model=ctx.log_models, distributed=distributed
-        )
+        if ctx.folds:  # the reported val_* are the folds' means: Optuna and pruner judge them
+            if distributed:
+                raise ConfigError("--cv with --workers-per-trial > 1 is not supported")
+            result = train_cv_trial(config, data, ctx.folds, report, keep_model=ctx.log_models)
+        else:
+            result = train_trial(
+                config, data, report, keep_model=ctx.log_models, distributed=distributed
+            )
     except Exception as e:
         # A raised error (a bug, a NaN loss, out of memory) would repeat: the run is marked
         # so a restart by Tune's FailureConfig ends at once instead of training again.
@@ -169,7 +182,7 @@ def _beats_completed(ctx: TrialContext, result: TrialResult) -> bool:
     if not math.isfinite(mine):
         return False
     client = MlflowClient(tracking_uri=ctx.tracking_uri)
-    best = tracking.best_completed_run(client, ctx.experiment_id, ctx.parent_run_id, key)
+    best = schema.best_completed_run(client, ctx.experiment_id, ctx.parent_run_id, key)
     # Strictly better: a tie with a completed trial adds no model (that trial holds one,
     # and the search's best among tied runs is the one with a model).
     return best is None or mine > best.data.metrics.get(key, -math.inf)

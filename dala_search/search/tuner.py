@@ -11,9 +11,6 @@ study (``optuna.db`` unless ``--storage`` names a database) and Ray's experiment
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 import os
 import sys
 import time
@@ -22,120 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from dala_search.config import SELECT_METRICS
-from dala_search.data.breakhis import MAGNIFICATIONS, BreakHisIndex, check_magnification
+from dala_search.data.breakhis import BreakHisIndex
 from dala_search.errors import ConfigError, DalaError
+from dala_search.runs import schema
+from dala_search.runs.plan import (
+    PLAN_FILE,
+    SearchPlan,
+    check_name,
+    parse_duration,
+    parse_magnifications,
+    runs_folder,
+)
 from dala_search.search import tracking
-
-PLAN_FILE = "search.json"
-
-
-def default_runs_dir() -> Path:
-    """$DALA_RUNS_DIR, else ``dala_runs`` in the working directory."""
-    return Path(os.environ.get("DALA_RUNS_DIR", "dala_runs")).resolve()
-
-
-@dataclass(frozen=True)
-class SearchPlan:
-    """Everything one search needs, resolved and checked; saved as ``search.json``."""
-
-    name: str
-    space: str  # path of the space YAML
-    data_dir: str  # resolved BreakHis folder (the demo set when none was given)
-    magnifications: tuple[str, ...]
-    trials: int  # per magnification
-    epochs: int | None  # overrides the space's epochs when set
-    metric: str  # TrialConfig select_metric name, e.g. "balanced_accuracy"
-    sampler: str
-    pruner: str
-    seed: int
-    cpus_per_trial: float
-    gpus_per_trial: float
-    workers_per_trial: int
-    max_concurrent: int  # 0: as many as the cluster's resources allow
-    time_budget_s: float | None
-    tracking_uri: str
-    storage: str  # Optuna RDB URL
-    address: str | None  # Ray cluster address; None starts a local Ray
-    folder: str  # this search's folder
-    fold: int | None = None  # official Folds.csv fold instead of a seeded patient split
-    log_models: bool = True
-    # The validation metric the pruner judges by (None: ``metric``); trials are still
-    # ranked and the best chosen by ``metric``.
-    prune_on: str | None = None
-    # Restarts of a trial whose process or node died (Tune FailureConfig). A trial that
-    # raised (a bug, NaN loss, out of memory) is not retried: see trainable.py.
-    max_retries: int = 2
-
-    @property
-    def tune_metric(self) -> str:
-        return f"val_{self.metric}"
-
-    @property
-    def tune_prune_metric(self) -> str:
-        """The result key the pruner judges (Optuna's intermediate values)."""
-        return f"val_{self.prune_on or self.metric}"
-
-    def study_name(self, magnification: str) -> str:
-        return f"{self.name}-{magnification}"
-
-    def save(self, *, new: bool = False) -> None:
-        """Atomically (temp file + rename): a crash never leaves half a plan.
-
-        ``new``: refuse when the plan file exists already (two ``start`` with one name
-        racing past ``plan_search``'s check): ``os.link`` fails if the target exists.
-        """
-        folder = Path(self.folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{PLAN_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2))
-        try:
-            if new:
-                try:
-                    os.link(tmp, folder / PLAN_FILE)
-                except FileExistsError:
-                    raise DalaError(
-                        f"a search named {self.name!r} already exists in {folder}; "
-                        f"continue it with `dala-search resume {self.name}`"
-                    ) from None
-            else:
-                os.replace(tmp, folder / PLAN_FILE)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    @classmethod
-    def load(cls, folder: Path) -> SearchPlan:
-        path = folder / PLAN_FILE
-        if not path.is_file():
-            raise DalaError(f"{folder}: no {PLAN_FILE}; is this a dala-search search folder?")
-        raw = json.loads(path.read_text())
-        raw["magnifications"] = tuple(raw["magnifications"])
-        return cls(**raw)
-
-
-def parse_duration(text: str | None) -> float | None:
-    """``90s``, ``45m``, ``2h``, ``1.5h`` or plain seconds -> seconds."""
-    if text is None:
-        return None
-    t = text.strip().lower()
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    try:
-        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
-    except ValueError:
-        value = -1.0
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"--time-budget: {text!r} is not a duration like 90s, 45m or 2h")
-    return value
-
-
-def parse_magnifications(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """``all`` or a comma list (``40X,100X``) -> ordered, de-duplicated magnifications."""
-    items = text.split(",") if isinstance(text, str) else list(text)
-    if len(items) == 1 and str(items[0]).strip().lower() == "all":
-        return MAGNIFICATIONS
-    mags = {check_magnification(str(i)) for i in items if str(i).strip()}
-    if not mags:
-        raise ConfigError("--magnification: give 'all' or a comma list like 40X,100X")
-    return tuple(m for m in MAGNIFICATIONS if m in mags)
 
 
 def plan_search(
@@ -161,10 +56,11 @@ def plan_search(
     runs_dir: str | Path | None = None,
     fold: int | None = None,
     max_retries: int = 2,
+    cv: int | None = None,
 ) -> SearchPlan:
     """Resolve and check a search before anything starts (no run, no folder, no Ray)."""
     from dala_search.search.pruning import make_pruner, make_sampler
-    from dala_search.space import load_space
+    from dala_search.space_file import load_space
 
     sp = load_space(space)
     s = sp.settings
@@ -174,9 +70,8 @@ def plan_search(
             "(the decoded-image cache is built once per size)"
         )
     name = name or f"{sp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise ConfigError(f"--name {name!r}: use letters, digits, '-', '_' and '.' only")
-    folder = Path(runs_dir or default_runs_dir()).resolve() / name
+    check_name(name, "--name")
+    folder = runs_folder(runs_dir) / name
     if (folder / PLAN_FILE).exists():
         raise DalaError(
             f"a search named {name!r} already exists in {folder}; continue it "
@@ -208,17 +103,26 @@ def plan_search(
         raise ConfigError(f"--max-retries: {max_retries} must be >= 0")
     if workers_per_trial < 1:
         raise ConfigError(f"--workers-per-trial: {workers_per_trial} must be at least 1")
+    cv = s.cv if cv is None else cv
+    if isinstance(cv, bool) or not isinstance(cv, int) or cv < 1:
+        raise ConfigError(f"--cv: {cv!r} must be an integer >= 1 (1: one validation split)")
+    if cv > 1 and workers_per_trial > 1:
+        raise ConfigError(
+            f"--cv {cv} with --workers-per-trial {workers_per_trial}: a cross-validated trial "
+            "trains its folds in one process; use one worker per trial (concurrent trials "
+            "already spread over the GPUs)"
+        )
     max_concurrent = s.max_concurrent if max_concurrent is None else max_concurrent
     if max_concurrent < 0:
         raise ConfigError(f"--max-concurrent: {max_concurrent} must be >= 0")
-    uri = tracking.resolve_tracking_uri(tracking_uri)
+    uri = schema.resolve_tracking_uri(tracking_uri)
     if address and address != "auto" and not uri.startswith(("http://", "https://")):
         raise ConfigError(
             "a Ray cluster (--address) needs an MLflow tracking server "
             "(--tracking-uri http://HEAD:5000): trials on other nodes cannot "
             f"write to {uri}"
         )
-    tracking.check_tracking_uri(uri)
+    schema.check_tracking_uri(uri)
     tracking.check_experiment_free(uri, name, folder)
     if data_dir is None:
         from dala_search.data.demo import ensure_demo_data
@@ -232,7 +136,9 @@ def plan_search(
     # exist: a folder without images, an empty magnification or a bad split fails here.
     from dala_search.data.preflight import check_search_data
 
-    _PREFLIGHT_INDEX[str(data_path)] = check_search_data(data_path, mags, seed=seed, fold=fold)
+    _PREFLIGHT_INDEX[str(data_path)] = check_search_data(
+        data_path, mags, seed=seed, fold=fold, cv=cv
+    )
     return SearchPlan(
         name=name,
         space=str(sp.path),
@@ -256,6 +162,7 @@ def plan_search(
         fold=fold,
         max_retries=max_retries,
         prune_on=prune_on,
+        cv=cv,
     )
 
 
@@ -272,6 +179,31 @@ def _make_searcher_class():  # noqa: ANN202 - defined lazily: importing Ray is s
             return config
 
     return DalaOptunaSearch
+
+
+def make_searcher(plan: SearchPlan, space: Any, mag: str) -> Any:
+    """The searcher of one magnification's study, its sampler seeded with the study seed.
+
+    The study records ``study_seed`` and ``cv`` as user attributes (optuna-dashboard shows
+    them). Called by ``_run_magnification`` when a magnification starts (a resumed one
+    restores its searcher, sampler state included).
+    """
+    from dala_search.search.pruning import make_sampler
+
+    seed = plan.study_seed(mag)
+    searcher = _make_searcher_class()(
+        space=space.suggest,
+        metric=plan.tune_metric,
+        mode="max",
+        sampler=make_sampler(plan.sampler, seed=seed),
+        study_name=plan.study_name(mag),
+        storage=plan.storage,
+        seed=seed,
+        prune_metric=plan.tune_prune_metric,
+    )
+    searcher.study.set_user_attr("study_seed", seed)
+    searcher.study.set_user_attr("cv", plan.cv)
+    return searcher
 
 
 @dataclass
@@ -308,7 +240,7 @@ def run_search(plan: SearchPlan, *, resume: bool = False) -> list[MagnificationO
     """
     import ray
 
-    from dala_search.space import load_space
+    from dala_search.space_file import load_space
     from dala_search.train import prepare_data
 
     space = load_space(plan.space)
@@ -450,20 +382,23 @@ def _run_magnification(
         OptunaPruningScheduler,
         PrunedMarkingASHAScheduler,
         make_pruner,
-        make_sampler,
     )
     from dala_search.search.trainable import TrialContext, run_trial
 
+    study_seed = plan.study_seed(mag)
     parent = tracker.parent_run(
         mag,
         tags={
-            tracking.TAG_SYNTHETIC: str(data.synthetic).lower(),
-            "dala.data_root": plan.data_dir,
-            "dala.split": data.split.description,
-            "dala.space": plan.space,
+            schema.TAG_SYNTHETIC: str(data.synthetic).lower(),
+            schema.TAG_DATA_ROOT: plan.data_dir,
+            schema.TAG_SPLIT: data.split.description,
+            schema.TAG_SPACE: plan.space,
+            schema.TAG_CV: str(plan.cv),
+            schema.TAG_STUDY_SEED: str(study_seed),
         },
     )
     tracker.client.update_run(parent, status="RUNNING")
+    folds = _inner_folds(plan, data, tracker, parent)
     res = _resources(plan)
     overrides: dict[str, Any] = {"epochs": plan.epochs, "select_metric": plan.metric}
     if res["gpu"] == 0:
@@ -478,8 +413,9 @@ def _run_magnification(
         space=space,
         overrides=overrides,
         synthetic=data.synthetic,
-        code_version=tracking.code_version(),
+        code_version=schema.code_version(),
         log_models=plan.log_models,
+        folds=folds,
     )
     if plan.workers_per_trial > 1:  # data parallel: Ray Train workers (distributed.py)
         import ray
@@ -505,16 +441,7 @@ def _run_magnification(
         )
     else:
         epochs = plan.epochs or int(space.fixed.get("epochs", 10))
-        searcher = _make_searcher_class()(
-            space=space.suggest,
-            metric=plan.tune_metric,
-            mode="max",
-            sampler=make_sampler(plan.sampler, seed=plan.seed),
-            study_name=plan.study_name(mag),
-            storage=plan.storage,
-            seed=plan.seed,
-            prune_metric=plan.tune_prune_metric,
-        )
+        searcher = make_searcher(plan, space, mag)
         if plan.pruner == "asha":
             scheduler = PrunedMarkingASHAScheduler(
                 time_attr="training_iteration",
@@ -566,6 +493,26 @@ def _run_magnification(
     return _summarise(plan, mag, parent, tracker, budget_s)
 
 
+def _inner_folds(
+    plan: SearchPlan, data: Any, tracker: tracking.SearchTracker, parent: str
+) -> tuple[Any, ...]:
+    """The inner folds every trial of a ``--cv K`` search trains on (empty for K = 1).
+
+    Made once per magnification (seeded with the search seed, so a resumed search makes the
+    same) and logged on the parent run as ``inner_folds.json`` (slides per side and fold),
+    with the outer split as ``split.json``: the record shows no test patient in any fold.
+    """
+    from dala_search.data.splits import inner_folds
+
+    schema.retry(tracker.client.log_dict, parent, data.split.to_json(data.records), "split.json")
+    if plan.cv < 2:
+        return ()
+    folds = tuple(inner_folds(data.records, data.split, plan.cv, seed=plan.seed))
+    record = {"cv": plan.cv, "folds": [f.to_json(data.records) for f in folds]}
+    schema.retry(tracker.client.log_dict, parent, record, "inner_folds.json")
+    return folds
+
+
 def _summarise(
     plan: SearchPlan, mag: str, parent: str, tracker: tracking.SearchTracker, budget_s: float | None
 ) -> MagnificationOutcome:
@@ -577,10 +524,10 @@ def _summarise(
     finished = sum(s in ("COMPLETE", "PRUNED", "FAIL") for s in states)
     interrupted = finished < plan.trials and budget_s is None
     key = f"best_{plan.tune_metric}"
-    best = tracking.best_completed_run(tracker.client, tracker.experiment_id, parent, key)
+    best = schema.best_completed_run(tracker.client, tracker.experiment_id, parent, key)
     version = None
     if best is not None:
-        current = tracker.client.get_run(parent).data.tags.get("dala.best_run_id")
+        current = tracker.client.get_run(parent).data.tags.get(schema.TAG_BEST_RUN)
         if current != best.info.run_id:
             version = tracker.record_best(parent, mag, best)
     if interrupted:
@@ -598,13 +545,3 @@ def _summarise(
         registered_version=version,
         interrupted=interrupted,
     )
-
-
-def resume_search(name: str, runs_dir: str | Path | None = None) -> list[MagnificationOutcome]:
-    """Continue an interrupted search to its requested number of trials."""
-    folder = Path(runs_dir or default_runs_dir()).resolve() / name
-    if not folder.is_dir():
-        raise DalaError(f"no search named {name!r} in {folder.parent}")
-    plan = SearchPlan.load(folder)
-    tracking.check_tracking_uri(plan.tracking_uri)
-    return run_search(plan, resume=True)

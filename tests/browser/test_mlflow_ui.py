@@ -17,7 +17,7 @@ def test_mlflow_compare_view_shows_trial_params_and_metrics(
 ):
     from mlflow import MlflowClient
 
-    from dala_search.search.tracking import experiment_name
+    from dala_search.runs.schema import experiment_name
 
     client = MlflowClient(server_search["uri"])
     exp = client.get_experiment_by_name(experiment_name(server_search["name"]))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from dala_search.runs import schema
 from dala_search.search import tracking
 
 KEY = "best_val_balanced_accuracy"
@@ -15,9 +16,9 @@ def _trial(client: MlflowClient, exp: str, parent: str, value: float, model: boo
     run = client.create_run(
         exp,
         tags={
-            tracking.PARENT_TAG: parent,
-            tracking.TAG_STATE: "completed",
-            tracking.TAG_HAS_MODEL: str(model).lower(),
+            schema.PARENT_TAG: parent,
+            schema.TAG_STATE: "completed",
+            schema.TAG_HAS_MODEL: str(model).lower(),
         },
     )
     client.log_metric(run.info.run_id, KEY, value)
@@ -29,17 +30,17 @@ def test_best_of_tied_runs_is_the_one_with_a_model(tmp_path: Path) -> None:
     search = tracking.SearchTracker(uri, "s")
     parent = search.parent_run("40X", tags={})
     client, exp = search.client, search.experiment_id
-    assert tracking.best_completed_run(client, exp, parent, KEY) is None
+    assert schema.best_completed_run(client, exp, parent, KEY) is None
     _trial(client, exp, parent, 0.5, model=True)
     first = _trial(client, exp, parent, 0.8333333333333334, model=True)
     _trial(client, exp, parent, 0.8333333333333334, model=False)  # a later tie: no model
-    assert tracking.best_completed_run(client, exp, parent, KEY).info.run_id == first
+    assert schema.best_completed_run(client, exp, parent, KEY).info.run_id == first
     # a run of another state or another parent never counts
-    other = client.create_run(exp, tags={tracking.PARENT_TAG: parent, tracking.TAG_STATE: "pruned"})
+    other = client.create_run(exp, tags={schema.PARENT_TAG: parent, schema.TAG_STATE: "pruned"})
     client.log_metric(other.info.run_id, KEY, 0.99)
-    assert tracking.best_completed_run(client, exp, parent, KEY).info.run_id == first
+    assert schema.best_completed_run(client, exp, parent, KEY).info.run_id == first
     better = _trial(client, exp, parent, 0.9, model=False)  # e.g. log_models off
-    assert tracking.best_completed_run(client, exp, parent, KEY).info.run_id == better
+    assert schema.best_completed_run(client, exp, parent, KEY).info.run_id == better
 
 
 def test_a_trial_logs_a_model_only_when_strictly_better(tmp_path: Path) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
+from dala_search.runs import schema
+
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = REPO / "ray_cluster.yaml"
 
@@ -145,14 +147,12 @@ def two_nodes() -> Iterator[Any]:
 def _trial_runs(uri: str, name: str) -> list[Any]:
     from mlflow import MlflowClient
 
-    from dala_search.search import tracking
-
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(tracking.experiment_name(name))
+    exp = client.get_experiment_by_name(schema.experiment_name(name))
     if exp is None:
         return []
     return client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.`{tracking.TAG_ROLE}` = 'trial'"
+        [exp.experiment_id], filter_string=f"tags.`{schema.TAG_ROLE}` = 'trial'"
     )
 
 
@@ -161,8 +161,6 @@ def _check_record(plan: Any, outcomes: list[Any], uri: str) -> list[Any]:
     the best child run recorded on its parent and registered."""
     import optuna
     from mlflow import MlflowClient
-
-    from dala_search.search import tracking
 
     (outcome,) = outcomes
     assert not outcome.interrupted
@@ -174,23 +172,23 @@ def _check_record(plan: Any, outcomes: list[Any], uri: str) -> list[Any]:
 
     runs = _trial_runs(uri, plan.name)
     seen = [
-        (r.data.tags.get(tracking.TAG_RAY_ID), r.data.tags.get(tracking.TAG_ATTEMPT), r.info.status)
+        (r.data.tags.get(schema.TAG_RAY_ID), r.data.tags.get(schema.TAG_ATTEMPT), r.info.status)
         for r in runs
     ]
     optuna_ids = [t.user_attrs.get("ray_trial_id") for t in study.get_trials(deepcopy=False)]
     assert len(runs) == plan.trials, (seen, optuna_ids)
-    assert len({r.data.tags[tracking.TAG_RAY_ID] for r in runs}) == plan.trials
+    assert len({r.data.tags[schema.TAG_RAY_ID] for r in runs}) == plan.trials
     assert all(r.info.status in ("FINISHED", "KILLED") for r in runs), [
-        (r.info.status, r.data.tags.get(tracking.TAG_STATE)) for r in runs
+        (r.info.status, r.data.tags.get(schema.TAG_STATE)) for r in runs
     ]
-    assert {r.data.tags[tracking.TAG_STATE] for r in runs} <= {"completed", "pruned"}
+    assert {r.data.tags[schema.TAG_STATE] for r in runs} <= {"completed", "pruned"}
 
     client = MlflowClient(tracking_uri=uri)
     assert outcome.best_run_id in {r.info.run_id for r in runs}
-    parent = client.get_run(runs[0].data.tags[tracking.PARENT_TAG])
+    parent = client.get_run(runs[0].data.tags[schema.PARENT_TAG])
     assert parent.data.tags["dala.best_run_id"] == outcome.best_run_id
     assert parent.info.status == "FINISHED"
-    assert client.get_model_version_by_alias(tracking.model_name("40X"), "best").run_id == (
+    assert client.get_model_version_by_alias(schema.model_name("40X"), "best").run_id == (
         outcome.best_run_id
     )
     return runs
@@ -207,7 +205,6 @@ def test_search_on_two_nodes_survives_a_killed_worker_node(
     One search proves both, to keep the suite's time: a separate plain two-node search
     would repeat all but the kill.
     """
-    from dala_search.search import tracking
     from dala_search.search.tuner import plan_search, run_search
 
     (worker,) = two_nodes.worker_nodes
@@ -230,7 +227,7 @@ def test_search_on_two_nodes_survives_a_killed_worker_node(
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and "run" not in killed:
             for r in _trial_runs(mlflow_server, name):
-                on_worker = r.data.tags.get(tracking.TAG_NODE) == worker.node_id
+                on_worker = r.data.tags.get(schema.TAG_NODE) == worker.node_id
                 if on_worker and r.info.status == "RUNNING" and r.data.metrics:
                     killed["run"] = r.info.run_id
                     break
@@ -250,13 +247,13 @@ def test_search_on_two_nodes_survives_a_killed_worker_node(
     runs = _check_record(plan, outcomes, mlflow_server)
     # Both nodes ran trials (a run's node tag is its first attempt's node).
     head = two_nodes.head_node.node_id
-    assert {r.data.tags[tracking.TAG_NODE] for r in runs} == {head, worker.node_id}
+    assert {r.data.tags[schema.TAG_NODE] for r in runs} == {head, worker.node_id}
     # The killed trial kept its one run, finished by a second attempt (on the head: the
     # worker was gone); every other trial ran once.
-    attempts = {r.info.run_id: int(r.data.tags[tracking.TAG_ATTEMPT]) for r in runs}
+    attempts = {r.info.run_id: int(r.data.tags[schema.TAG_ATTEMPT]) for r in runs}
     last = attempts[killed["run"]]
     restarted = next(r for r in runs if r.info.run_id == killed["run"])
-    assert restarted.data.tags[f"{tracking.TAG_NODE}.{last}"] == head  # where it finished
+    assert restarted.data.tags[f"{schema.TAG_NODE}.{last}"] == head  # where it finished
     assert attempts.pop(killed["run"]) >= 2
     assert set(attempts.values()) == {1}
 

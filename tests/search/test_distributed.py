@@ -230,8 +230,8 @@ def test_ddp_search_prunes_then_completes(
     import ray
     from mlflow import MlflowClient
 
-    from dala_search.search import tracking
-    from dala_search.search.distributed import TAG_WORKERS
+    from dala_search.runs import schema
+    from dala_search.runs.schema import TAG_WORKERS
     from dala_search.search.pruning import PRUNERS
     from dala_search.search.tuner import plan_search, run_search
 
@@ -276,16 +276,16 @@ def test_ddp_search_prunes_then_completes(
     assert states == {0: "PRUNED", 1: "COMPLETE"}
 
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(tracking.experiment_name("ddp"))
+    exp = client.get_experiment_by_name(schema.experiment_name("ddp"))
     runs = client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.`{tracking.TAG_ROLE}` = 'trial'"
+        [exp.experiment_id], filter_string=f"tags.`{schema.TAG_ROLE}` = 'trial'"
     )
-    by_number = {r.data.tags[tracking.TAG_OPTUNA_NUMBER]: r for r in runs}
+    by_number = {r.data.tags[schema.TAG_OPTUNA_NUMBER]: r for r in runs}
     assert sorted(by_number) == ["0", "1"]
     pruned, done = by_number["0"], by_number["1"]
-    assert pruned.data.tags[tracking.TAG_STATE] == "pruned"
+    assert pruned.data.tags[schema.TAG_STATE] == "pruned"
     assert pruned.info.status == "KILLED"
-    assert done.data.tags[tracking.TAG_STATE] == "completed"
+    assert done.data.tags[schema.TAG_STATE] == "completed"
     assert done.info.status == "FINISHED"
     assert pruned.data.tags[TAG_WORKERS] == done.data.tags[TAG_WORKERS] == "2"
     history = client.get_metric_history(done.info.run_id, plan.tune_metric)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from dala_search.runs import schema
 from dala_search.search import tracking
 from dala_search.search.tuner import plan_search, run_search
 
@@ -71,15 +72,15 @@ def test_raising_trials_fail_alone_and_are_not_rerun(
     # The NaN was caught in the first epoch: no epoch was ever reported.
     assert "val_balanced_accuracy" not in nan_run.data.metrics
     # Tune restarted them (max_retries=2) but none trained again: one attempt each.
-    assert {r.data.tags[tracking.TAG_ATTEMPT] for r in runs} == {"1"}
+    assert {r.data.tags[schema.TAG_ATTEMPT] for r in runs} == {"1"}
     # The failed configurations are not proposed again unchanged.
     failed = [t.params for t in trials if t.state.name == "FAIL"]
     others = [t.params for t in trials]
     assert all(others.count(p) == 1 for p in failed)
     # The best is the one completed trial.
-    done = next(r for r in runs if r.data.tags[tracking.TAG_STATE] == "completed")
+    done = next(r for r in runs if r.data.tags[schema.TAG_STATE] == "completed")
     assert outcome.best_run_id == done.info.run_id
-    (row,) = tracking.best_table(plan.tracking_uri, plan.name)
+    (row,) = schema.best_table(plan.tracking_uri, plan.name)
     assert row["best_run_id"] == done.info.run_id
 
 
@@ -99,11 +100,11 @@ def test_trial_process_killed_mid_epoch(
     )
     assert (tmp_path / "token-0").exists()  # the fault really fired
     trials, runs = checked_records(plan)
-    attempts = sorted(r.data.tags[tracking.TAG_ATTEMPT] for r in runs)
+    attempts = sorted(r.data.tags[schema.TAG_ATTEMPT] for r in runs)
     if retries:
         assert outcome.completed == 2 and outcome.failed == 0
         assert attempts == ["1", "2"]
-        killed = next(r for r in runs if r.data.tags[tracking.TAG_ATTEMPT] == "2")
+        killed = next(r for r in runs if r.data.tags[schema.TAG_ATTEMPT] == "2")
         history = MlflowClient(plan.tracking_uri).get_metric_history(
             killed.info.run_id, "val_balanced_accuracy"
         )
@@ -125,9 +126,9 @@ def _cli(*args: str, env: dict) -> subprocess.Popen:  # noqa: ANN202
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize(
-    ("sig", "workers"),
-    [(signal.SIGINT, 1), (signal.SIGTERM, 1), (signal.SIGINT, 2)],
-    ids=["SIGINT", "SIGTERM", "SIGINT-ddp"],
+    ("sig", "workers", "cv"),
+    [(signal.SIGINT, 1, 1), (signal.SIGTERM, 1, 1), (signal.SIGINT, 2, 1), (signal.SIGINT, 1, 2)],
+    ids=["SIGINT", "SIGTERM", "SIGINT-ddp", "SIGINT-cv2"],
 )
 def test_driver_interrupted_then_resumed_completes_exactly(
     tmp_path: Path,
@@ -135,11 +136,15 @@ def test_driver_interrupted_then_resumed_completes_exactly(
     tiny_space: Path,
     sig: signal.Signals,
     workers: int,
+    cv: int,
     checked_records: Callable,
 ) -> None:
     # workers=2: data-parallel trials (Ray Train, gloo), interrupted and resumed the same
     # way; fewer and shorter trials (each starts a process group: ~4x a plain trial's cost)
+    # cv=2: cross-validated trials (two fold models each), interrupted and resumed the same way
     n_trials, epochs = (4, 3) if workers == 1 else (3, 1)
+    if cv > 1:
+        n_trials, epochs = 3, 2
     env = {**os.environ, "DALA_RUNS_DIR": str(tmp_path / "runs")}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = ["--data", str(demo_root), "--tracking-uri", uri]
@@ -157,6 +162,8 @@ def test_driver_interrupted_then_resumed_completes_exactly(
         "1",
         "--workers-per-trial",
         str(workers),
+        "--cv",
+        str(cv),
         *common,
         env=env,
     )
@@ -186,17 +193,24 @@ def test_driver_interrupted_then_resumed_completes_exactly(
         timeout=600,
     )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    from dala_search.search.tuner import SearchPlan
+    from dala_search.runs.plan import SearchPlan
 
     plan = SearchPlan.load(plan_path.parent)
     trials, runs = checked_records(plan)
     assert len(trials) == n_trials  # exactly the requested trials, none lost, none duplicated
     assert plan.workers_per_trial == workers  # the resumed search kept its layout
+    assert plan.cv == cv and {r.data.tags[schema.TAG_CV] for r in runs} == {str(cv)}
+    if cv > 1:  # trials after the resume were scored on the same folds' mean
+        for run in runs:
+            if run.data.tags[schema.TAG_STATE] == "completed":
+                m = run.data.metrics
+                folds = [m[f"cv_fold_{k}_val_balanced_accuracy"] for k in (1, 2)]
+                assert m["val_balanced_accuracy"] == pytest.approx(sum(folds) / 2)
     client = MlflowClient(uri)
-    parent = client.get_run(runs[0].data.tags[tracking.PARENT_TAG])
+    parent = client.get_run(runs[0].data.tags[schema.PARENT_TAG])
     assert parent.info.status == "FINISHED"
     if workers > 1:
-        from dala_search.search.distributed import TAG_WORKERS
+        from dala_search.runs.schema import TAG_WORKERS
 
         # every trial, before and after the interruption, ran data parallel
         assert {r.data.tags[TAG_WORKERS] for r in runs} == {str(workers)}
@@ -222,7 +236,7 @@ def test_mlflow_server_briefly_unreachable(
             try:
                 runs = client.search_runs(
                     [e.experiment_id for e in client.search_experiments()],
-                    filter_string=f"tags.`{tracking.TAG_ROLE}` = 'trial'",
+                    filter_string=f"tags.`{schema.TAG_ROLE}` = 'trial'",
                 )
             except Exception:
                 runs = []
@@ -248,7 +262,7 @@ def test_mlflow_server_briefly_unreachable(
         (run,) = runs
         history = MlflowClient(uri).get_metric_history(run.info.run_id, "val_balanced_accuracy")
         assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]  # no gap
-        assert run.data.tags[tracking.TAG_STATE] == "completed"
+        assert run.data.tags[schema.TAG_STATE] == "completed"
     finally:
         server.stop(signal.SIGKILL)
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from dala_search.search import tracking
+from dala_search.runs import schema
 
 pytestmark = pytest.mark.slow
 
@@ -95,8 +95,8 @@ def test_quarter_gpus_run_four_trials_at_once_on_one_gpu(
     assert (outcome.completed, outcome.failed) == (4, 0)
     assert len(list(one_gpu_node.iterdir())) == 4  # four processes met at the barrier
     _, runs = checked_records(plan)
-    assert [r.data.tags[tracking.TAG_GPUS] for r in runs] == ["0"] * 4  # one GPU, shared
-    assert len({r.data.tags[tracking.TAG_PID] for r in runs}) == 4  # four trial processes
+    assert [r.data.tags[schema.TAG_GPUS] for r in runs] == ["0"] * 4  # one GPU, shared
+    assert len({r.data.tags[schema.TAG_PID] for r in runs}) == 4  # four trial processes
     # all four at once: every run started before any of them ended
     assert max(r.info.start_time for r in runs) < min(r.info.end_time for r in runs)
 
@@ -113,7 +113,7 @@ def test_a_trial_given_a_gpu_without_cuda_fails_and_says_why(
     plan, outcome = _search(tmp_path, demo_root, space, "no-cuda", trials=1)
     assert (outcome.completed, outcome.failed) == (0, 1)
     _, (run,) = checked_records(plan)
-    assert run.data.tags[tracking.TAG_GPUS] == "0"
+    assert run.data.tags[schema.TAG_GPUS] == "0"
     error = run.data.tags["dala.error"]
     assert "Ray gave this trial GPU 0 but CUDA is not available" in error
     assert "--gpus-per-trial 0" in error

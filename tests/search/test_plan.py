@@ -8,6 +8,7 @@ import pytest
 
 from dala_search.data import breakhis, preflight
 from dala_search.errors import ConfigError
+from dala_search.runs.plan import SearchPlan
 from dala_search.search import tuner
 
 
@@ -39,7 +40,7 @@ def test_run_search_takes_the_preflight_index_once(
 def test_prune_on_is_checked_and_kept_in_the_saved_plan(
     tmp_path: Path, demo_root: Path, tiny_space: Path
 ) -> None:
-    def plan(name: str, prune_on: str | None) -> tuner.SearchPlan:
+    def plan(name: str, prune_on: str | None) -> SearchPlan:
         return tuner.plan_search(
             space=str(tiny_space),
             name=name,
@@ -54,6 +55,6 @@ def test_prune_on_is_checked_and_kept_in_the_saved_plan(
     p = plan("auc", "roc_auc")
     assert (p.tune_metric, p.tune_prune_metric) == ("val_balanced_accuracy", "val_roc_auc")
     p.save(new=True)
-    assert tuner.SearchPlan.load(Path(p.folder)).prune_on == "roc_auc"
+    assert SearchPlan.load(Path(p.folder)).prune_on == "roc_auc"
     same = plan("same", p.metric)  # the searched metric itself: nothing to switch
     assert same.prune_on is None and same.tune_prune_metric == same.tune_metric

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from dala_search.cli import main
-from dala_search.search import tracking
-from dala_search.search.tuner import SearchPlan
+from dala_search.runs import schema
+from dala_search.runs.plan import SearchPlan
 
 pytestmark = pytest.mark.slow
 
@@ -24,11 +24,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def records(finished_search: dict) -> dict:
     client = MlflowClient(finished_search["tracking_uri"])
-    exp = client.get_experiment_by_name(tracking.experiment_name(finished_search["name"]))
+    exp = client.get_experiment_by_name(schema.experiment_name(finished_search["name"]))
     runs = client.search_runs([exp.experiment_id])
     by_role: dict[str, list] = {}
     for r in runs:
-        by_role.setdefault(r.data.tags.get(tracking.TAG_ROLE, "?"), []).append(r)
+        by_role.setdefault(r.data.tags.get(schema.TAG_ROLE, "?"), []).append(r)
     return {"client": client, "exp": exp, "runs": by_role, **finished_search}
 
 
@@ -36,14 +36,14 @@ def test_one_experiment_one_parent_per_magnification_one_child_per_trial(records
     plan: SearchPlan = records["plan"]
     (parent,) = records["runs"]["magnification"]
     trials = records["runs"]["trial"]
-    assert parent.data.tags[tracking.TAG_MAG] == "40X"
+    assert parent.data.tags[schema.TAG_MAG] == "40X"
     assert parent.info.status == "FINISHED"
     assert len(trials) == 3
-    assert {t.data.tags[tracking.PARENT_TAG] for t in trials} == {parent.info.run_id}
+    assert {t.data.tags[schema.PARENT_TAG] for t in trials} == {parent.info.run_id}
     study = optuna.load_study(study_name=plan.study_name("40X"), storage=plan.storage)
     numbers = {t.number for t in study.get_trials()}
-    assert {int(t.data.tags[tracking.TAG_OPTUNA_NUMBER]) for t in trials} == numbers
-    assert records["exp"].tags[tracking.TAG_FOLDER] == plan.folder
+    assert {int(t.data.tags[schema.TAG_OPTUNA_NUMBER]) for t in trials} == numbers
+    assert records["exp"].tags[schema.TAG_FOLDER] == plan.folder
 
 
 def test_artifacts_live_beside_the_sqlite_store(records) -> None:
@@ -62,16 +62,16 @@ def test_trial_runs_carry_params_epochs_tags_and_artifacts(records) -> None:
     for run in records["runs"]["trial"]:
         tags, params = run.data.tags, run.data.params
         for key in (
-            tracking.TAG_MAG,
-            tracking.TAG_RAY_ID,
-            tracking.TAG_OPTUNA_NUMBER,
-            tracking.TAG_STATE,
-            tracking.TAG_SYNTHETIC,
-            tracking.TAG_CODE,
+            schema.TAG_MAG,
+            schema.TAG_RAY_ID,
+            schema.TAG_OPTUNA_NUMBER,
+            schema.TAG_STATE,
+            schema.TAG_SYNTHETIC,
+            schema.TAG_CODE,
         ):
             assert tags.get(key), key
-        assert tags[tracking.TAG_SYNTHETIC] == "true"  # the demo data says what it is
-        assert tags[tracking.TAG_STATE] == "completed" and run.info.status == "FINISHED"
+        assert tags[schema.TAG_SYNTHETIC] == "true"  # the demo data says what it is
+        assert tags[schema.TAG_STATE] == "completed" and run.info.status == "FINISHED"
         # Every TrialConfig field is a param, sampled and fixed alike.
         for key in ("attention", "fc1", "lr", "loss_weighting", "image_size", "epochs"):
             assert key in params, key
@@ -103,16 +103,16 @@ def test_best_is_on_the_parent_and_registered(records) -> None:
     assert chosen_run.data.metrics["best_val_balanced_accuracy"] == best_value
     assert parent.data.params["best.fc1"] == chosen_run.data.params["fc1"]
     assert parent.data.metrics["best_test_accuracy"] == chosen_run.data.metrics["test_accuracy"]
-    version = client.get_model_version_by_alias(tracking.model_name("40X"), "best")
+    version = client.get_model_version_by_alias(schema.model_name("40X"), "best")
     assert version.run_id == chosen
     # Registered from the trial's own LoggedModel (MLflow 3), not a guessed artifact path.
-    assert version.source == chosen_run.data.tags[tracking.TAG_MODEL_URI]
+    assert version.source == chosen_run.data.tags[schema.TAG_MODEL_URI]
     assert version.source.startswith("models:/m-")
     # The registered model loads and classifies a batch of the right shape.
     import torch
 
     mlflow.set_tracking_uri(records["tracking_uri"])
-    model = mlflow.pytorch.load_model(f"models:/{tracking.model_name('40X')}@best")
+    model = mlflow.pytorch.load_model(f"models:/{schema.model_name('40X')}@best")
     with torch.no_grad():
         out = model.eval()(torch.zeros(2, 3, 32, 32))
     assert out.shape == (2, 2)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from dala_search.search import tracking
+from dala_search.runs import schema
 from dala_search.search.tuner import plan_search, run_search
 
 pytestmark = pytest.mark.slow
@@ -65,29 +65,29 @@ def test_pruned_and_completed_trials_share_processes(pruned_search) -> None:  # 
     plan, outcome, trials, runs, _ = pruned_search
     assert outcome.finished == 9 and outcome.failed == 0
     assert outcome.pruned >= 1 and outcome.completed >= 1, outcome
-    pids = [r.data.tags[tracking.TAG_PID] for r in runs]
+    pids = [r.data.tags[schema.TAG_PID] for r in runs]
     assert len(set(pids)) < len(runs), pids  # a process ran more than one trial
     # A trial after a pruned one, in the same process, trained to its own end.
     after_pruned = [
         later
         for i, run in enumerate(runs)
-        if run.data.tags[tracking.TAG_STATE] == "pruned"
+        if run.data.tags[schema.TAG_STATE] == "pruned"
         for later in runs[i + 1 :]
-        if later.data.tags[tracking.TAG_PID] == run.data.tags[tracking.TAG_PID]
+        if later.data.tags[schema.TAG_PID] == run.data.tags[schema.TAG_PID]
     ]
     assert after_pruned, [
-        (r.data.tags[tracking.TAG_STATE], p) for r, p in zip(runs, pids, strict=True)
+        (r.data.tags[schema.TAG_STATE], p) for r, p in zip(runs, pids, strict=True)
     ]
     status = {"completed": "FINISHED", "pruned": "KILLED"}  # how the search closes each
     for run in after_pruned:
-        assert run.info.status == status[run.data.tags[tracking.TAG_STATE]]
+        assert run.info.status == status[run.data.tags[schema.TAG_STATE]]
         assert plan.tune_metric in run.data.metrics  # it trained and reported
 
 
 def test_every_record_is_its_own_trial(pruned_search) -> None:  # noqa: ANN001
     plan, _, trials, runs, client = pruned_search
     assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
-    by_number = {int(r.data.tags[tracking.TAG_OPTUNA_NUMBER]): r for r in runs}
+    by_number = {int(r.data.tags[schema.TAG_OPTUNA_NUMBER]): r for r in runs}
     for t in trials:
         run = by_number[t.number]
         history = client.get_metric_history(run.info.run_id, plan.tune_metric)
