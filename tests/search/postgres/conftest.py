@@ -91,14 +91,28 @@ class PostgresServer:
         )  # fmt: skip
         if init.returncode != 0:
             unavailable(f"initdb failed ({init.returncode}): {init.stdout}{init.stderr}")
-        # 127.0.0.1 only; the socket in our folder (not /var/run/postgresql, root's);
-        # no fsync: a test server need not survive a power cut
-        opts = f"-h 127.0.0.1 -p {self.port} -k {self.root} -F"
-        started = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", opts,
-                            "-w", "-t", "60", "start")  # fmt: skip
+        started = self._pg_ctl_start()
         if started.returncode != 0:
             log = self.log.read_text() if self.log.exists() else ""
             unavailable(f"pg_ctl start failed: {started.stdout}{started.stderr}{log}")
+
+    def _pg_ctl_start(self) -> subprocess.CompletedProcess:
+        # 127.0.0.1 only; the socket in our folder (not /var/run/postgresql, root's);
+        # no fsync: a test server need not survive a power cut
+        opts = f"-h 127.0.0.1 -p {self.port} -k {self.root} -F"
+        return self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", opts,
+                         "-w", "-t", "60", "start")  # fmt: skip
+
+    def outage(self, seconds: float) -> None:
+        """Crash the server (``immediate``: no clean shutdown, clients cut off), keep it down
+        ``seconds``, start it again on the same port and data."""
+        import time
+
+        down = self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        assert down.returncode == 0, down.stdout + down.stderr
+        time.sleep(seconds)
+        up = self._pg_ctl_start()
+        assert up.returncode == 0, up.stdout + up.stderr + self.log.read_text()
 
     def stop(self) -> None:
         if self.data.exists():
