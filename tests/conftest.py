@@ -174,11 +174,13 @@ def unused_port() -> int:
 
 
 class MlflowServer:
-    """A real ``mlflow server`` on 127.0.0.1: sqlite store and artifacts under ``root``,
-    its own process group (its workers stop with it), restartable on the same port."""
+    """A real ``mlflow server`` on 127.0.0.1: sqlite store (or ``backend_store_uri``, e.g. a
+    PostgreSQL database) and artifacts under ``root``, its own process group (its workers
+    stop with it), restartable on the same port."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, backend_store_uri: str | None = None) -> None:
         self.root = root
+        self.backend_store_uri = backend_store_uri or f"sqlite:///{root / 'mlflow.db'}"
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -191,7 +193,7 @@ class MlflowServer:
             [
                 sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
                 "--port", str(self.port), "--workers", "1",
-                "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+                "--backend-store-uri", self.backend_store_uri,
                 "--serve-artifacts", "--artifacts-destination", str(self.root / "artifacts"),
             ],
             cwd=self.root,
@@ -233,12 +235,13 @@ class MlflowServer:
 
 @pytest.fixture(scope="session")
 def start_mlflow_server() -> Iterator[Callable[[Path], MlflowServer]]:
-    """Factory: ``start_mlflow_server(root)`` returns a started server; all are stopped at
-    the end of the session (tests may stop, restart or stop them earlier)."""
+    """Factory: ``start_mlflow_server(root, backend_store_uri=None)`` returns a started
+    server; all are stopped at the end of the session (tests may stop, restart or stop them
+    earlier)."""
     servers: list[MlflowServer] = []
 
-    def start(root: Path) -> MlflowServer:
-        server = MlflowServer(root)
+    def start(root: Path, backend_store_uri: str | None = None) -> MlflowServer:
+        server = MlflowServer(root, backend_store_uri)
         servers.append(server)
         server.start()
         return server

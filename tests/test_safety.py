@@ -189,10 +189,10 @@ def test_hostile_yaml_space_and_config_are_refused(tmp_path: Path) -> None:
 @pytest.fixture
 def launched(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """The command lines ``dala-search ui`` would run (nothing is started)."""
-    import subprocess
+    from dala_search.cli import results
 
     calls: list[list[str]] = []
-    monkeypatch.setattr(subprocess, "call", lambda cmd, **kw: calls.append(cmd) or 0)
+    monkeypatch.setattr(results, "serve", lambda cmd: calls.append(cmd) or 0)
     return calls
 
 

@@ -158,8 +158,6 @@ def ui_cmd(
     name: str | None, tracking_uri: str | None, runs_dir: Path | None, host: str, port: int
 ) -> None:
     """Start the MLflow UI against the search's tracking store."""
-    import subprocess
-
     from dala_search.runs.plan import SearchPlan, runs_folder
     from dala_search.runs.schema import resolve_tracking_uri
 
@@ -183,7 +181,46 @@ def ui_cmd(
         "--port",
         str(port),
     ]
-    sys.exit(subprocess.call(cmd))
+    sys.exit(serve(cmd))
+
+
+def serve(cmd: list[str]) -> int:
+    """Run the server ``cmd`` in a process group of its own; SIGTERM, SIGINT or SIGHUP to
+    this process stop that whole group, and this process waits for it.
+
+    ``mlflow ui`` forwards a signal to its direct child only, and this wrapper, killed by a
+    supervisor's SIGTERM, would leave the server and its workers holding the port. Whatever
+    of the group outlives the server (a worker, MLflow's job runner) is stopped after it.
+    Returns the server's exit code (128 + N when signal N ended it, as a shell says).
+    """
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, start_new_session=True)
+
+    def forward(signum: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
+
+    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {s: signal.signal(s, forward) for s in stops}
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        # the group's id is the server's pid, kept while any member lives
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                os.killpg(proc.pid, 0)  # ProcessLookupError: the group is gone
+                time.sleep(0.1)
+            os.killpg(proc.pid, signal.SIGKILL)
+    return 128 - code if code < 0 else code
 
 
 @main.command("report")

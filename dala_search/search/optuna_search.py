@@ -84,8 +84,11 @@ def resolve_storage(storage: str | optuna.storages.BaseStorage | None) -> Any:
         rest = storage[len(prefix) :]
         if rest and rest != ":memory:":
             storage = prefix + str(Path(rest).resolve())
+    # A database server that restarted (or dropped idle connections) leaves dead connections
+    # in the pool: test each on checkout, as Optuna does for MySQL only and MLflow always.
+    engine_kwargs = {} if storage.startswith("sqlite") else {"pool_pre_ping": True}
     try:
-        return optuna.storages.RDBStorage(storage)
+        return optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs)
     except Exception as err:  # SQLAlchemy raises several unrelated types for a bad URL
         raise ConfigError(f"storage {storage!r} cannot be opened: {err}") from err
 
