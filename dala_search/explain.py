@@ -182,7 +182,7 @@ def gradcam_for_best(
 ) -> list[dict]:
     """Grad-CAM of a search's best model at one magnification; returns the manifest.
 
-    Called by ``report.py``. ``config`` is the best configuration as MLflow params (strings):
+    ``config`` is the best configuration as MLflow params (strings):
     its ``image_size`` and ``task`` pick the cache and the classes; ``seed``/``fold`` are the
     search's, so the split (and so the test patients) is the one the search used. The
     overlays land in ``out_dir`` and, unless ``log_to_mlflow`` is off, on the parent run as

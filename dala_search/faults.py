@@ -61,7 +61,7 @@ def _claim(fault: dict[str, Any]) -> bool:
 
 
 def after_epoch(epoch: int) -> None:
-    """Called by the search's trial function after each epoch is reported."""
+    """After a trial's epoch is reported: the raise, oom, sigkill and barrier faults."""
     for f in _faults():
         if f["kind"] == "nan" or int(f.get("epoch", 1)) != epoch or not _claim(f):
             continue
@@ -98,7 +98,7 @@ def _barrier(folder: str, count: int, timeout_s: float) -> None:
 
 
 def wrap_loss(loss_fn: Any) -> Any:
-    """Called by ``train_trial`` on its loss: a ``nan`` fault makes every loss NaN."""
+    """The loss, or under a ``nan`` fault one whose every value is NaN."""
     faults = [f for f in _faults() if f["kind"] == "nan"]
     if not faults or not any(_claim(f) for f in faults):
         return loss_fn

@@ -51,8 +51,8 @@ def fold_splits(
 ) -> list[Any]:
     """The K patient-disjoint train/val/test splits of ``records`` (see module docstring).
 
-    Called by ``evaluate_search`` and ``comparison.run_baselines`` with the same arguments,
-    so both train on identical folds. Returns ``data.splits.Split`` objects indexing ``records``.
+    The evaluation and the baselines ask with the same arguments, so both train on
+    identical folds. Returns ``data.splits.Split`` objects indexing ``records``.
     """
     from dala_search.data.splits import check_disjoint, official_fold_split, patient_split
 

@@ -25,7 +25,7 @@ training targets, so its weight only matters for a loss computed on another spli
 
 Every loss takes logits ``(N, C)`` and integer targets ``(N,)`` and returns the batch mean.
 Class weights are registered buffers: ``loss.to(device)`` moves them with the module.
-This module imports no ray, optuna or mlflow (it is core, see DESIGN.md).
+Core module: no ray, optuna or mlflow (tests/test_architecture.py).
 """
 
 from __future__ import annotations
@@ -91,8 +91,8 @@ def class_weights(
 ) -> torch.Tensor | None:
     """Per-class loss weights (float32, index = class) for ``strategy``; None means unweighted.
 
-    Called by the weighted entries of the loss registry, and by anyone who wants to log
-    the weights a trial used. ``strategy`` is one of ``available_weightings()``;
+    Also what a caller logs as the weights a trial used. ``strategy`` is one of
+    ``available_weightings()``;
     ``class_counts[c]`` is the number of training images of class ``c``.
     """
     fn = _WEIGHTS.get(strategy)
@@ -140,7 +140,7 @@ class FocalLoss(nn.Module):
         self.register_buffer("weight", weight)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Loss of logits ``(N, C)`` against integer targets ``(N,)``; called by train.py."""
+        """Loss of logits ``(N, C)`` against integer targets ``(N,)``."""
         # Why float32: bf16 logits (autocast) lose the precision log_softmax needs near p=1.
         log_p = F.log_softmax(logits.float(), dim=1)
         n_classes = log_p.shape[1]

@@ -1,7 +1,7 @@
 """Classification metrics for imbalanced histopathology: library calls, not hand math.
 
-``classification_metrics(y_true, y_prob, slides=...)`` is called by ``train.evaluate`` on
-every validation and test pass; its keys are the metric names the search can select on
+``classification_metrics(y_true, y_prob, slides=...)`` scores every validation and test
+pass; its keys are the metric names the search can select on
 (``TrialConfig.select_metric``) and that trackers log. Image-level metrics come from
 scikit-learn and imbalanced-learn; patient-level metrics aggregate images by slide (the
 BreakHis patient key) with numpy, then score the slides with scikit-learn.
@@ -16,8 +16,6 @@ repeat every epoch of every trial, are silenced):
 - ``balanced_accuracy`` is scikit-learn's: the mean recall over the classes present in
   ``y_true``.
 - Empty input gives every key as NaN.
-
-This module imports no ray, optuna or mlflow (it is core, see DESIGN.md).
 """
 
 from __future__ import annotations
@@ -86,7 +84,7 @@ def classification_metrics(
 ) -> dict[str, float]:
     """Image-level (and, with ``slides``, patient-level) metrics as plain Python floats.
 
-    Called by ``train.evaluate``. ``y_true``: ``(n,)`` integer labels; ``y_prob``: ``(n, C)``
+    ``y_true``: ``(n,)`` integer labels; ``y_prob``: ``(n, C)``
     softmax probabilities; the image prediction is their argmax. ``slides[i]``: the patient
     key of image ``i``.
 

@@ -406,8 +406,7 @@ def _dependency_order(path: Path, specs: Mapping[str, ParamSpec]) -> list[str]:
 def load_space(name_or_path: str | Path) -> SearchSpace:
     """Load and validate a space: a bare name means ``SPACES_DIR/<name>.yaml``.
 
-    Called by the CLI (``start``, ``spaces``) and the tuner; raises ConfigError naming the
-    file and key for anything wrong.
+    Raises ConfigError naming the file and key for anything wrong.
     """
     if isinstance(name_or_path, str) and _is_bare_name(name_or_path):
         path = SPACES_DIR / f"{name_or_path}.yaml"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -154,13 +155,23 @@ def write_result_jsons():
     return write
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def unused_port() -> int:
+    return free_port()
+
+
 class MlflowServer:
     """A real ``mlflow server`` on 127.0.0.1: sqlite store and artifacts under ``root``,
     its own process group (its workers stop with it), restartable on the same port."""
 
     def __init__(self, root: Path) -> None:
-        from dala_search.search.tracking import free_port
-
         self.root = root
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"

@@ -28,6 +28,7 @@ from dala_search.cli._base import (
 from dala_search.config import SELECT_METRICS
 from dala_search.runs.plan import latest_search, open_search, search_tracking_uri
 from dala_search.runs.schema import best_table, check_tracking_uri
+from dala_search.space import PRUNERS, SAMPLERS
 
 # ----------------------------------------------------------------------------- train
 
@@ -187,11 +188,11 @@ def spaces_cmd(verbose: bool) -> None:
     callback=check_storage,
     help="Optuna RDB URL (default: sqlite in the folder).",
 )
-@click.option("--sampler", type=click.Choice(["tpe", "random", "cmaes", "gp"]), default=None)
+@click.option("--sampler", type=click.Choice(SAMPLERS), default=None)
 @click.option(
     "--pruner",
     default=None,
-    type=click.Choice(["median", "percentile", "sha", "hyperband", "asha", "none"]),
+    type=click.Choice(PRUNERS),
 )
 @click.option(
     "--prune-on",

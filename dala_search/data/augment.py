@@ -95,7 +95,7 @@ def draw_geometry(
 ) -> Geometry:
     """Draw every sample's mirror, quarter turns and crop box (in this order).
 
-    Called by ``augment`` and ``augment_normalized`` with the same ``rand`` stream, so both
+    ``augment`` and ``augment_normalized`` draw with the same ``rand`` stream, so both
     paths see identical boxes. The box keeps an area fraction of at least ``crop_scale``
     (its sides are rounded up) and lies inside the image.
     """
@@ -197,19 +197,14 @@ def _color_jitter(x: torch.Tensor, amount: float, rand: Rand) -> torch.Tensor:
 #             one SIMD pass over a 224 px image that stays in the core's cache; worker
 #             threads take images in turn, and the output is NHWC memory (channels_last
 #             strides) in huge pages (all in ``augment_cpu.py``).
-# Measured here (2-core AMD EPYC, 64 x 224 px, TrialConfig's defaults, side by side on the
-# same draws): 21 ms per batch on one thread, 12 ms on two, against 40 and 23-27 ms for the
-# previous torch-op CPU path (uint8 geometry, planar float chunks); torch's ``exp`` alone
-# took 8 ms per batch there, OpenCV's 1.6.
+# What this gains over the torch-op CPU path: bench/README.md (`pipeline`).
 
 _LOG_255 = math.log(255.0)
 
 
 def to_normalized(batch_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC -> ImageNet-normalised float NCHW (channels_last strides), no augmentation.
-
-    Called by ``train.predict`` for validation and test batches.
-    """
+    """uint8 NHWC -> ImageNet-normalised float NCHW (channels_last strides), no augmentation
+    (validation and test batches)."""
     c = _constants(batch_u8.device)
     x = batch_u8.float().div_(255.0).sub_(c["mean"]).div_(c["std"])  # NHWC: channel is last
     return x.permute(0, 3, 1, 2)
@@ -220,7 +215,7 @@ def augment_normalized(
 ) -> torch.Tensor:
     """``normalize(augment(to_float(batch_u8), spec, generator))``, fast.
 
-    Called by ``train.train_one_epoch`` for every training batch. Input uint8 NHWC on the
+    Every training batch. Input uint8 NHWC on the
     trial's device; output float (n, 3, H, W): on a GPU contiguous (``train`` converts it to
     channels_last where the model wants that), on a CPU with channels_last strides (OpenCV's
     interleaved layout; CPU convolutions take it as fast as NCHW or faster).

@@ -91,9 +91,9 @@ def _opencv():  # noqa: ANN202 (the cv2 module)
     """OpenCV, imported on first use, set to run each call on its caller's thread.
 
     Why one thread: the CPU path already runs images on ``torch.get_num_threads()`` worker
-    threads; OpenCV's own pool on top of that ran a 224 px batch 1.4x slower here (17 ms
-    instead of 12 on 2 cores), and alone it did not beat one thread (21 ms). This sets
-    OpenCV's thread count for the whole process (``cv2.setNumThreads(1)``).
+    threads; OpenCV's own pool on top of them made a batch slower, and alone it did not beat
+    one thread (figures: bench/README.md). This sets OpenCV's thread count for the whole
+    process (``cv2.setNumThreads(1)``).
     """
     import cv2
 
@@ -109,8 +109,8 @@ def _empty_float_cpu(shape: tuple[int, ...]) -> torch.Tensor:
     """An uninitialised float32 CPU tensor, in transparent huge pages when it is large.
 
     Why: a training batch (64 x 224 px: 38.5 MB) is a fresh allocation every step, which
-    glibc maps anew, and the first write to each of its 9,400 4 KB pages faults: measured
-    here 15 ms per batch, a quarter of this whole path. Huge pages (2 MB) make that ~3 ms.
+    glibc maps anew, and the first write to each of its 9,400 4 KB pages faults: a large
+    share of this whole path (bench/README.md), which huge pages (2 MB) mostly remove.
     torch only asks for them when THP_MEM_ALLOC_ENABLE=1 is set before it starts; this asks
     for this one buffer (a private anonymous map, advised MADV_HUGEPAGE, 2 MB-aligned; the
     tensor keeps the map alive and it is unmapped with the tensor). Where the platform has
@@ -145,9 +145,8 @@ def _cpu_workers(threads: int) -> ThreadPoolExecutor:
 
     Why not a pool inside each call (OpenCV's, or torch's intra-op threads): per image the
     path is ~10 calls of a fraction of a millisecond, and a pool inside each call forks and
-    joins per call; on a shared machine a descheduled thread stalls every join (measured
-    here: OpenCV's pool under ours ran a batch 1.4x slower; torch's 2 intra-op threads ran
-    the earlier torch-op path 7x slower than 1 at load ~4). Whole images per thread join
+    joins per call; on a shared machine a descheduled thread stalls every join (figures:
+    bench/README.md). Whole images per thread join
     once per batch instead. A new count (``torch.set_num_threads``) makes a new pool.
     """
     global _WORKERS

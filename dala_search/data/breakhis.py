@@ -139,10 +139,7 @@ class BreakHisIndex:
     synthetic: bool  # a DALA_SYNTHETIC.json marker sits at the root or up to 2 levels below
 
     def select(self, magnification: str | None) -> list[ImageRecord]:
-        """Records of one magnification; ``None`` or ``"all"`` pools the four.
-
-        Called by the split and cache builders, once per magnification of a search.
-        """
+        """Records of one magnification; ``None`` or ``"all"`` pools the four."""
         if magnification is None or magnification.strip().lower() == "all":
             return list(self.records)
         mag = check_magnification(magnification)
@@ -185,7 +182,7 @@ def index_breakhis(
 ) -> BreakHisIndex:
     """Index every BreakHis PNG under ``root`` (any depth: official or Kaggle layout).
 
-    Called by the CLI and the search driver before splitting. The file name is
+    The file name is
     authoritative for class, subtype, slide and magnification; folders are not
     cross-checked. With ``verify`` each PNG is opened and its chunks' CRCs checked, so a
     truncated or corrupt file is reported in ``skipped`` instead of failing a trial later.

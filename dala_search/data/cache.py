@@ -50,7 +50,7 @@ _MIN_PARALLEL = 64
 
 
 def default_cache_dir() -> Path:
-    """``$DALA_CACHE_DIR``, else ``~/.cache/dala-search``. Called by build_cache and the CLI."""
+    """``$DALA_CACHE_DIR``, else ``~/.cache/dala-search``."""
     env = os.environ.get("DALA_CACHE_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "dala-search"
 
@@ -214,8 +214,8 @@ def build_cache(
 ) -> ImageCache:
     """Decode every record's image once to ``image_size`` px; reuse an existing cache.
 
-    Called by the search driver once per magnification and image size, before any trial
-    starts (trials then only `open_cache` or unpickle). ``workers``: 0 = one process per
+    Built once per magnification and image size, before any trial starts (trials then
+    only `open_cache` or unpickle). ``workers``: 0 = one process per
     CPU, 1 = serial. Unreadable images are listed in ``skipped``, never raised. Raises
     DataError for no records, a bad size, or when no image at all can be decoded.
     """
@@ -345,7 +345,7 @@ def _write_atomic(path: Path, text: str) -> None:
 def open_cache(path: str | Path) -> ImageCache:
     """Open a complete cache by its ``.npy`` (or ``.json``) path, checking it is whole.
 
-    Called by `build_cache` and by trial processes handed a cache path. Raises DataError
+    Raises DataError
     when the sidecar is missing (an unfinished or interrupted build), of another format,
     or does not match the array's shape.
     """

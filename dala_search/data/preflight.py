@@ -31,8 +31,8 @@ def check_search_data(
 ) -> BreakHisIndex:
     """Index ``data_dir`` and make every magnification's split; return the index.
 
-    Called by ``search.tuner.plan_search``. Raises DataError naming the folder
-    and the magnification (or the Folds.csv and its fold) when one cannot be searched.
+    Runs before a search creates anything. Raises DataError naming the folder and the
+    magnification (or the Folds.csv and its fold) when one cannot be searched.
     The split arguments are ``prepare_data``'s defaults, so a split that passes here is the
     one the search will use. ``cv`` >= 2 also makes the inner folds of a cross-validated
     objective (a class with fewer non-test patients than folds is refused here).

@@ -77,8 +77,8 @@ SAMPLING_STRATEGIES: tuple[str, ...] = tuple(_REGISTRY)
 def epoch_indices(labels: np.ndarray, strategy: str, *, seed: int) -> np.ndarray:
     """Positions into ``labels`` to train on for one epoch, already shuffled.
 
-    Called by the training loop once per epoch on the training split's labels (the
-    validation and test splits are never resampled). Deterministic for a given seed.
+    For the training split's labels, once per epoch (the validation and test splits are
+    never resampled). Deterministic for a given seed.
     Raises ConfigError for an unknown strategy (listing the valid ones) and DataError for
     labels that are not a non-empty 1-D array (an empty training split).
     """

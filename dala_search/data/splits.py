@@ -82,8 +82,8 @@ def patient_split(
 ) -> Split:
     """Split ``records`` by patient into train/val/test, stratified, deterministic per seed.
 
-    Called by the search driver once per magnification (all trials share the split).
-    The test patients are carved first, then the validation patients from the rest.
+    One split per magnification: all trials share it. The test patients are carved first,
+    then the validation patients from the rest.
     Fractions are approximate: a carve takes one fold of ``round(1/fraction)`` grouped
     folds (fewer folds, so a larger share, when a class has fewer patients than that).
     Every side holds both classes, or a DataError says which class is short.
@@ -127,7 +127,7 @@ def official_fold_split(
 ) -> Split:
     """Train/test from one fold of the Kaggle mirror's Folds.csv; val carved from its train.
 
-    Called by the search driver when the user asks for an official fold. Rows are matched
+    Rows are matched
     to ``records`` by file name, for the records' magnification(s); records the CSV does not
     mention are left out, and so are images the index skipped as unreadable (the index
     reports them). ``val_fraction`` is a share of the fold's training patients. A fold that
@@ -277,7 +277,7 @@ class FoldRow:
 def read_folds_csv(path: Path) -> list[FoldRow]:
     """Read and validate Folds.csv (columns fold, mag, grp, filename).
 
-    Called by `official_fold_split`. A DataError names the file and the line of the first
+    A DataError names the file and the line of the first
     bad row: a missing column, a fold that is not a positive integer, a magnification
     other than 40/100/200/400, a group other than train/test, or a file name that is
     not a BreakHis name or disagrees with the row's magnification.

@@ -84,7 +84,7 @@ def _jitter_direction(
 def make_patients(
     patients_per_subtype: dict[str, int], seed: int, *, shared_slide: bool = True
 ) -> list[Patient]:
-    """The patient list, deterministic per seed. Called by `generate_demo`."""
+    """The patient list, deterministic per seed."""
     rng = np.random.default_rng([seed, 1])
     plan: list[tuple[str, ...]] = []
     for code in SUBTYPE_CODES:
@@ -311,8 +311,6 @@ def generate_demo(
     workers: int = 0,
 ) -> Path:
     """Write a synthetic BreakHis tree under ``out_dir`` and return it, resolved.
-
-    Called by the CLI's demo path (`dala_search.data.demo.ensure_demo_data`) and by tests.
 
     ``layout``: ``"official"`` (``BreaKHis_v1/histology_slides/...``) or ``"kaggle"``
     (``BreaKHis_v1/BreaKHis_v1/histology_slides/...``). ``folds`` adds ``Folds.csv`` at

@@ -386,10 +386,8 @@ def render_tile(
     height: int,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """One H&E-like tile as a ``(height, width, 3)`` uint8 array.
-
-    Called by `generate_demo` (one per file); usable alone to look at tiles.
-    """
+    """One H&E-like tile as a ``(height, width, 3)`` uint8 array (one per demo file;
+    usable alone to look at tiles)."""
     h, w = height, width
     unit = _ZOOM[magnification] * width / _NATIVE_WIDTH  # pixels per 40X-at-700 pixel
     # The grade jitters a little from field to field of the same patient.

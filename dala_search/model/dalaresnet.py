@@ -222,8 +222,8 @@ def insert_attention(
 ) -> list[str]:
     """Insert attention ``name`` into ``backbone.layer{k}`` for k in ``stages``, in place.
 
-    Called by ``DALAResNet50``; returns the inserted modules' names relative to
-    ``backbone``. ``"none"`` inserts nothing (the plain ResNet50).
+    Returns the inserted modules' names relative to ``backbone``. ``"none"`` inserts
+    nothing (the plain ResNet50).
     """
     place = _lookup(_POSITIONS, "attention_position", position)
     choose = _lookup(_BLOCKS, "attention_blocks", blocks)
@@ -250,8 +250,8 @@ def insert_attention(
 def freeze_backbone(resnet: nn.Module, stages: int) -> None:
     """Stop gradients to the stem and ``layer1``..``layer{stages}`` (0: nothing frozen).
 
-    Called by ``DALAResNet50`` before attention is inserted. BatchNorms frozen here are kept
-    in eval mode by ``DALAResNet50.train``.
+    Runs before attention is inserted. BatchNorms frozen here are kept in eval mode by
+    ``DALAResNet50.train``.
     """
     if not 0 <= stages <= len(_STAGES):
         raise ConfigError(f"key 'freeze_stages': {stages!r} is outside [0, 4]")
@@ -267,9 +267,8 @@ def freeze_backbone(resnet: nn.Module, stages: int) -> None:
 def load_backbone_weights(resnet: nn.Module, pretrained: str) -> None:
     """Load ``pretrained`` ("imagenet", "none" or a .pth/.pt path) into a torchvision ResNet50.
 
-    ``resnet.fc`` must already be replaced (its keys are ignored). Called by
-    ``DALAResNet50``; every failure is a ConfigError that says how to fix it, never a silent
-    fallback to random weights.
+    ``resnet.fc`` must already be replaced (its keys are ignored). Every failure is a
+    ConfigError that says how to fix it, never a silent fallback to random weights.
     """
     source = _WEIGHT_SOURCES.get(pretrained, _file_state_dict)
     state = source(pretrained)

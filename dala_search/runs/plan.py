@@ -184,8 +184,9 @@ def search_tracking_uri(
     name: str, runs_dir: str | Path | None = None, tracking_uri: str | None = None
 ) -> str:
     """The store to read search ``name`` from: ``tracking_uri``, else its plan's, else the
-    default (a search whose folder is elsewhere can still be read from its store)."""
-    folder = runs_folder(runs_dir) / check_name(name, "search name")
+    default (a search whose folder is elsewhere can still be read from its store). Only
+    reads: the CLI checks a name it is given (``check_name``) before it gets here."""
+    folder = runs_folder(runs_dir) / name
     if tracking_uri is None and (folder / PLAN_FILE).is_file():
         tracking_uri = SearchPlan.load(folder).tracking_uri
     return resolve_tracking_uri(tracking_uri)

@@ -10,6 +10,7 @@ import sys
 import time
 from typing import Any
 
+import optuna
 from ray.tune import Callback
 
 from dala_search.search import tracking
@@ -68,8 +69,6 @@ class SearchCallback(Callback):
 
     def optuna_state(self, trial: Any) -> str:
         """completed / pruned / failed, as the Optuna study recorded the trial."""
-        import optuna
-
         number = trial.config.get("_optuna_number")
         if number is None:
             return "failed"

@@ -22,8 +22,6 @@ asks the state API, which needs a running dashboard and, on a machine with sever
 instances, can ask the wrong one. So rank 0 reports its placement group with its metrics
 and ``FreeWorkersCallback`` (driver side) removes it when the trial ends: the next trial's
 workers never wait on a stopped trial's.
-
-Who calls this: ``tuner._run_magnification`` when ``plan.workers_per_trial > 1``.
 """
 
 from __future__ import annotations
@@ -33,7 +31,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray import PlacementGroupID, train, tune
+from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune import Callback
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.util import get_current_placement_group
+from ray.util.placement_group import (
+    PlacementGroup,
+    placement_group_table,
+    remove_placement_group,
+)
 
 from dala_search.errors import ConfigError
 from dala_search.runs.schema import TAG_WORKERS
@@ -118,8 +129,6 @@ def max_concurrent_trials(
 
 def ddp_trainable(data: TrialData, ctx: TrialContext, layout: WorkerLayout) -> Any:
     """The Tune trainable of a data-parallel search (``run_ddp_trial`` with its resources)."""
-    from ray import tune
-
     fn = tune.with_parameters(run_ddp_trial, data=data, ctx=ctx, layout=layout)
     return tune.with_resources(fn, DRIVER_RESOURCES)
 
@@ -132,10 +141,6 @@ def run_ddp_trial(
     Returns when training ends; raises (so Tune marks the trial errored) when a worker
     failed. A pruned trial is ended by Tune while ``fit`` waits (see the module notes).
     """
-    from ray import train, tune
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     tune_ctx = tune.get_context()
     trainer = TorchTrainer(
         _worker_loop,
@@ -167,15 +172,8 @@ def run_ddp_trial(
 
 def _worker_loop(cfg: dict[str, Any]) -> None:
     """One Ray Train worker (rank) of a data-parallel trial."""
-    import ray.train
-    import torch
-
     if cfg["use_gpu"]:
-        import ray.train.torch
-
         torch.cuda.set_device(ray.train.torch.get_device())
-    from ray.util import get_current_placement_group
-
     params, data, ctx = cfg["params"], cfg["data"], cfg["ctx"]
     train_ctx = ray.train.get_context()
     pg = get_current_placement_group()
@@ -204,13 +202,6 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
 
 def _free_placement_group(pg_hex: str) -> bool:
     """Remove the placement group ``pg_hex`` unless it is gone already; True if removed."""
-    from ray import PlacementGroupID
-    from ray.util.placement_group import (
-        PlacementGroup,
-        placement_group_table,
-        remove_placement_group,
-    )
-
     pg = PlacementGroup(PlacementGroupID(bytes.fromhex(pg_hex)))
     if placement_group_table(pg).get("state") in (None, "REMOVED"):
         return False

@@ -18,10 +18,8 @@ so `Trial.should_prune()` runs the real pruner against the same study.
 `CloseStoppedOptunaTrials` (from `end_of_experiment_callback()`) covers the one path where
 Ray never tells the searcher a trial ended: trials cut by `time_budget_s` or a stop-all.
 
-Who calls this: `dala_search.search.tuner` builds one per magnification and hands it to
-`ray.tune.TuneConfig(search_alg=...)` and its callback to `RunConfig(callbacks=[...])`; Ray
-calls `suggest` / `on_trial_result` / `on_trial_complete` / `save` / `restore`;
-`OptunaPruningScheduler` calls `should_prune`. API facts: docs/ray_optuna_notes.md.
+Ray's private attributes are reached through `ray_internals.py`. API facts:
+docs/ray_optuna_notes.md.
 """
 
 from __future__ import annotations
@@ -40,6 +38,7 @@ from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from dala_search.errors import ConfigError
+from dala_search.search import ray_internals
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +71,7 @@ OBJECTIVES: dict[str, Callable[[list[float], str], float]] = {"best": _best, "la
 def resolve_storage(storage: str | optuna.storages.BaseStorage | None) -> Any:
     """Turn an RDB URL into an Optuna storage object; `None` means in-memory.
 
-    Called by `PruningOptunaSearch.__init__`. Ray's `OptunaSearch` only accepts a storage
+    Ray's `OptunaSearch` only accepts a storage
     *object*, and a relative sqlite path would resolve against whatever directory the driver
     runs in when the experiment is restored, so relative sqlite paths become absolute here.
     """
@@ -171,18 +170,18 @@ class PruningOptunaSearch(OptunaSearch):
         # `create_study(load_if_exists=True)` silently returns an existing study even when its
         # direction is the opposite of `mode`; optimising it would then be backwards.
         wanted = "minimize" if mode == "min" else "maximize"
-        actual = self._ot_study.direction.name.lower()
+        actual = self.study.direction.name.lower()
         if actual != wanted:
             raise ConfigError(
-                f"Optuna study {self._study_name!r} in storage already exists with direction "
-                f"{actual!r}, but mode={mode!r} asks for {wanted!r}"
+                f"Optuna study {ray_internals.study_name(self)!r} in storage already exists "
+                f"with direction {actual!r}, but mode={mode!r} asks for {wanted!r}"
             )
-        self._ot_study.set_user_attr("prune_metric", self.prune_metric)
+        self.study.set_user_attr("prune_metric", self.prune_metric)
 
     @property
     def study(self) -> optuna.Study:
         """The live Optuna study (None until the search space is known)."""
-        return self._ot_study
+        return ray_internals.study(self)
 
     @property
     def prune_metric(self) -> str | None:
@@ -195,14 +194,14 @@ class PruningOptunaSearch(OptunaSearch):
         return self._step_key
 
     def use_pruner(self, pruner: optuna.pruners.BasePruner) -> None:
-        """Make `pruner` the study's pruner. Called by `OptunaPruningScheduler` on every trial.
+        """Make `pruner` the study's pruner (the scheduler asks on every trial).
 
         `Trial.should_prune()` asks `study.pruner`, and `HyperbandPruner` (and TPE through
         `_filter_study`) only work when the pruner *is* the study's pruner, so it is installed
         rather than called on the side.
         """
-        if self._ot_study is not None and self._ot_study.pruner is not pruner:
-            self._ot_study.pruner = pruner
+        if self.study is not None and self.study.pruner is not pruner:
+            self.study.pruner = pruner
 
     def set_max_concurrency(self, max_concurrent: int) -> bool:
         """Called by Ray's `ConcurrencyLimiter` (also the one `max_concurrent_trials` adds).
@@ -220,26 +219,26 @@ class PruningOptunaSearch(OptunaSearch):
         if self._max_concurrent and len(self._live) >= self._max_concurrent:
             return None
         config = super().suggest(trial_id)
-        self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ID_ATTR, trial_id)
+        ray_internals.trials(self)[trial_id].set_user_attr(RAY_TRIAL_ID_ATTR, trial_id)
         self._live.add(trial_id)
         return config
 
     def end_of_experiment_callback(self) -> CloseStoppedOptunaTrials:
         """A Tune callback for `RunConfig(callbacks=[...])` that closes what Tune left open.
-
-        Called by the tuner when it builds the RunConfig. See `CloseStoppedOptunaTrials`.
+        See `CloseStoppedOptunaTrials`.
         """
-        storage = self._storage
-        if storage is None and self._ot_study is not None:
-            storage = self._ot_study._storage  # in-memory study: only this process can see it
-        return CloseStoppedOptunaTrials(storage, self._study_name)
+        storage = ray_internals.storage(self)
+        if storage is None and self.study is not None:
+            # An in-memory study: only this process can see it.
+            storage = ray_internals.study_storage(self.study)
+        return CloseStoppedOptunaTrials(storage, ray_internals.study_name(self))
 
     # ----- results ------------------------------------------------------------------------
 
     def _record(self, trial_id: str, result: Mapping[str, Any]) -> None:
         """Remember one result's metric and report its pruning metric to Optuna at its step
         (once per step)."""
-        if trial_id not in self._ot_trials:
+        if trial_id not in ray_internals.trials(self):
             return
         if self.metric in result:
             self._values.setdefault(trial_id, []).append(float(result[self.metric]))
@@ -256,12 +255,12 @@ class PruningOptunaSearch(OptunaSearch):
         if step <= self._last_step.get(trial_id, -1):
             return
         try:
-            self._ot_trials[trial_id].report(value, step)
+            ray_internals.trials(self)[trial_id].report(value, step)
         except optuna.exceptions.UpdateFinishedTrialError:
             # Finished in the study but not here: a restored searcher whose checkpoint is
             # older than the study (driver killed). Keep the study's record; ignore the rerun.
             logger.warning("Optuna trial of %s already finished; ignoring its rerun", trial_id)
-            self._completed_trials.add(trial_id)
+            ray_internals.completed(self).add(trial_id)
             self._live.discard(trial_id)
             return
         self._last_step[trial_id] = step
@@ -276,30 +275,30 @@ class PruningOptunaSearch(OptunaSearch):
         """
         if trial_id not in self._failed:
             return
-        old = self._ot_trials[trial_id]
+        old = ray_internals.trials(self)[trial_id]
         # `ask` pops the *oldest* WAITING trial; with others queued (points_to_evaluate) the
         # rerun would get their parameters. Rare: then leave the rerun unrecorded, as Ray does.
-        if self._ot_study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             logger.warning(
                 "Tune retried %s but the study has queued trials: not recorded", trial_id
             )
             self._failed.discard(trial_id)
             return
-        self._ot_study.enqueue_trial(old.params, skip_if_exists=False)
-        new = self._ot_study.ask(fixed_distributions=old.distributions)
+        self.study.enqueue_trial(old.params, skip_if_exists=False)
+        new = self.study.ask(fixed_distributions=old.distributions)
         new.set_user_attr(RETRY_OF_ATTR, old.number)
         new.set_user_attr(RAY_TRIAL_ID_ATTR, trial_id)
-        self._ot_trials[trial_id] = new
+        ray_internals.trials(self)[trial_id] = new
         self._live.add(trial_id)
         self._failed.discard(trial_id)
-        self._completed_trials.discard(trial_id)
+        ray_internals.completed(self).discard(trial_id)
         self._values.pop(trial_id, None)
         self._last_step.pop(trial_id, None)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         """Called by Ray for every result the scheduler let through."""
         self._reopen_if_retried(trial_id)
-        if trial_id in self._completed_trials:
+        if trial_id in ray_internals.completed(self):
             return
         self._record(trial_id, result)
 
@@ -308,18 +307,18 @@ class PruningOptunaSearch(OptunaSearch):
     ) -> bool:
         """Report `result`, ask `pruner` (as the study's pruner) and mark the trial if pruned.
 
-        Called by `OptunaPruningScheduler.on_trial_result`, which runs *before* Ray passes the
-        result to this searcher (and Ray never passes a result the scheduler answered STOP
-        to), hence the report here.
+        The scheduler's `on_trial_result` runs *before* Ray passes the result to this
+        searcher (and Ray never passes a result the scheduler answered STOP to), hence the
+        report here.
         """
         self._reopen_if_retried(trial_id)
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        if trial_id in ray_internals.completed(self) or trial_id not in ray_internals.trials(self):
             return False
         self.use_pruner(pruner)
         self._record(trial_id, result)
         if trial_id not in self._last_step:  # nothing reported yet: nothing to judge
             return False
-        if self._ot_trials[trial_id].should_prune():
+        if ray_internals.trials(self)[trial_id].should_prune():
             self._pruned.add(trial_id)
             return True
         return False
@@ -327,12 +326,12 @@ class PruningOptunaSearch(OptunaSearch):
     def mark_pruned(self, trial_id: str, result: Mapping[str, Any] | None = None) -> None:
         """Record that a scheduler stopped `trial_id` early, so it ends PRUNED.
 
-        Called by schedulers other than `OptunaPruningScheduler` (e.g.
-        `PrunedMarkingASHAScheduler`) just before they answer STOP; `result` is the result
+        For schedulers other than `OptunaPruningScheduler` (e.g.
+        `PrunedMarkingASHAScheduler`), just before they answer STOP; `result` is the result
         they stopped it on, which Ray will not pass to the searcher.
         """
         self._reopen_if_retried(trial_id)
-        if trial_id in self._completed_trials:
+        if trial_id in ray_internals.completed(self):
             return
         if result is not None:
             self._record(trial_id, result)
@@ -343,10 +342,10 @@ class PruningOptunaSearch(OptunaSearch):
     ) -> None:
         """Called by Ray once per trial end: tell the study PRUNED, FAIL or COMPLETE."""
         self._reopen_if_retried(trial_id)
-        if trial_id in self._completed_trials:
+        if trial_id in ray_internals.completed(self):
             logger.warning("Optuna trial for %s already finished; ignoring completion", trial_id)
             return
-        if trial_id not in self._ot_trials:
+        if trial_id not in ray_internals.trials(self):
             return
         if result and not error:
             # A completion result is the last result again (Ray marks it done=True); record
@@ -354,7 +353,7 @@ class PruningOptunaSearch(OptunaSearch):
             step = result.get(self._step_key)
             if step is None or int(step) > self._last_step.get(trial_id, -1):
                 self._record(trial_id, result)
-        ot_trial = self._ot_trials[trial_id]
+        ot_trial = ray_internals.trials(self)[trial_id]
         values = self._values.get(trial_id, [])
         if error:
             state, value = TrialState.FAIL, None
@@ -368,14 +367,14 @@ class PruningOptunaSearch(OptunaSearch):
             state, value = TrialState.FAIL, None
         else:
             # state=None lets Optuna turn a NaN into FAIL instead of raising.
-            state, value = None, OBJECTIVES[self._objective](values, self._mode)
+            state, value = None, OBJECTIVES[self._objective](values, ray_internals.mode(self))
         try:
-            self._ot_study.tell(ot_trial, value, state=state)
+            self.study.tell(ot_trial, value, state=state)
         except ValueError as err:  # e.g. the trial was finished by another process
             logger.warning("Could not tell Optuna trial %s: %s", ot_trial.number, err)
         if error:
             self._failed.add(trial_id)
-        self._completed_trials.add(trial_id)
+        ray_internals.completed(self).add(trial_id)
         self._live.discard(trial_id)
         self._values.pop(trial_id, None)
 
@@ -394,7 +393,7 @@ class PruningOptunaSearch(OptunaSearch):
     def restore(self, checkpoint_path: str) -> None:
         """Called by Ray on `Tuner.restore`: reload state, then clean up orphaned trials."""
         super().restore(checkpoint_path)
-        if self._ot_study is None:
+        if self.study is None:
             return
         self._skip_finished()
         if self._fail_orphans_on_restore:
@@ -404,32 +403,33 @@ class PruningOptunaSearch(OptunaSearch):
         # A driver killed (not interrupted) restores Tune's last experiment checkpoint, which
         # may predate trials that finished in the study since. Tune reruns them; the study
         # keeps the result it has, and this searcher ignores the rerun.
-        for trial_id, ot_trial in self._ot_trials.items():
-            if trial_id in self._completed_trials:
+        for trial_id, ot_trial in ray_internals.trials(self).items():
+            if trial_id in ray_internals.completed(self):
                 continue
-            state = self._ot_study._storage.get_trial(ot_trial._trial_id).state
+            stored = ray_internals.study_storage(self.study)
+            state = stored.get_trial(ray_internals.trial_id(ot_trial)).state
             if state.is_finished():
                 logger.warning(
                     "Optuna trial %s finished after the restored checkpoint; ignoring its rerun",
                     ot_trial.number,
                 )
-                self._completed_trials.add(trial_id)
+                ray_internals.completed(self).add(trial_id)
                 self._live.discard(trial_id)
 
     def _fail_orphans(self) -> None:
         # A driver killed between `study.ask` and Tune's next experiment checkpoint leaves an
         # Optuna trial RUNNING that no Tune trial will ever finish; with constant_liar TPE
         # would keep steering away from its parameters forever.
-        known = {t._trial_id for t in self._ot_trials.values()}
-        running = self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        known = {ray_internals.trial_id(t) for t in ray_internals.trials(self).values()}
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         for frozen in running:
-            if frozen._trial_id in known:
+            if ray_internals.trial_id(frozen) in known:
                 continue
             logger.warning(
                 "Optuna trial %s was RUNNING with no Tune trial after restore; telling FAIL",
                 frozen.number,
             )
-            self._ot_study.tell(frozen.number, state=TrialState.FAIL)
+            self.study.tell(frozen.number, state=TrialState.FAIL)
 
 
 class CloseStoppedOptunaTrials(Callback):

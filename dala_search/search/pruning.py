@@ -8,9 +8,6 @@ The scheduler finds the searcher through the controller Ray hands it on each cal
 (`tune_controller.search_alg`), never through a reference of its own: after
 `Tuner.restore` the searcher and scheduler are unpickled as separate objects, and a stored
 reference would point at a stale copy (the failure mode of a Tune `Stopper` bridge).
-
-Who calls this: `dala_search.search.tuner` builds the pruner, sampler and scheduler from the
-user's settings; Ray calls the scheduler's `on_trial_add` / `on_trial_result`.
 """
 
 from __future__ import annotations
@@ -24,6 +21,7 @@ from ray.air.constants import TRAINING_ITERATION
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from dala_search.errors import ConfigError
+from dala_search.search import ray_internals
 from dala_search.search.optuna_search import PruningOptunaSearch
 
 # ----- pruners ------------------------------------------------------------------------------
@@ -57,8 +55,8 @@ PRUNERS: dict[str, Callable[..., optuna.pruners.BasePruner | None]] = {
 def make_pruner(name: str, **kwargs: Any) -> optuna.pruners.BasePruner | None:
     """Build the Optuna pruner called `name`; "none" gives None (no pruning).
 
-    Called by the tuner with the search space's `pruner` settings; `kwargs` override the
-    defaults above and are passed to the Optuna constructor as they are.
+    `kwargs` override the defaults above and are passed to the Optuna constructor as they
+    are.
     """
     if name not in PRUNERS:
         raise ConfigError(f"unknown pruner {name!r}; valid: {', '.join(sorted(PRUNERS))}")
@@ -109,7 +107,7 @@ SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
 def make_sampler(name: str, *, seed: int, **kwargs: Any) -> optuna.samplers.BaseSampler:
     """Build the Optuna sampler called `name`, seeded with `seed`.
 
-    Called by the tuner; `kwargs` go to the Optuna constructor (e.g. `n_startup_trials`).
+    `kwargs` go to the Optuna constructor (e.g. `n_startup_trials`).
     """
     if name not in SAMPLERS:
         raise ConfigError(f"unknown sampler {name!r}; valid: {', '.join(sorted(SAMPLERS))}")
@@ -126,8 +124,7 @@ def find_optuna_searcher(search_alg: Any) -> PruningOptunaSearch:
     """Unwrap Ray's searcher wrappers down to the `PruningOptunaSearch`.
 
     Ray wraps the searcher given to `TuneConfig` (SearchGenerator -> ConcurrencyLimiter /
-    Repeater -> searcher), each wrapper exposing the next as `.searcher`. Called by the
-    schedulers below on every trial event.
+    Repeater -> searcher), each wrapper exposing the next as `.searcher`.
     """
     current = search_alg
     while not isinstance(current, PruningOptunaSearch):
@@ -236,7 +233,6 @@ class PrunedMarkingASHAScheduler(ASHAScheduler):
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         """Called by Ray on each result: ASHA's decision, recording early stops as pruned."""
         decision = super().on_trial_result(tune_controller, trial, result)
-        # `_time_attr` / `_max_t` are ASHA's own attributes (ray 2.60 async_hyperband.py).
-        if decision == TrialScheduler.STOP and result.get(self._time_attr, 0) < self._max_t:
+        if decision == TrialScheduler.STOP and ray_internals.asha_cut_short(self, result):
             find_optuna_searcher(tune_controller.search_alg).mark_pruned(trial.trial_id, result)
         return decision

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -324,9 +323,3 @@ class TrialTracker:
         if error:
             retry(self.client.set_tag, self.run_id, TAG_ERROR, error[:4000])
         retry(self.client.set_terminated, self.run_id, status)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

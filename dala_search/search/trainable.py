@@ -17,6 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import ray
+from ray import tune
+
 from dala_search import faults
 from dala_search.config import TrialConfig
 from dala_search.data.splits import Split
@@ -51,8 +54,6 @@ class TrialContext:
 
 def run_trial(params: dict[str, Any], *, data: TrialData, ctx: TrialContext) -> None:
     """Ray Tune function trainable (bound with ``tune.with_parameters``)."""
-    from ray import tune
-
     tune_ctx = tune.get_context()
     record_trial(
         params,
@@ -88,8 +89,6 @@ def record_trial(
     data-parallel trial (``distributed.py``: ``send`` = ``ray.train.report``,
     ``distributed`` = True, ``extra_tags`` saying how many workers).
     """
-    import ray
-
     config = trial_config(params, ctx)
     optuna_number = params.get("_optuna_number", "")
     gpu_ids = [str(g) for g in ray.get_gpu_ids()]

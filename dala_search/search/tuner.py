@@ -12,15 +12,25 @@ study (``optuna.db`` unless ``--storage`` names a database) and Ray's experiment
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
+import ray
+from ray import tune
+
 from dala_search.config import SELECT_METRICS
+from dala_search.data import breakhis
 from dala_search.data.breakhis import BreakHisIndex
+from dala_search.data.demo import ensure_demo_data
+from dala_search.data.preflight import check_search_data
 from dala_search.errors import ConfigError, DalaError
+from dala_search.faults import ENV_VAR
 from dala_search.runs import schema
 from dala_search.runs.plan import (
     PLAN_FILE,
@@ -30,7 +40,18 @@ from dala_search.runs.plan import (
     parse_magnifications,
     runs_folder,
 )
-from dala_search.search import tracking
+from dala_search.search import distributed, ray_internals, tracking
+from dala_search.search.callbacks import SearchCallback
+from dala_search.search.optuna_search import PruningOptunaSearch
+from dala_search.search.pruning import (
+    OptunaPruningScheduler,
+    PrunedMarkingASHAScheduler,
+    make_pruner,
+    make_sampler,
+)
+from dala_search.search.trainable import TrialContext, run_trial
+from dala_search.space_file import load_space
+from dala_search.train import prepare_data
 
 
 def plan_search(
@@ -59,9 +80,6 @@ def plan_search(
     cv: int | None = None,
 ) -> SearchPlan:
     """Resolve and check a search before anything starts (no run, no folder, no Ray)."""
-    from dala_search.search.pruning import make_pruner, make_sampler
-    from dala_search.space_file import load_space
-
     sp = load_space(space)
     s = sp.settings
     if "image_size" in sp.params:
@@ -125,8 +143,6 @@ def plan_search(
     schema.check_tracking_uri(uri)
     tracking.check_experiment_free(uri, name, folder)
     if data_dir is None:
-        from dala_search.data.demo import ensure_demo_data
-
         data_path = ensure_demo_data()
     else:
         data_path = Path(data_dir).expanduser().resolve()
@@ -134,7 +150,6 @@ def plan_search(
             raise DalaError(f"--data {data_dir}: no such directory")
     # The data must be searchable before the search folder, the MLflow experiment or Ray
     # exist: a folder without images, an empty magnification or a bad split fails here.
-    from dala_search.data.preflight import check_search_data
 
     _PREFLIGHT_INDEX[str(data_path)] = check_search_data(
         data_path, mags, seed=seed, fold=fold, cv=cv
@@ -166,19 +181,15 @@ def plan_search(
     )
 
 
-def _make_searcher_class():  # noqa: ANN202 - defined lazily: importing Ray is slow
-    from dala_search.search.optuna_search import PruningOptunaSearch
+class DalaOptunaSearch(PruningOptunaSearch):
+    """Adds the Optuna trial number to each config, so records can cross-reference."""
 
-    class DalaOptunaSearch(PruningOptunaSearch):
-        """Adds the Optuna trial number to each config, so records can cross-reference."""
-
-        def suggest(self, trial_id: str) -> dict | None:
-            config = super().suggest(trial_id)
-            if config is not None and trial_id in self._ot_trials:
-                config = {**config, "_optuna_number": self._ot_trials[trial_id].number}
-            return config
-
-    return DalaOptunaSearch
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        trials = ray_internals.trials(self)
+        if config is not None and trial_id in trials:
+            config = {**config, "_optuna_number": trials[trial_id].number}
+        return config
 
 
 def make_searcher(plan: SearchPlan, space: Any, mag: str) -> Any:
@@ -188,10 +199,8 @@ def make_searcher(plan: SearchPlan, space: Any, mag: str) -> Any:
     them). Called by ``_run_magnification`` when a magnification starts (a resumed one
     restores its searcher, sampler state included).
     """
-    from dala_search.search.pruning import make_sampler
-
     seed = plan.study_seed(mag)
-    searcher = _make_searcher_class()(
+    searcher = DalaOptunaSearch(
         space=space.suggest,
         metric=plan.tune_metric,
         mode="max",
@@ -227,10 +236,8 @@ _PREFLIGHT_INDEX: dict[str, BreakHisIndex] = {}
 def search_index(plan: SearchPlan) -> BreakHisIndex:
     """The data index ``run_search`` uses: the one ``plan_search`` just built in this
     process (taken once), else a fresh ``index_breakhis`` (e.g. on resume)."""
-    from dala_search.data.breakhis import index_breakhis
-
     index = _PREFLIGHT_INDEX.pop(plan.data_dir, None)
-    return index if index is not None else index_breakhis(plan.data_dir, progress=True)
+    return index if index is not None else breakhis.index_breakhis(plan.data_dir, progress=True)
 
 
 def run_search(plan: SearchPlan, *, resume: bool = False) -> list[MagnificationOutcome]:
@@ -238,11 +245,6 @@ def run_search(plan: SearchPlan, *, resume: bool = False) -> list[MagnificationO
 
     Raises ``SearchInterrupted`` when the driver was interrupted before the plan finished.
     """
-    import ray
-
-    from dala_search.space_file import load_space
-    from dala_search.train import prepare_data
-
     space = load_space(plan.space)
     folder = Path(plan.folder)
     if not ray.is_initialized():
@@ -290,8 +292,6 @@ def run_search(plan: SearchPlan, *, resume: bool = False) -> list[MagnificationO
 def _check_cluster_tracking(plan: SearchPlan) -> None:
     """Trials on other nodes cannot write to a local tracking store: refuse before any
     record exists (``plan_search`` cannot tell what ``--address auto`` joins)."""
-    import ray
-
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) > 1 and not plan.tracking_uri.startswith(("http://", "https://")):
         ray.shutdown()
@@ -307,9 +307,6 @@ def _stop_on_sigterm() -> None:
     Ray Tune's SIGINT handler saves the experiment state and the driver says how to
     resume. Installed after ``ray.init``, whose own SIGTERM handler aborts the process.
     """
-    import signal
-    import threading
-
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
 
@@ -320,15 +317,13 @@ def _worker_env(plan: SearchPlan) -> dict[str, str]:
 
     One arena: a reused trial process runs each trial in a new thread (Tune's function
     trainables), and glibc gives a new thread a new arena, so every trial faulted in fresh
-    pages for its model and batches instead of reusing the last trial's freed memory:
-    measured here ~0.5-1 s more for a trial's first epoch. ``$MALLOC_ARENA_MAX`` of the
-    driver, when set, wins.
+    pages for its model and batches instead of reusing the last trial's freed memory (the
+    cost: bench/README.md). ``$MALLOC_ARENA_MAX`` of the driver, when set, wins.
     """
     env = {
         "MLFLOW_TRACKING_URI": plan.tracking_uri,
         "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "1"),
     }
-    from dala_search.faults import ENV_VAR
 
     if os.environ.get(ENV_VAR):
         env[ENV_VAR] = os.environ[ENV_VAR]
@@ -346,8 +341,6 @@ class SearchInterrupted(DalaError):
 
 
 def _resources(plan: SearchPlan) -> dict[str, float]:
-    import ray
-
     gpus = plan.gpus_per_trial
     if gpus < 0:  # auto: a whole GPU per trial when the cluster has any
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -356,8 +349,6 @@ def _resources(plan: SearchPlan) -> dict[str, float]:
 
 def _max_concurrent(plan: SearchPlan, res: dict[str, float]) -> int:
     """Explicit, or what the cluster's resources allow (so TPE isn't asked far ahead)."""
-    import ray
-
     if plan.max_concurrent:
         return plan.max_concurrent
     total = ray.cluster_resources()
@@ -375,15 +366,6 @@ def _run_magnification(
     folder: Path,
     budget_s: float | None,
 ) -> MagnificationOutcome:
-    from ray import tune
-
-    from dala_search.search.callbacks import SearchCallback
-    from dala_search.search.pruning import (
-        OptunaPruningScheduler,
-        PrunedMarkingASHAScheduler,
-        make_pruner,
-    )
-    from dala_search.search.trainable import TrialContext, run_trial
 
     study_seed = plan.study_seed(mag)
     parent = tracker.parent_run(
@@ -418,10 +400,6 @@ def _run_magnification(
         folds=folds,
     )
     if plan.workers_per_trial > 1:  # data parallel: Ray Train workers (distributed.py)
-        import ray
-
-        from dala_search.search import distributed
-
         layout = distributed.WorkerLayout(plan.workers_per_trial, res["cpu"], res["gpu"])
         cluster = ray.cluster_resources()
         if plan.address is None:  # a Ray of our own cannot grow: refuse what never fits
@@ -517,7 +495,6 @@ def _summarise(
     plan: SearchPlan, mag: str, parent: str, tracker: tracking.SearchTracker, budget_s: float | None
 ) -> MagnificationOutcome:
     """Count the study's trials, write the best onto the parent run, register its model."""
-    import optuna
 
     study = optuna.load_study(study_name=plan.study_name(mag), storage=plan.storage)
     states = [t.state.name for t in study.get_trials(deepcopy=False)]

@@ -141,8 +141,7 @@ def _batch_size(n_train: int) -> int:
     return next(bs for bs in range(16, 4, -1) if n_train % bs not in (2, 3))
 
 
-def test_ddp_matches_one_process(demo_root: Path, tmp_path: Path) -> None:
-    from dala_search.search.tracking import free_port
+def test_ddp_matches_one_process(demo_root: Path, tmp_path: Path, unused_port: int) -> None:
     from dala_search.train import prepare_data
 
     data = prepare_data(demo_root, "40X", image_size=32)
@@ -155,7 +154,7 @@ def test_ddp_matches_one_process(demo_root: Path, tmp_path: Path) -> None:
     }
     inp = tmp_path / "job.pkl"
     inp.write_bytes(pickle.dumps(job))
-    port = free_port()
+    port = unused_port
     runs = {"r0": (0, 2), "r1": (1, 2)}
     procs = {
         k: subprocess.Popen(

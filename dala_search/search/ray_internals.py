@@ -1,0 +1,124 @@
+"""The private attributes of Ray Tune (and Optuna) this package relies on, in one place.
+
+Ray's ``OptunaSearch`` keeps its study and trials in private attributes, and its ASHA
+scheduler its time attribute and budget; ``PruningOptunaSearch`` (optuna_search.py) and the
+schedulers (pruning.py) must read and change them to tell the study the truth. Every such
+access goes through the functions below. ``missing()`` builds the real Ray objects and
+lists what is gone; tests/search/test_ray_internals.py fails on a Ray where anything moved,
+naming the attribute and the version. pyproject pins ray below the first minor not checked.
+
+Checked against ray 2.60 (``ray/tune/search/optuna/optuna_search.py``,
+``ray/tune/schedulers/async_hyperband.py``) and optuna 4-5.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+import ray
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+# What is read or written, per class.
+OPTUNA_SEARCH_ATTRS = (
+    "_ot_study",  # the optuna.Study (None until metric, mode and space are known)
+    "_ot_trials",  # Tune trial id -> optuna.Trial
+    "_completed_trials",  # Tune trial ids already told to the study
+    "_storage",  # the storage object Ray was given (None: in memory)
+    "_study_name",
+    "_mode",  # "min" | "max"
+)
+OPTUNA_SEARCH_HOOKS = ("_setup_study",)  # overridden: checks the stored study's direction
+ASHA_ATTRS = ("_time_attr", "_max_t")
+OPTUNA_STUDY_ATTRS = ("_storage",)  # the in-memory storage of a study without an RDB
+OPTUNA_TRIAL_ATTRS = ("_trial_id",)  # storage-wide id (``number`` is per study)
+
+
+class RayInternalsMoved(RuntimeError):
+    """An attribute this package reads is gone from the installed Ray or Optuna."""
+
+
+def _get(obj: Any, name: str) -> Any:
+    try:
+        return getattr(obj, name)
+    except AttributeError:
+        raise RayInternalsMoved(
+            f"{type(obj).__name__}.{name} is gone in ray {ray.__version__} / optuna "
+            f"{optuna.__version__}: update dala_search/search/ray_internals.py"
+        ) from None
+
+
+def study(searcher: OptunaSearch) -> optuna.Study | None:
+    return _get(searcher, "_ot_study")
+
+
+def trials(searcher: OptunaSearch) -> dict[str, optuna.Trial]:
+    """Tune trial id -> its Optuna trial; the dict itself (changes are Ray's state)."""
+    return _get(searcher, "_ot_trials")
+
+
+def completed(searcher: OptunaSearch) -> set[str]:
+    """Tune trial ids told to the study; the set itself (Ray skips their later events)."""
+    return _get(searcher, "_completed_trials")
+
+
+def storage(searcher: OptunaSearch) -> Any:
+    return _get(searcher, "_storage")
+
+
+def study_name(searcher: OptunaSearch) -> str:
+    return _get(searcher, "_study_name")
+
+
+def mode(searcher: OptunaSearch) -> str:
+    return _get(searcher, "_mode")
+
+
+def study_storage(study: optuna.Study) -> Any:
+    return _get(study, "_storage")
+
+
+def trial_id(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
+    return _get(trial, "_trial_id")
+
+
+def asha_cut_short(scheduler: ASHAScheduler, result: dict[str, Any]) -> bool:
+    """True when ``result`` comes before ASHA's budget (``max_t`` of its time attribute)."""
+    return result.get(_get(scheduler, "_time_attr"), 0) < _get(scheduler, "_max_t")
+
+
+def missing() -> list[str]:
+    """Every attribute above that the installed Ray / Optuna no longer has, as "Class.name"."""
+
+    def space(trial: optuna.Trial) -> None:
+        trial.suggest_float("x", 0.0, 1.0)
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created" line
+    try:
+        searcher = OptunaSearch(
+            space=space,
+            metric="m",
+            mode="max",
+            sampler=optuna.samplers.RandomSampler(seed=0),
+        )
+        searcher.suggest("probe")  # the study and its first trial exist from here on
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    ot_study = getattr(searcher, "_ot_study", None)
+    asha = ASHAScheduler(time_attr="training_iteration", metric="m", mode="max", max_t=3)
+    objects: list[tuple[Any, tuple[str, ...]]] = [
+        (searcher, OPTUNA_SEARCH_ATTRS),
+        (asha, ASHA_ATTRS),
+    ]
+    if ot_study is not None:
+        objects += [
+            (ot_study, OPTUNA_STUDY_ATTRS),
+            (ot_study.ask(), OPTUNA_TRIAL_ATTRS),
+            (ot_study.get_trials(deepcopy=False)[0], OPTUNA_TRIAL_ATTRS),
+        ]
+    gone = [f"{type(o).__name__}.{a}" for o, attrs in objects for a in attrs if not hasattr(o, a)]
+    hooks = [h for h in OPTUNA_SEARCH_HOOKS if not callable(getattr(OptunaSearch, h, None))]
+    gone += [f"OptunaSearch.{h}" for h in hooks]
+    return gone
