@@ -4,6 +4,10 @@
 Optuna or MLflow (``search/`` adapts it). The data path reads the decoded-image cache
 (uint8, decoded once) and augments whole batches on the trial's device, so no DataLoader
 workers are started per trial and no PNG is decoded per epoch.
+
+``FoldRun`` is one model on one split, stepped an epoch at a time; ``train_trial`` loops
+over one, ``train_cv.train_cv_trial`` over K in lockstep (``--cv``). The data-serving
+pieces (``TrialData``, ``prepare_data``, ``_Batches``) live in ``trial_data.py``.
 """
 
 from __future__ import annotations

@@ -168,3 +168,28 @@ def test_data_parallel_trial_over_nccl(data: train.TrialData, tmp_path: Path) ->
     assert result.epochs_run == 1
     assert np.isfinite(result.history[0]["train_loss"])
     assert 0.0 <= result.test["accuracy"] <= 1.0
+
+
+def test_cv_folds_share_one_resident_copy_and_report_peak_memory(
+    data: train.TrialData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--cv``: the K fold models share the device and one copy of the non-test images."""
+    from dala_search import trial_data
+    from dala_search.data.splits import inner_folds
+    from dala_search.train_cv import train_cv_trial
+
+    copies: list[int] = []
+    real = trial_data._Batches.__init__
+
+    def counted(self, data, idx, device) -> None:  # noqa: ANN001
+        real(self, data, idx, device)
+        copies.append(len(idx))
+
+    monkeypatch.setattr(trial_data._Batches, "__init__", counted)
+    folds = inner_folds(data.records, data.split, 2, seed=0)
+    reports: list[dict] = []
+    train_cv_trial(_config(), data, folds, lambda e, m: reports.append(m))
+    non_test = len(data.split.train) + len(data.split.val)
+    # one copy of the non-test images for both folds, one of the test images
+    assert copies == [non_test, len(data.split.test)], copies
+    assert all(m["cv_folds"] == 2 and m["cuda_peak_memory_gb"] > 0 for m in reports)

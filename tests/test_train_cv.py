@@ -145,3 +145,21 @@ def test_combine_folds_names_and_means() -> None:
     assert out["cv_fold_1_val_f1"] == 0.5 and out["cv_fold_2_val_f1"] == 0.7
     assert out["val_f1"] == pytest.approx(0.6) and out["val_f1_std"] == pytest.approx(0.1)
     assert out["train_loss"] == 2.0 and out["precise_bn_s"] == 3.0 and out["lr"] == 0.1
+
+
+def test_the_folds_share_one_copy_of_the_non_test_images(data32, monkeypatch) -> None:
+    """One batch server over train+val for all folds (views per fold), one over the test."""
+    from dala_search import trial_data
+
+    made: list[int] = []
+    real = trial_data._Batches.__init__
+
+    def counted(self, data, idx, device) -> None:  # noqa: ANN001
+        real(self, data, idx, device)
+        made.append(len(idx))
+
+    monkeypatch.setattr(trial_data._Batches, "__init__", counted)
+    folds = inner_folds(data32.records, data32.split, 3, seed=0)
+    train_cv_trial(TrialConfig(epochs=1, **TINY), data32, folds, build_model=SmallNet)
+    split = data32.split
+    assert made == [len(split.train) + len(split.val), len(split.test)]

@@ -419,16 +419,7 @@ def _run_magnification(
         )
     else:
         epochs = plan.epochs or int(space.fixed.get("epochs", 10))
-        searcher = DalaOptunaSearch(
-            space=space.suggest,
-            metric=plan.tune_metric,
-            mode="max",
-            sampler=make_sampler(plan.sampler, seed=plan.seed),
-            study_name=plan.study_name(mag),
-            storage=plan.storage,
-            seed=plan.seed,
-            prune_metric=plan.tune_prune_metric,
-        )
+        searcher = make_searcher(plan, space, mag)
         if plan.pruner == "asha":
             scheduler = PrunedMarkingASHAScheduler(
                 time_attr="training_iteration",

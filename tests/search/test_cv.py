@@ -116,9 +116,9 @@ def test_start_cv3_end_to_end(tmp_path, demo_root, tiny_space, monkeypatch, chec
     from mlflow.artifacts import load_dict
 
     from dala_search.cli import main
-    from dala_search.search import pruning
 
-    monkeypatch.setattr(pruning, "make_pruner", lambda name, **kw: PruneSecondTrial())
+    # the driver builds the pruner (tuner imports make_pruner by name)
+    monkeypatch.setattr(tuner, "make_pruner", lambda name, **kw: PruneSecondTrial())
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     from click.testing import CliRunner
 
