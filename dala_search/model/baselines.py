@@ -170,8 +170,9 @@ def _torchvision_net(
         return builder(weights=None)
     if pretrained != "imagenet":
         raise ConfigError(
-            f"baseline {name!r}: pretrained={pretrained!r} is a ResNet50 state dict (for "
-            f"DALAResNet50, resnet50 and seresnet50); {name} takes 'imagenet' or 'none'"
+            f"baseline {name!r}: pretrained={pretrained!r} is a state dict file (a ResNet50's "
+            "for DALAResNet50, resnet50 and seresnet50, a DINOv2's for dinov2_vitb14); "
+            f"{name} takes 'imagenet' or 'none'"
         )
     filename = os.path.basename(weights.url)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
