@@ -136,7 +136,7 @@ def _from_hub(**kwargs: Any) -> nn.Module:
             "baseline 'dinov2_vitb14', pretrained='imagenet' (DINOv2's LVD-142M weights): "
             f"they could not be loaded from the Hugging Face hub or its cache{offline} "
             f"({type(e).__name__}: {_first_line(e)}). Where to put them: on a machine with "
-            f"internet, `huggingface-cli download {repo}` (or run once online) fills the "
+            f"internet, `hf download {repo}` (or a first online run) fills the "
             f"cache {cache} (HF_HOME / HF_HUB_CACHE choose it; copy that folder here and set "
             "HF_HUB_OFFLINE=1), or download Meta's dinov2_vitb14_pretrain.pth "
             f"({DINOV2_URL}) and pass its path (--pretrained /path/to/dinov2_vitb14_pretrain.pth)"
