@@ -98,9 +98,12 @@ def run_baselines(
         ]
     # Build each model once up front (tiny cost next to training): a ViT that cannot take
     # the image size, or missing ImageNet weights, fails before hours of training.
+    # A model that adapts itself to the data (DINOv2's resize to a multiple of 14) says how.
     for best in bests:
         for model in names:
-            build_baseline(model, best.config)
+            note = getattr(build_baseline(model, best.config), "note", None)
+            if note:
+                log(f"[{best.magnification}] note: {note}")
     docs = []
     for best, data, splits in fold_data(ref, bests, protocol, k, log):
         mag = best.magnification

@@ -13,6 +13,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from dala_search.cli import main
@@ -270,6 +271,54 @@ def test_baselines_command_with_two_models(search_copy: dict, evaluated: dict) -
     assert parent.data.metrics["baseline_densenet121_test_accuracy_mean"] == pytest.approx(acc)
     logged = client.download_artifacts(parent.info.run_id, "baselines/40X.json")
     assert json.loads(Path(logged).read_text()) == doc
+
+
+@pytest.mark.slow
+def test_baselines_command_trains_dinov2_and_vgg16_inception(
+    search_copy: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The paper's two models added in issue 20, on the synthetic search's 32 px images."""
+    from huggingface_hub import constants
+
+    folder = search_copy["runs_dir"] / search_copy["name"] / "baselines"
+    models = ["--models", "dinov2_vitb14,vgg16_inception"]
+    common = [search_copy["name"], *models, "--folds", str(K), "--epochs", "1"]
+    common += search_copy["args"]
+    # --pretrained imagenet with no network and empty caches: each model fails before any
+    # training (no fold line, no document) with where to put its weights.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read by huggingface_hub at import
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)
+    for model, where in (
+        ("dinov2_vitb14", str(tmp_path / "hf" / "models--timm--vit_base_patch14_dinov2.lvd142m")),
+        ("vgg16_inception", str(tmp_path / "torch" / "hub" / "checkpoints" / "vgg16-397923af.pth")),
+    ):
+        args = ["baselines", *common, "--pretrained", "imagenet"]
+        args[args.index("--models") + 1] = model
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, result.output + repr(result.exception)
+        assert f"'{model}', pretrained='imagenet'" in result.output and where in result.output
+        assert "fold 1/" not in result.output  # no training started
+        assert not folder.exists()
+
+    result = CliRunner().invoke(main, ["baselines", *common, "--pretrained", "none"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("40X  search tiny, folds k=2 (SYNTHETIC data)")
+    assert [ln.split()[0] for ln in lines[2:4]] == ["dinov2_vitb14", "vgg16_inception"]
+    assert "dinov2_vitb14: 32 px images resized to 28 px" in result.stderr
+    doc = json.loads((folder / "40X.json").read_text())
+    assert [r["model"] for r in doc["rows"]] == ["dinov2_vitb14", "vgg16_inception"]
+    for row in doc["rows"]:
+        assert set(row["metrics"]) == set(BASELINE_METRICS)
+        assert all(len(m["values"]) == K for m in row["metrics"].values())
+
+
+def _no_network(url: str, dst: str, *args: object, **kwargs: object) -> None:
+    import urllib.error
+
+    raise urllib.error.URLError("[Errno -2] Name or service not known")
 
 
 # ---- bad input: one clear line, exit 2 ------------------------------------------------------

@@ -103,7 +103,12 @@ def evaluate_cmd(
 @EVAL_MAG_OPT
 @EVAL_EPOCHS_OPT
 @DEVICE_OPT
-@click.option("--pretrained", default=None, help="imagenet | none (default: the search's).")
+@click.option(
+    "--pretrained",
+    default=None,
+    help="imagenet | none | path/to/weights.pth (a ResNet50 or DINOv2 state dict; "
+    "dinov2_vitb14: imagenet = its LVD-142M weights). Default: the search's.",
+)
 @TRACKING_OPT
 @RUNS_OPT
 @JSON_OPT

@@ -14,7 +14,12 @@ The registry (name -> factory, in the paper's order):
 * ``seresnet50``: our builder with SE (``attention: se``, reduction 16 as in Hu et al.) on
   the residual branch of EVERY bottleneck of all four stages, i.e. SE-ResNet50;
 * ``densenet121``, ``vgg16``, ``vit_b_16``, ``swin_t``: torchvision's models with their last
-  classifier layer replaced by a fresh ``Linear(features, 2 or 8)``.
+  classifier layer replaced by a fresh ``Linear(features, 2 or 8)``;
+* ``dinov2_vitb14``: DINOv2 ViT-B/14 through timm (``timm_backbones.py``: built for the
+  nearest multiple of 14 px to the image size, batches resized to it, weights from the
+  Hugging Face hub/cache or a local file);
+* ``vgg16_inception``: torchvision VGG16 blocks 1-4 + a naive Inception module + VGGIN-Net's
+  head (``vgg_inception.py``, our reading of the paper's VGG16Inception).
 
 Choices, stated: the torchvision families train all their layers (``freeze_stages`` refers
 to ResNet stages and applies to the two ResNet-based models only). ViT-B/16 is built for the
@@ -23,13 +28,15 @@ its 16 px patch (32, 48, ..., 224; otherwise a ConfigError names the model and t
 ImageNet weights get their position embeddings interpolated to the new patch grid with
 torchvision's own ``interpolate_embeddings`` (the usual fine-tuning-at-another-resolution
 practice); at 224 px it is exactly the pretrained model. Swin-T pads its windows and
-DenseNet121/VGG16 pool adaptively, so they take any size from 32 px up.
+DenseNet121/VGG16 pool adaptively, so they take any size from 32 px up; VGG16Inception's
+head is sized for the image size (from 16 px up).
 
 Weights: ``pretrained: none`` is random init; ``imagenet`` loads torchvision's ImageNet
 weights (from ``$TORCH_HOME/hub/checkpoints`` when cached, downloaded otherwise) and, when
 they cannot be had, raises a ConfigError saying where to put the file, never falling back
 to random weights. A ``.pth`` path is a ResNet50 state dict (see ``dalaresnet.py``): the
-ResNet-based models take it, the others refuse it.
+ResNet-based models take it, ``dinov2_vitb14`` reads it as a DINOv2 checkpoint (loaded
+strictly), the others refuse it.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ from torch import Tensor, nn
 
 from dala_search.errors import ConfigError
 from dala_search.model.dalaresnet import build_dalaresnet, num_classes
+from dala_search.model.timm_backbones import build_dinov2_vitb14
+from dala_search.model.vgg_inception import VGG16_BLOCK4_END, VGG16Inception
 
 if TYPE_CHECKING:
     from torchvision.models import WeightsEnum
@@ -161,8 +170,9 @@ def _torchvision_net(
         return builder(weights=None)
     if pretrained != "imagenet":
         raise ConfigError(
-            f"baseline {name!r}: pretrained={pretrained!r} is a ResNet50 state dict (for "
-            f"DALAResNet50, resnet50 and seresnet50); {name} takes 'imagenet' or 'none'"
+            f"baseline {name!r}: pretrained={pretrained!r} is a state dict file (a ResNet50's "
+            "for DALAResNet50, resnet50 and seresnet50, a DINOv2's for dinov2_vitb14); "
+            f"{name} takes 'imagenet' or 'none'"
         )
     filename = os.path.basename(weights.url)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
@@ -239,3 +249,19 @@ def _swin_t(config: TrialConfig) -> nn.Module:
     net = _torchvision_net("swin_t", swin_t, Swin_T_Weights.IMAGENET1K_V1, config.pretrained)
     net.head = nn.Linear(net.head.in_features, num_classes(config.task))
     return TorchvisionClassifier(net, "swin_t")
+
+
+# ---- the paper's two others: timm's DINOv2 and VGG16 + Inception ---------------------------
+
+register_baseline("dinov2_vitb14")(build_dinov2_vitb14)
+
+
+@register_baseline("vgg16_inception")
+def _vgg16_inception(config: TrialConfig) -> nn.Module:
+    """VGGIN-Net: VGG16 blocks 1-4 (torchvision, ImageNet or random) + naive Inception."""
+    from torchvision.models import VGG16_Weights, vgg16
+
+    weights = VGG16_Weights.IMAGENET1K_V1
+    net = _torchvision_net("vgg16_inception", vgg16, weights, config.pretrained)
+    features = net.features[:VGG16_BLOCK4_END]
+    return VGG16Inception(features, config.image_size, num_classes(config.task))
