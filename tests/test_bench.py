@@ -24,10 +24,12 @@ CASES = {
     "memory": ["data_pss_1_mib", "data_pss_4_mib", "ratio", "total_pss_1_mib"],
     "search": ["epochs_pruned", "epochs_unpruned", "ratio"],
     "overhead": ["search_s_per_trial", "loop_s_per_trial"],
+    "selection": ["cost_ratio", "wall_ratio"],
 }
 # memory (five trial processes), search (two Ray searches) and overhead (a Ray search) take
-# ~100 s together at --tiny on 2 cores: marked slow (CI still runs them).
-HEAVY = {"memory", "search", "overhead"}
+# ~100 s together at --tiny on 2 cores: marked slow (CI still runs them). selection (16
+# tiny trainings, a stand-in backbone pre-trained first) takes ~1-2 minutes.
+HEAVY = {"memory", "search", "overhead", "selection"}
 
 
 def _run(name: str, work: Path, *extra: str) -> dict:
@@ -240,3 +242,23 @@ def test_search_keep_then_replay_reproduces_the_measured_search(
     refused = bench("--replay", str(keep / "curves.json"))
     assert refused.returncode != 0 and "sampler 'tpe'" in refused.stderr
     assert bench("--tiny", "--replay", str(keep / "curves.json")).returncode == 2
+
+
+def test_selection_scores_pick_the_first_best_and_measure_against_the_truth() -> None:
+    """``bench/selection.py``'s figures of one procedure: the selected configuration is the
+    first of the tied best selection scores (as Optuna's best_trial); regret and optimism
+    are measured on that one, rho over all."""
+    selection = _bench_module("selection")
+
+    class R:
+        def __init__(self, val: float, truth: float) -> None:
+            self.best = {"val_balanced_accuracy": val}
+            self.test = {"balanced_accuracy": truth}
+
+    out = selection.scores([R(0.9, 0.6), R(0.9, 0.8), R(0.7, 0.85), R(0.5, 0.5)])
+    assert out["chosen"] == 0
+    assert out["regret"] == pytest.approx(0.25) and out["optimism"] == pytest.approx(0.3)
+    assert -1 <= out["spearman"] < 1
+    out = selection.scores([R(0.6, 0.6), R(0.7, 0.7), R(0.8, 0.8)])
+    assert out == {**out, "chosen": 2, "regret": 0.0, "optimism": 0.0, "spearman": 1.0}
+    assert selection.scores([R(0.5, 0.6), R(0.5, 0.7)])["spearman"] is None  # all tied
