@@ -25,10 +25,12 @@ CASES = {
     "search": ["epochs_pruned", "epochs_unpruned", "ratio"],
     "overhead": ["search_s_per_trial", "loop_s_per_trial"],
     "intervals": ["vectorised_s_binary", "vectorised_s_subtype", "loop_s_binary", "ratio"],
+    "selection": ["cost_ratio", "wall_ratio"],
 }
 # memory (five trial processes), search (two Ray searches) and overhead (a Ray search) take
-# ~100 s together at --tiny on 2 cores: marked slow (CI still runs them).
-HEAVY = {"memory", "search", "overhead"}
+# ~100 s together at --tiny on 2 cores: marked slow (CI still runs them). selection (16
+# tiny trainings, a stand-in backbone pre-trained first) takes ~1-2 minutes.
+HEAVY = {"memory", "search", "overhead", "selection"}
 
 
 def _run(name: str, work: Path, *extra: str) -> dict:
@@ -241,3 +243,76 @@ def test_search_keep_then_replay_reproduces_the_measured_search(
     refused = bench("--replay", str(keep / "curves.json"))
     assert refused.returncode != 0 and "sampler 'tpe'" in refused.stderr
     assert bench("--tiny", "--replay", str(keep / "curves.json")).returncode == 2
+
+
+def test_selection_scores_pick_the_first_best_and_measure_against_the_truth() -> None:
+    """``bench/selection.py``'s figures of one procedure: the selected configuration is the
+    first of the tied best selection scores (as Optuna's best_trial); regret and optimism
+    are measured on that one, rho over all."""
+    selection = _bench_module("selection")
+
+    class R:
+        def __init__(self, val: float, truth: float) -> None:
+            self.best = {"val_balanced_accuracy": val}
+            self.test = {"balanced_accuracy": truth}
+
+    out = selection.scores([R(0.9, 0.6), R(0.9, 0.8), R(0.7, 0.85), R(0.5, 0.5)])
+    assert out["chosen"] == 0
+    assert out["regret"] == pytest.approx(0.25) and out["optimism"] == pytest.approx(0.3)
+    assert -1 <= out["spearman"] < 1
+    out = selection.scores([R(0.6, 0.6), R(0.7, 0.7), R(0.8, 0.8)])
+    assert out == {**out, "chosen": 2, "regret": 0.0, "optimism": 0.0, "spearman": 1.0}
+    assert selection.scores([R(0.5, 0.6), R(0.5, 0.7)])["spearman"] is None  # all tied
+
+
+def test_recorded_selection_figures_follow_from_its_scores() -> None:
+    """bench/README.md's `bench:selection` block: the issue's sizes, and every rho, regret
+    and optimism (per seed and the medians) recomputed from the recorded selection and
+    truth scores, and ``goal_met`` from the medians."""
+    text = (ROOT / "bench" / "README.md").read_text()
+    block = text.split("<!-- bench:selection -->", 1)[1].split("<!-- /bench:selection -->", 1)[0]
+    if "```json" not in block:
+        pytest.skip("bench:selection is not recorded yet (python bench/selection.py --record)")
+    rec = json.loads(block.split("```json", 1)[1].split("```", 1)[0])
+    setup = rec["setup"]
+    assert rec["size"] == "full" and setup["development_patients"] == 82
+    assert setup["truth_patients"] >= 80 and setup["configs"] >= 16 and setup["seeds"] >= 5
+    check_selection_record(rec)
+
+
+def check_selection_record(rec: dict) -> None:
+    """The figures of a `bench/selection.py` JSON follow from its per-seed scores."""
+    selection = _bench_module("selection")
+
+    class R:
+        def __init__(self, val: float, truth: float) -> None:
+            self.best = {"val_balanced_accuracy": val}
+            self.test = {"balanced_accuracy": truth}
+
+    assert len(rec["per_seed"]) == rec["setup"]["seeds"]
+    for row in rec["per_seed"]:
+        for side in ("single", "cv"):
+            got = row[side]
+            assert len(got["selection"]) == len(got["truth"]) == rec["setup"]["configs"]
+            pairs = zip(got["selection"], got["truth"], strict=True)
+            again = selection.scores([R(v, t) for v, t in pairs])
+            assert again["chosen"] == got["chosen"]
+            for key in ("regret", "optimism", "spearman"):  # from 4-digit roundings
+                if got[key] is None:  # every selection score tied
+                    assert again[key] is None
+                else:
+                    assert again[key] == pytest.approx(got[key], abs=3e-4), (row["seed"], side)
+    for key in ("spearman", "regret", "optimism"):
+        for side in ("single", "cv"):
+            per_seed = [row[side][key] for row in rec["per_seed"]]
+            assert rec[f"{key}_{side}_per_seed"] == per_seed
+            assert rec[f"{key}_{side}"] == selection.med(per_seed)
+    rs, rc = rec["spearman_single"], rec["spearman_cv"]
+    met = (
+        rec["regret_cv"] <= selection.HALF * rec["regret_single"]
+        and abs(rec["optimism_cv"]) <= selection.HALF * abs(rec["optimism_single"])
+        and rs is not None
+        and rc is not None
+        and rc > rs
+    )
+    assert rec["goal_met"] == met
