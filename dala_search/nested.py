@@ -42,7 +42,9 @@ whose magnifications all finished is skipped, a started one resumes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -178,7 +180,10 @@ def run_inner_searches(plans: Sequence[SearchPlan], index: BreakHisIndex, log: L
             f"{plan.name} ({plan.trials} trial(s) per magnification, seed {plan.seed})"
         )
         start = time.perf_counter()
-        run_search(plan, resume=started, index=index)
+        # Tune prints its experiment tables to stdout: they go to stderr with the progress,
+        # so `evaluate --nested K --json` prints one JSON document on stdout.
+        with contextlib.redirect_stdout(sys.stderr):
+            run_search(plan, resume=started, index=index)
         log(f"[nested] {fold}: inner search {plan.name} done ({time.perf_counter() - start:.0f} s)")
 
 
