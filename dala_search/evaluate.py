@@ -414,7 +414,7 @@ def evaluate_search(
                 best_run_id=best.best_run_id,
                 metrics=summarise(folds, EVAL_METRICS, seed=ref.plan.seed),
             ),
-            _previous_nested(path, mag),
+            _previous_nested(path, mag, log),
         )
         path = doc.write(path)
         log(f"[{mag}] wrote {path}")
@@ -423,12 +423,17 @@ def evaluate_search(
     return docs
 
 
-def _previous_nested(path: Path, mag: str) -> NestedEstimate | None:
+def _previous_nested(path: Path, mag: str, log: Log) -> NestedEstimate | None:
     """The nested estimate an earlier ``--nested`` left in ``path`` (kept by a new
-    ``evaluate``, which only replaces the non-nested figures)."""
+    ``evaluate``, which only replaces the non-nested figures). A file this version cannot
+    read is replaced, as before ``--nested`` existed, and the log says so."""
     if not path.is_file():
         return None
-    return EvaluationDocument.read(path, mag).nested
+    try:
+        return EvaluationDocument.read(path, mag).nested
+    except DalaError as e:
+        log(f"[{mag}] note: replacing {path}, which this version cannot read ({e})")
+        return None
 
 
 def with_nested(doc: EvaluationDocument, nested: NestedEstimate | None) -> EvaluationDocument:

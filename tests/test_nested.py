@@ -332,3 +332,27 @@ def test_no_outer_test_patient_in_its_inner_search(nested_run: dict) -> None:
         preds = schema.run_json(store, best, schema.TEST_PREDICTIONS)
         assert set(preds["slides"]) == outer_test
         assert store.get_run(best).data.tags[schema.PARENT_TAG] == parent.info.run_id
+
+
+@pytest.mark.slow
+def test_report_and_table_show_both_figures(nested_run: dict) -> None:
+    from dala_search.evaluate import evaluation_table
+    from dala_search.report import build_report
+
+    (doc,) = json.loads(nested_run["second"].stdout)["magnifications"]
+    lines = evaluation_table(doc)
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("  nested, 2 outer folds"))
+    (acc,) = [ln for ln in lines[start:] if ln.split()[0] == "accuracy"]
+    opt = doc["selection_optimism"]["accuracy"]
+    assert f"{opt:+.4f}" in acc
+    html = build_report(
+        "tiny",
+        runs_dir=nested_run["root"] / "runs",
+        tracking_uri=nested_run["uri"],
+        gradcam_per_class=0,
+        log_gradcam=False,
+        progress=False,
+    ).read_text()
+    assert "Nested evaluation (2 outer folds)" in html
+    assert "optimistic by the selection" in html and "tiny.nested2.outer2" in html
+    assert f"{opt:+.4f}" in html
