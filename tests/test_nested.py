@@ -229,6 +229,10 @@ def nested_run(tmp_path_factory: pytest.TempPathFactory, demo_root: Path, tiny_s
         outer1 = store.get_experiment_by_name(schema.experiment_name("tiny.nested2.outer1"))
         runs_before = {r.info.run_id for r in store.search_runs([outer1.experiment_id])}
         second = runner.invoke(main, ["evaluate", "tiny", "--nested", "2", "--json", *args])
+        # a later non-nested evaluate keeps the nested part and recomputes the optimism
+        again = runner.invoke(
+            main, ["evaluate", "tiny", "--seeds", "2", "--epochs", "1", "--json", *args]
+        )
     finally:
         ray.shutdown()
     return {
@@ -236,6 +240,7 @@ def nested_run(tmp_path_factory: pytest.TempPathFactory, demo_root: Path, tiny_s
         "uri": uri,
         "first": first,
         "second": second,
+        "again": again,
         "calls": calls,
         "runs_before": runs_before,
         "folder": root / "runs" / "tiny",
@@ -262,8 +267,6 @@ def test_nested_interrupted_then_continued(nested_run: dict) -> None:
 @pytest.mark.slow
 def test_nested_estimate_written_with_selection_optimism(nested_run: dict) -> None:
     (doc,) = json.loads(nested_run["second"].stdout)["magnifications"]
-    path = nested_run["folder"] / "evaluation" / "40X.json"
-    assert json.loads(path.read_text()) == doc
     nested = doc["nested"]
     assert nested["k"] == K and nested["cv"] == 2
     assert nested["searches"] == ["tiny.nested2.outer1", "tiny.nested2.outer2"]
@@ -356,3 +359,19 @@ def test_report_and_table_show_both_figures(nested_run: dict) -> None:
     assert "Nested evaluation (2 outer folds)" in html
     assert "optimistic by the selection" in html and "tiny.nested2.outer2" in html
     assert f"{opt:+.4f}" in html
+
+
+@pytest.mark.slow
+def test_a_later_evaluate_keeps_the_nested_estimate(nested_run: dict) -> None:
+    again = nested_run["again"]
+    assert again.exit_code == 0, again.output + repr(again.exception)
+    (doc,) = json.loads(again.stdout)["magnifications"]
+    (before,) = json.loads(nested_run["second"].stdout)["magnifications"]
+    path = nested_run["folder"] / "evaluation" / "40X.json"
+    assert json.loads(path.read_text()) == doc  # the file holds both parts
+    assert doc["protocol"] == "seeds" and before["protocol"] == "folds"
+    assert doc["nested"]["metrics"] == before["nested"]["metrics"]
+    assert "(seeds k=2)" in doc["nested"]["optimism_of"]
+    for name, opt in doc["selection_optimism"].items():
+        ours, theirs = doc["nested"]["metrics"][name]["estimate"], doc["metrics"][name]["estimate"]
+        assert opt == (None if ours is None or theirs is None else pytest.approx(theirs - ours))
