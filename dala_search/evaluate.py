@@ -60,7 +60,7 @@ from dala_search.errors import ConfigError, DalaError, DataError
 from dala_search.folds import check_protocol, fold_splits
 from dala_search.intervals import N_RESAMPLES, cluster_bootstrap, method_name
 from dala_search.runs import schema
-from dala_search.runs.documents import EvaluationDocument, MetricSummary
+from dala_search.runs.documents import EvaluationDocument, MetricSummary, NestedEstimate
 from dala_search.runs.plan import SearchRef, open_search, parse_magnifications
 
 EVAL_METRICS: tuple[str, ...] = (
@@ -407,16 +407,62 @@ def evaluate_search(
     for best, data, splits in fold_data(ref, bests, protocol, k, log):
         mag = best.magnification
         folds = train_folds(best.config, data, splits, protocol, label=mag, log=log)
-        doc = EvaluationDocument(
-            **fold_record(ref, best, data, splits, protocol, k, folds),
-            best_run_id=best.best_run_id,
-            metrics=summarise(folds, EVAL_METRICS, seed=ref.plan.seed),
+        path = ref.folder / "evaluation" / f"{mag}.json"
+        doc = with_nested(
+            EvaluationDocument(
+                **fold_record(ref, best, data, splits, protocol, k, folds),
+                best_run_id=best.best_run_id,
+                metrics=summarise(folds, EVAL_METRICS, seed=ref.plan.seed),
+            ),
+            _previous_nested(path, mag, log),
         )
-        path = doc.write(ref.folder / "evaluation" / f"{mag}.json")
+        path = doc.write(path)
         log(f"[{mag}] wrote {path}")
         _log_evaluation(ref, best, doc, log)
         docs.append(doc.to_json())
     return docs
+
+
+def _previous_nested(path: Path, mag: str, log: Log) -> NestedEstimate | None:
+    """The nested estimate an earlier ``--nested`` left in ``path`` (kept by a new
+    ``evaluate``, which only replaces the non-nested figures). A file this version cannot
+    read is replaced, as before ``--nested`` existed, and the log says so."""
+    if not path.is_file():
+        return None
+    try:
+        return EvaluationDocument.read(path, mag).nested
+    except DalaError as e:
+        log(f"[{mag}] note: replacing {path}, which this version cannot read ({e})")
+        return None
+
+
+def with_nested(doc: EvaluationDocument, nested: NestedEstimate | None) -> EvaluationDocument:
+    """``doc`` holding ``nested`` and the ``selection_optimism`` of its own figures.
+
+    ``selection_optimism[m]`` = the non-nested pooled ``estimate`` of ``m`` minus the nested
+    ``estimate`` (positive: the non-nested figure overstates what the procedure delivers on
+    patients it did not select on). Null per metric where either is undefined; the whole
+    key null (``nested.optimism_note`` says why) when ``doc`` has no non-nested figures.
+    """
+    if nested is None:
+        return dataclasses.replace(doc, nested=None, selection_optimism=None)
+    if not doc.metrics:
+        note = (
+            "no non-nested evaluation yet: run `dala-search evaluate NAME --folds K` "
+            "(selection_optimism is then computed against its pooled estimate)"
+        )
+        nested = dataclasses.replace(nested, optimism_of=None, optimism_note=note)
+        return dataclasses.replace(doc, nested=nested, selection_optimism=None)
+    optimism: dict[str, float | None] = {}
+    for name, ours in nested.metrics.items():
+        other = doc.metrics.get(name)
+        if other is None or other.estimate is None or ours.estimate is None:
+            optimism[name] = None
+        else:
+            optimism[name] = other.estimate - ours.estimate
+    of = f"the pooled estimate of `evaluate` ({doc.protocol} k={doc.k}) minus the nested one"
+    nested = dataclasses.replace(nested, optimism_of=of, optimism_note=None)
+    return dataclasses.replace(doc, nested=nested, selection_optimism=optimism)
 
 
 SUMMARY_PARTS = ("estimate", "ci_low", "ci_high", "mean", "sd")
@@ -479,12 +525,37 @@ def evaluation_table(doc: EvaluationDocument | dict[str, Any]) -> list[str]:
     if not isinstance(doc, EvaluationDocument):
         doc = EvaluationDocument.from_json(doc, "evaluation document")
     tag = " (SYNTHETIC data)" if doc.synthetic else ""
+    if not doc.metrics:
+        lines = [f"{doc.magnification}  search {doc.search}, no non-nested evaluation yet{tag}"]
+    else:
+        lines = [
+            f"{doc.magnification}  search {doc.search}, {doc.protocol} k={doc.k}, "
+            f"{doc.n_images} test predictions of {doc.n_patients} patients{tag}"
+        ]
+        lines.append(f"  {'metric':20}{'pooled [95% CI]':>26}  {'fold mean ± sd':>17}")
+        for name, s in doc.metrics.items():
+            lines.append(f"  {name:20}{s.cell():>26}  {fold_cell(s):>17}")
+        lines.append(f"  ({doc.ci})")
+    if doc.nested is not None:
+        lines += nested_table(doc)
+    return lines
+
+
+def nested_table(doc: EvaluationDocument) -> list[str]:
+    """The nested estimate next to the non-nested one and their difference, per metric."""
+    n = doc.nested
+    assert n is not None
     lines = [
-        f"{doc.magnification}  search {doc.search}, {doc.protocol} k={doc.k}, "
-        f"{doc.n_images} test predictions of {doc.n_patients} patients{tag}"
+        f"  nested, {n.k} outer folds ({n.n_images} test predictions of {n.n_patients} "
+        f"patients; inner searches {', '.join(n.searches)}):",
+        f"  {'metric':20}{'nested [95% CI]':>26}  {'non-nested':>10}  {'optimism':>9}",
     ]
-    lines.append(f"  {'metric':20}{'pooled [95% CI]':>26}  {'fold mean ± sd':>17}")
-    for name, s in doc.metrics.items():
-        lines.append(f"  {name:20}{s.cell():>26}  {fold_cell(s):>17}")
-    lines.append(f"  ({doc.ci})")
+    for name, s in n.metrics.items():
+        other = doc.metrics.get(name)
+        opt = (doc.selection_optimism or {}).get(name)
+        lines.append(
+            f"  {name:20}{s.cell():>26}  {_fmt(other.estimate if other else None):>10}  "
+            f"{'n/a' if opt is None else f'{opt:+.4f}':>9}"
+        )
+    lines.append(f"  (selection_optimism: {n.optimism_of or n.optimism_note})")
     return lines

@@ -92,6 +92,19 @@ def fold_splits(
     return splits
 
 
+def outer_split(index: BreakHisIndex, records: Sequence[ImageRecord], outer: dict) -> Any:
+    """Outer fold ``outer["fold"]`` (1..k) of a nested evaluation (``SearchPlan.outer``):
+    the ``fold_splits`` split evaluate's ``--folds k`` would make with ``outer["seed"]``, so
+    the inner search and the nested estimate agree on the outer-test patients."""
+    missing = [key for key in ("protocol", "k", "fold", "seed") if key not in outer]
+    if missing:
+        raise ConfigError(f"outer fold record {outer!r}: missing key(s) {missing}")
+    k, fold = int(outer["k"]), int(outer["fold"])
+    if not 1 <= fold <= k:
+        raise ConfigError(f"outer fold record: fold {fold} is not in 1..{k}")
+    return fold_splits(index, records, outer["protocol"], k, seed=int(outer["seed"]))[fold - 1]
+
+
 def _grouped_kfold(
     records: Sequence[ImageRecord], k: int, seed: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -67,6 +67,9 @@ class MagSection:
     evaluation: dict[str, Any] | None = None  # the document's JSON and its "source" path
     evaluation_doc: EvaluationDocument | None = None
     evaluation_rows: list[tuple[str, str, str, str, str]] = field(default_factory=list)
+    # --nested: metric, non-nested "estimate [ci]", nested estimate, its interval, its fold
+    # mean ± SD, selection optimism
+    nested_rows: list[tuple[str, str, str, str, str, str]] = field(default_factory=list)
     comparison: dict[str, Any] | None = None
     comparison_metrics: list[str] = field(default_factory=list)
     comparison_rows: list[tuple[str, list[str]]] = field(default_factory=list)
@@ -213,6 +216,16 @@ def _evaluation_section(sec: MagSection, path: Path) -> None:
         sec.evaluation_rows.append((k, estimate, ci, _fold_text(m), values))
     sec.evaluation = {**ev.to_json(), "source": str(path)}
     sec.evaluation_doc = ev
+    if ev.nested is not None:
+        optimism = ev.selection_optimism or {}
+        for k in [k for k in EVAL_METRICS if k in ev.nested.metrics]:
+            m = ev.nested.metrics[k]
+            estimate, ci = _estimate_and_ci(m)
+            other = ev.metrics[k].cell() if k in ev.metrics else "n/a"
+            opt = optimism.get(k)
+            sec.nested_rows.append(
+                (k, other, estimate, ci, _fold_text(m), "n/a" if opt is None else f"{opt:+.4f}")
+            )
 
 
 def _comparison_section(sec: MagSection, path: Path) -> None:
@@ -225,7 +238,8 @@ def _comparison_section(sec: MagSection, path: Path) -> None:
     # The baselines ran before `evaluate`: the evaluation's row is the same folds only when
     # the protocol and k match; otherwise it is left out (and the page says so).
     ev = sec.evaluation_doc
-    if ours is None and ev is not None and (ev.protocol, ev.k) == (base.protocol, base.k):
+    same_folds = ev is not None and (ev.protocol, ev.k) == (base.protocol, base.k)
+    if ours is None and ev is not None and ev.metrics and same_folds:
         ours = ev.metrics
         ours_label += " (from evaluation/)"
     if ours is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -111,7 +112,7 @@ def test_tables_show_the_pooled_estimate_with_its_interval_and_the_fold_figures(
 
 
 @pytest.fixture(scope="module")
-def search_copy(finished_search: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def search_copy(finished_search: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """A writable copy of ``finished_search``: runs folder, MLflow db and artifacts."""
     root = tmp_path_factory.mktemp("eval-copy")
     shutil.copytree(finished_search["runs_dir"], root / "runs")
@@ -137,7 +138,14 @@ def search_copy(finished_search: dict, tmp_path_factory: pytest.TempPathFactory)
         )
     con.commit()
     con.close()
-    return {
+    # MLflow caches each run's artifact repository by run id, process-wide: the copy's runs
+    # keep the original's ids, and the search's driver (same process) already logged to
+    # them, so without clearing the evaluation's artifacts would land in the original's
+    # store (and, after this module, later tests' in the copy's).
+    from mlflow.tracking._tracking_service import utils as mlflow_tracking_utils
+
+    mlflow_tracking_utils._artifact_repos_cache.clear()
+    yield {
         "name": finished_search["name"],
         "runs_dir": root / "runs",
         "tracking_uri": f"sqlite:///{db}",
@@ -152,6 +160,7 @@ def search_copy(finished_search: dict, tmp_path_factory: pytest.TempPathFactory)
             "cpu",
         ],
     }
+    mlflow_tracking_utils._artifact_repos_cache.clear()
 
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,14 @@ def _protocol(folds: int | None, seeds: int | None) -> tuple[str, int]:
 @click.argument("name", callback=check_search_name)
 @FOLDS_OPT
 @SEEDS_OPT
+@click.option(
+    "--nested",
+    type=int,
+    default=None,
+    help="Nested evaluation: run the search again on K outer patient folds (K searches) and "
+    "test each fold's best on its held-out patients; writes 'nested' and "
+    "'selection_optimism'. Re-run to continue an interrupted one.",
+)
 @EVAL_MAG_OPT
 @EVAL_EPOCHS_OPT
 @DEVICE_OPT
@@ -63,6 +71,7 @@ def evaluate_cmd(
     name: str,
     folds: int | None,
     seeds: int | None,
+    nested: int | None,
     magnification: str | None,
     epochs: int | None,
     device: str | None,
@@ -73,6 +82,19 @@ def evaluate_cmd(
     """Retrain each best configuration on K folds; test metrics with 95% CIs (evaluation/)."""
     from dala_search.evaluate import evaluate_search, evaluation_table
 
+    if nested is not None:
+        _refuse_with_nested(
+            name,
+            nested,
+            {"--folds": folds, "--seeds": seeds, "--epochs": epochs, "--device": device},
+        )
+        docs = _nested_run(name, nested, magnification, tracking_uri, runs_dir)
+        if as_json:
+            click.echo(json.dumps({"search": name, "magnifications": docs}, indent=2))
+            return
+        for doc in docs:
+            click.echo("\n".join(evaluation_table(doc)))
+        return
     protocol, k = _protocol(folds, seeds)
     docs = evaluate_search(
         name,
@@ -89,6 +111,40 @@ def evaluate_cmd(
         return
     for doc in docs:
         click.echo("\n".join(evaluation_table(doc)))
+
+
+def _refuse_with_nested(name: str, k: int, options: dict[str, object]) -> None:
+    """--nested re-runs the search as planned: it takes none of evaluate's retraining options."""
+    from dala_search.errors import ConfigError
+    from dala_search.nested import check_k
+
+    check_k(k)
+    given = [opt for opt, value in options.items() if value is not None]
+    if given:
+        raise ConfigError(
+            f"--nested {k} with {', '.join(given)}: a nested evaluation re-runs search "
+            f"{name!r} as it was planned (its epochs and resources, K outer folds); drop "
+            f"{', '.join(given)}"
+        )
+
+
+def _nested_run(
+    name: str, k: int, magnification: str | None, tracking_uri: str | None, runs_dir: Path | None
+) -> list[dict]:
+    from dala_search.nested import nested_evaluate
+    from dala_search.search.tuner import SearchInterrupted
+
+    try:
+        return nested_evaluate(
+            name, k=k, magnifications=magnification, runs_dir=runs_dir, tracking_uri=tracking_uri
+        )
+    except (SearchInterrupted, KeyboardInterrupt):
+        click.echo(
+            f"Interrupted: continue with `dala-search evaluate {name} --nested {k}` "
+            "(finished inner searches are kept)",
+            err=True,
+        )
+        sys.exit(130)
 
 
 @main.command("baselines")

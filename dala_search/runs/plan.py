@@ -53,6 +53,20 @@ def study_seed(seed: int, magnification: str) -> int:
     return seed * 1000 + MAGNIFICATIONS.index(check_magnification(magnification))
 
 
+def nested_seed(seed: int, fold: int) -> int:
+    """The seed of outer fold ``fold``'s inner search (``evaluate --nested``): ``seed * 1000
+    + fold`` (fold 1..K).
+
+    Each inner search then samples, splits its inner folds and seeds its studies on its own
+    (its studies' seeds, ``study_seed``, are ``seed * 10**6 + fold * 1000 + i``: never one
+    of the outer search's own, ``seed * 1000 + i``, for folds below 1000).
+    """
+    return seed * 1000 + fold
+
+
+OUTER_KEYS = ("protocol", "k", "fold", "of", "seed")
+
+
 @dataclass(frozen=True)
 class SearchPlan:
     """Everything one search needs, resolved and checked; saved as ``search.json``."""
@@ -87,6 +101,12 @@ class SearchPlan:
     # Inner folds per trial (``--cv``): 1 is one validation split; K >= 2 trains K models on
     # K patient-grouped folds of the non-test patients and scores their mean (train_cv.py).
     cv: int = 1
+    # An inner search of a nested evaluation (``evaluate NAME --nested K``): {"protocol":
+    # "folds", "k": K, "fold": k (1..K), "of": NAME, "seed": NAME's seed}. Its data split is
+    # outer fold k of ``folds.fold_splits(..., "folds", K, seed=...)`` (test = that fold's
+    # patients; train/val, or the ``cv`` inner folds, from the others only) instead of
+    # ``patient_split``. None (default): an ordinary search.
+    outer: dict | None = None
 
     @property
     def tune_metric(self) -> str:

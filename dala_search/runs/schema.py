@@ -54,12 +54,21 @@ TAG_EVALUATION = "dala.evaluation"  # "<protocol> k=<k>" once `evaluate` ran
 TAG_EVAL_PROTOCOL = "dala.eval.protocol"
 TAG_EVAL_K = "dala.eval.k"
 TAG_EVAL_TEST_PREFIX = "dala.eval.test_"  # + metric name: "mean [ci_low, ci_high]"
+# Nested evaluation (`evaluate NAME --nested K`): an inner search's experiment and parent
+# runs name the search it re-runs and its outer fold; the outer search's parent run names
+# the inner searches ("<K>:<name>,<name>..").
+TAG_NESTED_OF = "dala.nested.of"  # the outer search's name
+TAG_OUTER_FOLD = "dala.nested.outer_fold"  # "k/K"
+TAG_NESTED = "dala.nested"  # on the outer search's parent run: "K=<K> <name>,<name>.."
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag
 
 # The best trial's config and figures on its parent run: params "best.<key>", metrics
 # "best_<name>" (a trial's "best_val_*" keep their name).
 BEST_PARAM_PREFIX = "best."
 BEST_METRIC_PREFIX = "best_"
+# Every completed trial's test predictions (search/trainable.py): {"positions": indices of
+# the test images in the magnification's records, "slides", "y_true", "y_prob"}.
+TEST_PREDICTIONS = "test_predictions.json"
 
 
 def experiment_name(search: str) -> str:
@@ -172,6 +181,19 @@ def best_completed_run(client: Any, experiment_id: str, parent_run_id: str, key:
         max_results=1,
     )
     return with_model[0] if with_model else top[0]
+
+
+def run_json(store: Any, run_id: str, path: str) -> Any:
+    """The JSON artifact ``path`` of run ``run_id``; a DalaError naming both when missing."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = retry(store.download_artifacts, run_id, path, tmp, attempts=2)
+        except Exception as e:
+            raise DalaError(f"run {run_id}: cannot read its artifact {path} ({e})") from None
+        return json.loads(Path(local).read_text())
 
 
 def best_table(uri: str, search: str) -> list[dict[str, Any]]:

@@ -146,10 +146,33 @@ def record_trial(
         )
         raise
     tracker.log_metrics(result.summary(), step=result.epochs_run)
+    if result.test_scores:
+        tracker.log_dict(test_predictions(data, result), schema.TEST_PREDICTIONS)
     _log_figures(tracker, result)
     if ctx.log_models and result.model is not None and _beats_completed(ctx, result):
         tracker.log_model(result.model)
     tracker.finish("completed")
+
+
+def test_predictions(data: TrialData, result: TrialResult) -> dict[str, Any]:
+    """The trial's test predictions (best epoch's weights; with ``--cv`` the fold models'
+    averaged probabilities), image by image in the order of ``data.split.test``.
+
+    ``positions`` index the magnification's records (``TrialData.records``), ``slides`` are
+    the patients: a reader can score them again, pool them with other trials' (a nested
+    evaluation pools its outer folds') and check which patients were tested. A few KB per
+    trial (two floats per test image for the binary task).
+    """
+    test = list(data.split.test)
+    y_true = [int(v) for v in result.test_scores["y_true"]]
+    if len(y_true) != len(test):
+        raise RuntimeError(f"{len(y_true)} test predictions for {len(test)} test images")
+    return {
+        "positions": test,
+        "slides": data.slides(test),
+        "y_true": y_true,
+        "y_prob": [[float(p) for p in row] for row in result.test_scores["y_prob"]],
+    }
 
 
 def check_gpu_visible(gpu_ids: list[str], config: TrialConfig) -> None:

@@ -240,8 +240,13 @@ def search_index(plan: SearchPlan) -> BreakHisIndex:
     return index if index is not None else breakhis.index_breakhis(plan.data_dir, progress=True)
 
 
-def run_search(plan: SearchPlan, *, resume: bool = False) -> list[MagnificationOutcome]:
+def run_search(
+    plan: SearchPlan, *, resume: bool = False, index: BreakHisIndex | None = None
+) -> list[MagnificationOutcome]:
     """Run (or continue) every magnification of ``plan``; returns one outcome each.
+
+    ``index``: the data's index when the caller holds it already (a nested evaluation runs
+    K searches on one data set), else ``search_index``.
 
     Raises ``SearchInterrupted`` when the driver was interrupted before the plan finished.
     """
@@ -264,7 +269,9 @@ def run_search(plan: SearchPlan, *, resume: bool = False) -> list[MagnificationO
     if not resume:
         plan.save(new=True)
     tracker = tracking.SearchTracker(plan.tracking_uri, plan.name, folder=plan.folder)
-    index = search_index(plan)
+    for key, value in _outer_tags(plan).items():
+        tracker.client.set_experiment_tag(tracker.experiment_id, key, value)
+    index = index if index is not None else search_index(plan)
     if index.skipped:
         print(
             f"note: {len(index.skipped)} unreadable or non-BreakHis file(s) skipped "
@@ -279,6 +286,12 @@ def run_search(plan: SearchPlan, *, resume: bool = False) -> list[MagnificationO
         data = prepare_data(
             index, mag, image_size=image_size, seed=plan.seed, fold=plan.fold, progress=True
         )
+        if plan.outer is not None:  # an inner search of `evaluate --nested`: its outer fold
+            import dataclasses
+
+            from dala_search.folds import outer_split
+
+            data = dataclasses.replace(data, split=outer_split(index, data.records, plan.outer))
         budget = None
         if deadline is not None:
             budget = max(1.0, (deadline - time.monotonic()) / (len(plan.magnifications) - i))
@@ -287,6 +300,17 @@ def run_search(plan: SearchPlan, *, resume: bool = False) -> list[MagnificationO
         if outcome.interrupted:
             raise SearchInterrupted(plan.name, outcomes)
     return outcomes
+
+
+def _outer_tags(plan: SearchPlan) -> dict[str, str]:
+    """An inner search of a nested evaluation names its outer search and fold (experiment
+    and parent runs); none for an ordinary search."""
+    if plan.outer is None:
+        return {}
+    return {
+        schema.TAG_NESTED_OF: str(plan.outer.get("of", "")),
+        schema.TAG_OUTER_FOLD: f"{plan.outer['fold']}/{plan.outer['k']}",
+    }
 
 
 def _check_cluster_tracking(plan: SearchPlan) -> None:
@@ -377,6 +401,7 @@ def _run_magnification(
             schema.TAG_SPACE: plan.space,
             schema.TAG_CV: str(plan.cv),
             schema.TAG_STUDY_SEED: str(study_seed),
+            **_outer_tags(plan),
         },
     )
     tracker.client.update_run(parent, status="RUNNING")
