@@ -97,4 +97,6 @@ def test_training_beats_chance_on_held_out_patients(demo_root, cache_dir) -> Non
     # test image "benign", ROC AUC 0.79) while precise BatchNorm drew its images in the natural
     # class mix rather than the oversampled one the weights were trained under.
     assert result.test["balanced_accuracy"] > 0.6, result.test
+    # Not enough alone: an untrained net (lr 1e-9) ranks these synthetic tiles at ROC AUC
+    # 0.76 but predicts one class (balanced accuracy 0.5), which the line above refuses.
     assert result.test["roc_auc"] > 0.6, result.test
