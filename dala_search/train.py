@@ -210,6 +210,7 @@ def recalibrate_batchnorm(
     device: torch.device,
     rank: int = 0,
     world_size: int = 1,
+    labels: np.ndarray | None = None,
 ) -> int:
     """Precise BatchNorm: recompute the training BatchNorms' statistics before a validation.
 
@@ -224,9 +225,13 @@ def recalibrate_batchnorm(
     BatchNorms of frozen stages, which ``DALAResNet50.train`` keeps in eval mode, keep their
     statistics (``update_bn`` would reset them and then never update them). Data parallel:
     with ``SyncBatchNorm`` (CUDA) every rank passes its share of each batch, otherwise
-    whole batches. Returns the number of images passed on this rank (0: off, or nothing to
-    recalibrate).
+    whole batches. ``labels``, the training split's (what ``train_trial`` passes), draws the
+    pass's images with ``config.sampling``, the class mix of the training batches; without
+    them, a plain shuffle of the split. Returns the number of images passed on this rank
+    (0: off, or nothing to recalibrate).
     """
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"recalibrate_batchnorm: {len(labels)} labels for n={n} images")
     if config.precise_bn == 0 or n == 0:
         return 0
     was_training = model.training
@@ -242,7 +247,16 @@ def recalibrate_batchnorm(
     # a seeded shuffle, the same every epoch: batches in file order would each hold one
     # patient and class, and the average of their variances would miss the differences
     # between patients and classes that the shuffled training batches carried
-    positions = np.random.default_rng(config.seed).permutation(n)[: config.precise_bn]
+    # With ``labels`` (the training split's), the pass draws its images with the trial's
+    # ``sampling`` strategy, so its class mix is the one the training batches had: the
+    # weights learned under balanced batch statistics (oversample: ~50/50), and statistics
+    # of the natural ~30/70 mix shift every feature towards the majority class's mean,
+    # which can tip a model that ranks well (val ROC AUC 0.9) into predicting one class.
+    if labels is not None:
+        drawn = epoch_indices(labels, config.sampling, seed=config.seed)
+    else:
+        drawn = np.random.default_rng(config.seed).permutation(n)
+    positions = drawn[: config.precise_bn]
     bs = config.batch_size
     # as in training: no batch statistics of a single image (per rank)
     chunks = np.split(positions, range(bs, len(positions), bs))
@@ -459,6 +473,7 @@ class FoldRun:
             device=device,
             rank=self.rank,
             world_size=self.world,
+            labels=self.train_labels_np,
         )
         if passed and device.type == "cuda":  # one wait per epoch: the time is the pass's
             torch.cuda.synchronize(device)

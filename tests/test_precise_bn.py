@@ -13,6 +13,7 @@ from torch.optim.swa_utils import update_bn
 
 from dala_search.config import TrialConfig
 from dala_search.data.augment import to_normalized
+from dala_search.data.sampling import epoch_indices
 from dala_search.errors import ConfigError
 from dala_search.model.dalaresnet import build_dalaresnet
 from dala_search.train import _Batches, prepare_data, recalibrate_batchnorm, train_trial
@@ -145,3 +146,30 @@ def test_trials_validate_with_recalibrated_statistics(data32) -> None:
 def test_a_negative_count_is_refused_by_name() -> None:
     with pytest.raises(ConfigError, match="precise_bn"):
         TrialConfig.from_dict({"precise_bn": -1})
+
+
+def test_the_pass_draws_its_images_with_the_trials_sampling(data32) -> None:
+    """With the training labels the pass has the class mix of the training batches (here
+    oversampled to ~50/50), not the split's natural ~30/70: weights learned under balanced
+    batch statistics, recalibrated on the natural mix, saw every feature shifted towards the
+    majority's mean and predicted one class on the held-out patients (val ROC AUC ~0.9)."""
+    config = TrialConfig(sampling="oversample", **TINY)
+    batches = _Batches(data32, data32.split.train, CPU)
+    labels = data32.labels(config.task)[np.asarray(data32.split.train)]
+    n = len(labels)
+    assert 0.2 < labels.mean() < 0.8 and abs(labels.mean() - 0.5) > 0.1  # imbalanced split
+    ours, natural = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+
+    recalibrate_batchnorm(ours, batches, n, config=config, device=CPU, labels=labels)
+    recalibrate_batchnorm(natural, batches, n, config=config, device=CPU)
+
+    order = epoch_indices(labels, "oversample", seed=config.seed)[: config.precise_bn]
+    assert abs(labels[order].mean() - 0.5) < 0.05
+    loader = [to_normalized(batches.get(order[lo : lo + 16])) for lo in range(0, len(order), 16)]
+    reference = nn.BatchNorm2d(3)
+    update_bn([x for x in loader if len(x) >= 2], reference)
+    assert torch.allclose(ours.running_mean, reference.running_mean, atol=1e-5)
+    assert torch.allclose(ours.running_var, reference.running_var, rtol=1e-4)
+    assert not torch.allclose(ours.running_mean, natural.running_mean, atol=1e-3)
+    with pytest.raises(ValueError, match="labels"):
+        recalibrate_batchnorm(ours, batches, n - 1, config=config, device=CPU, labels=labels)
