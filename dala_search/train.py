@@ -571,6 +571,37 @@ def _tick(bar: Any, metrics: dict[str, float], key: str) -> None:
         bar.update(1)
 
 
+def run_epochs(
+    config: TrialConfig,
+    step: Callable[[int], dict[str, float]],
+    snapshot: Callable[[], None],
+    restore: Callable[[], None],
+    reporter: Reporter | None,
+    bar: Any,
+) -> tuple[BestEpoch, list[dict[str, float]]]:
+    """The epoch loop of a trial, one fold or K in lockstep: ``step(epoch)`` trains and
+    validates, ``snapshot()`` keeps the weights of a new best epoch, the reporter hears
+    every epoch, patience stops early, and ``restore()`` puts the best weights back (unless
+    no validation value was finite: the last weights are tested then)."""
+    best = BestEpoch(f"val_{config.select_metric}", config.early_stop_patience)
+    history: list[dict[str, float]] = []
+    for epoch in range(1, config.epochs + 1):
+        metrics = step(epoch)
+        history.append(metrics)
+        if best.update(epoch, metrics):
+            snapshot()
+        _tick(bar, metrics, best.key)
+        if reporter is not None:
+            reporter(epoch, metrics)
+        if best.stop:
+            break
+    if bar is not None:
+        bar.close()
+    if best.epoch:
+        restore()
+    return best, history
+
+
 def trial_result(
     best: BestEpoch,
     history: list[dict[str, float]],
@@ -620,23 +651,8 @@ def train_trial(
     only on rank 0). BatchNorm statistics are per rank on the CPU, synchronised on CUDA.
     """
     run = FoldRun(config, data, build_model=build_model, distributed=distributed)
-    best = BestEpoch(f"val_{config.select_metric}", config.early_stop_patience)
-    history: list[dict[str, float]] = []
     bar = progress_bar(config, f"train {data.magnification}", progress)
-    for epoch in range(1, config.epochs + 1):
-        metrics = run.epoch(epoch)
-        history.append(metrics)
-        if best.update(epoch, metrics):
-            run.snapshot()
-        _tick(bar, metrics, best.key)
-        if reporter is not None:
-            reporter(epoch, metrics)
-        if best.stop:
-            break
-    if bar is not None:
-        bar.close()
-    if best.epoch:  # otherwise no finite validation value at all: test the last weights
-        run.restore_best()
+    best, history = run_epochs(config, run.epoch, run.snapshot, run.restore_best, reporter, bar)
     tested = run.test()
     return trial_result(
         best, history, tested, run.n_classes, run.kept_model() if keep_model else None

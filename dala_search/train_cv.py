@@ -41,13 +41,13 @@ from dala_search.metrics import classification_metrics
 from dala_search.model.dalaresnet import build_dalaresnet
 from dala_search.model.ensemble import ProbabilityEnsemble
 from dala_search.train import (
-    BestEpoch,
     FoldRun,
     Reporter,
     TrialResult,
     check_image_size,
     progress_bar,
     resolve_device,
+    run_epochs,
     trial_result,
 )
 from dala_search.trial_data import Batches, TrialData, _Batches
@@ -127,10 +127,9 @@ def train_cv_trial(
         FoldRun(config, data, fold, build_model=build_model, sides=sides)
         for fold, sides in zip(folds, _shared_sides(data, folds, device), strict=True)
     ]
-    best = BestEpoch(f"val_{config.select_metric}", config.early_stop_patience)
-    history: list[dict[str, float]] = []
     bar = progress_bar(config, f"train {data.magnification} ({len(runs)} folds)", progress)
-    for epoch in range(1, config.epochs + 1):
+
+    def step(epoch: int) -> dict[str, float]:
         start = time.perf_counter()
         metrics = combine_folds([run.epoch(epoch) for run in runs])
         metrics["epoch_time_s"] = time.perf_counter() - start
@@ -138,22 +137,17 @@ def train_cv_trial(
         metrics["cv_folds"] = float(len(runs))
         if device.type == "cuda":
             metrics["cuda_peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        history.append(metrics)
-        if best.update(epoch, metrics):
-            for run in runs:
-                run.snapshot()
-        if bar is not None:
-            bar.set_postfix(**{best.key: f"{metrics.get(best.key, float('nan')):.3f}"})
-            bar.update(1)
-        if reporter is not None:
-            reporter(epoch, metrics)
-        if best.stop:
-            break
-    if bar is not None:
-        bar.close()
-    if best.epoch:  # otherwise no finite mean at all: test the last weights
+        return metrics
+
+    def snapshot() -> None:
+        for run in runs:
+            run.snapshot()
+
+    def restore() -> None:
         for run in runs:
             run.restore_best()
+
+    best, history = run_epochs(config, step, snapshot, restore, reporter, bar)
     test_b = _Batches(data, test, device)
     tested = [run.test(test_b) for run in runs]
     y_true = tested[0][1]
