@@ -232,6 +232,34 @@ class MlflowServer:
             self._log.close()
             self._log = None
 
+    def cut_when_trials_log(self, outage: dict[str, float], seconds: float = 6.0) -> None:
+        """Once a trial run has logged a validation metric, SIGKILL the server (abrupt: no
+        graceful shutdown) and start it again ``seconds`` later on the same port and store;
+        ``outage`` gets the monotonic ``start``/``end`` of the gap. Runs in a thread beside
+        a search."""
+        from mlflow import MlflowClient
+
+        from dala_search.runs import schema
+
+        client = MlflowClient(self.uri)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                runs = client.search_runs(
+                    [e.experiment_id for e in client.search_experiments()],
+                    filter_string=f"tags.`{schema.TAG_ROLE}` = 'trial'",
+                )
+            except Exception:
+                runs = []
+            if any("val_balanced_accuracy" in r.data.metrics for r in runs):
+                break
+            time.sleep(0.3)
+        self.stop(signal.SIGKILL)
+        outage["start"] = time.monotonic()
+        time.sleep(seconds)
+        self.start()
+        outage["end"] = time.monotonic()
+
 
 @pytest.fixture(scope="session")
 def start_mlflow_server() -> Iterator[Callable[[Path], MlflowServer]]:

@@ -229,27 +229,7 @@ def test_mlflow_server_briefly_unreachable(
     uri = server.uri
     outage: dict[str, float] = {}
 
-    def cut_when_logging_started() -> None:
-        client = MlflowClient(uri)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                runs = client.search_runs(
-                    [e.experiment_id for e in client.search_experiments()],
-                    filter_string=f"tags.`{schema.TAG_ROLE}` = 'trial'",
-                )
-            except Exception:
-                runs = []
-            if any("val_balanced_accuracy" in r.data.metrics for r in runs):
-                break
-            time.sleep(0.3)
-        server.stop(signal.SIGKILL)  # abrupt: no graceful shutdown
-        outage["start"] = time.monotonic()
-        time.sleep(6)
-        server.start()  # same port, same store
-        outage["end"] = time.monotonic()
-
-    cutter = threading.Thread(target=cut_when_logging_started, daemon=True)
+    cutter = threading.Thread(target=server.cut_when_trials_log, args=(outage,), daemon=True)
     cutter.start()
     try:
         plan, (outcome,) = _search(
