@@ -84,7 +84,7 @@ METRIC = "balanced_accuracy"
 BREAKHIS: dict[str, int] = {"A": 4, "F": 10, "PT": 3, "TA": 7, "DC": 37, "LC": 5, "MC": 9, "PC": 6}
 TINY_PATIENTS = {code: 2 for code in BREAKHIS} | {"DC": 4}  # 8 benign, 10 malignant + 1
 SIZES = {
-    "tiny": dict(configs=2, seeds=2, epochs=1, per_patient=2, patients=TINY_PATIENTS, val_folds=2),
+    "tiny": dict(configs=2, seeds=1, epochs=1, per_patient=2, patients=TINY_PATIENTS, val_folds=2),
     "quick": dict(configs=8, seeds=3, epochs=2, per_patient=2, patients=BREAKHIS, val_folds=7),
     "full": dict(configs=16, seeds=5, epochs=3, per_patient=2, patients=BREAKHIS, val_folds=7),
 }
