@@ -53,7 +53,7 @@ everything trained, as first planned, measured > 6 minutes per configuration and
 hours in all). The selection noise measured here comes from the ~12 validation patients,
 which these cuts keep; 2 images per patient still give 24 validation images per split and
 162 truth images. ``--quick``: 8 configurations x 3 seeds, 2 epochs. ``--tiny`` (the tests):
-2 configurations x 2 seeds, 1 epoch, 37 patients; no figures.
+2 configurations x 1 seed, 1 epoch, 37 patients; no figures.
 
     python bench/selection.py [--quick|--tiny] [--configs N] [--seeds S] [--epochs E]
                               [--threads T] [--record]
