@@ -57,11 +57,18 @@ which these cuts keep; 2 images per patient still give 24 validation images per 
 
     python bench/selection.py [--quick|--tiny] [--configs N] [--seeds S] [--epochs E]
                               [--threads T] [--record]
+
+The seeds are independent: on a machine with spare cores, run each alone and combine (the
+same figures; each row keeps its own wall times, so the cost ratios stay within a process):
+
+    python bench/selection.py --only-seed 0 --partial seed0.json   # ... one per seed
+    python bench/selection.py --partials seed*.json --record
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import statistics
 import sys
@@ -203,6 +210,60 @@ def final_figures(  # noqa: ANN001
     }
 
 
+def run_seed(s: int, data, pool, configs: list, size: dict) -> dict:  # noqa: ANN001
+    """Both procedures and the final figures on seed ``s``'s partition of the patients."""
+    from dala_search.data.splits import inner_folds
+    from dala_search.train import train_trial
+    from dala_search.train_cv import train_cv_trial
+
+    fold = inner_folds(data.records, pool, SINGLE_FOLDS, seed=s)[0]
+    single_data = dataclasses.replace(data, split=fold)
+    cv_folds = inner_folds(data.records, pool, K, seed=s)
+    runs: dict[str, list] = {"single": [], "cv": []}
+    walls = {"single": 0.0, "cv": 0.0}
+    epochs = {"single": 0, "cv": 0}
+    for i, cfg in enumerate(configs):
+        t = time.perf_counter()
+        r = train_trial(cfg, single_data)
+        walls["single"] += time.perf_counter() - t
+        epochs["single"] += r.epochs_run
+        runs["single"].append(r)
+        t = time.perf_counter()
+        r_cv = train_cv_trial(cfg, data, cv_folds)
+        walls["cv"] += time.perf_counter() - t
+        epochs["cv"] += r_cv.epochs_run * K
+        runs["cv"].append(r_cv)
+        c.log(
+            f"seed {s} config {i}: single val {r.best[f'val_{METRIC}']:.3f} truth "
+            f"{r.test[METRIC]:.3f} | cv val {r_cv.best[f'val_{METRIC}']:.3f} truth "
+            f"{r_cv.test[METRIC]:.3f} ({walls['single']:.0f} s, {walls['cv']:.0f} s so far)"
+        )
+    final = final_figures(data, pool, configs, runs["single"], s, size["val_folds"])
+    row = {
+        "seed": s,
+        "final": final,
+        "val_patients_single": len(set(data.slides(fold.val))),
+        **{side: scores(runs[side]) for side in runs},
+        "epochs_single": epochs["single"],
+        "epochs_cv": epochs["cv"],
+        "wall_s_single": round(walls["single"], 1),
+        "wall_s_cv": round(walls["cv"], 1),
+    }
+    c.log(seed_line(row))
+    return row
+
+
+def seed_line(row: dict) -> str:
+    final = row["final"]
+    return (
+        f"seed {row['seed']}: rho single {row['single']['spearman']} cv {row['cv']['spearman']}; "
+        f"regret single {row['single']['regret']:.3f} cv {row['cv']['regret']:.3f}; "
+        f"optimism single {row['single']['optimism']:+.3f} cv {row['cv']['optimism']:+.3f}; "
+        f"epochs {row['epochs_single']} vs {row['epochs_cv']}; estimate error non-nested "
+        f"{final['non_nested_error']:+.3f} nested {final['nested_error']:+.3f}"
+    )
+
+
 def summary_of(values: list) -> str:
     v = [x for x in values if x is not None]
     if not v:
@@ -220,7 +281,12 @@ def main() -> None:
     p.add_argument("--configs", type=int, default=None, help="configurations (N)")
     p.add_argument("--seeds", type=int, default=None, help="seeds of the patient split")
     p.add_argument("--epochs", type=int, default=None, help="epochs per training")
+    p.add_argument("--only-seed", type=int, default=None, help="run this seed alone ...")
+    p.add_argument("--partial", default=None, help="... and write its row to this file")
+    p.add_argument("--partials", nargs="+", default=None, help="combine these seed rows")
     args = p.parse_args()
+    if (args.only_seed is None) != (args.partial is None) or (args.partials and args.partial):
+        raise SystemExit("--only-seed S needs --partial FILE; --partials excludes both")
     size = dict(SIZES[c.size_of(args)])
     for key in ("configs", "seeds", "epochs"):
         if getattr(args, key) is not None:
@@ -232,9 +298,8 @@ def main() -> None:
     from search import SIZES as SEARCH_SIZES
     from search import _pretrained_backbone
 
-    from dala_search.data.splits import Split, inner_folds
-    from dala_search.train import prepare_data, train_trial
-    from dala_search.train_cv import train_cv_trial
+    from dala_search.data.splits import Split
+    from dala_search.train import prepare_data
 
     base = c.work_dir(args)
     backbone = _pretrained_backbone(base, SEARCH_SIZES[c.size_of(args)], args.threads)
@@ -270,56 +335,25 @@ def main() -> None:
             f"loss_weighting {cfg.loss_weighting}"
         )
 
-    per_seed = []
-    lines = []
-    for s in range(size["seeds"]):
-        fold = inner_folds(data.records, pool, SINGLE_FOLDS, seed=s)[0]
-        single_data = dataclasses.replace(data, split=fold)
-        cv_folds = inner_folds(data.records, pool, K, seed=s)
-        runs: dict[str, list] = {"single": [], "cv": []}
-        walls = {"single": 0.0, "cv": 0.0}
-        epochs = {"single": 0, "cv": 0}
-        for i, cfg in enumerate(configs):
-            t = time.perf_counter()
-            r = train_trial(cfg, single_data)
-            walls["single"] += time.perf_counter() - t
-            epochs["single"] += r.epochs_run
-            runs["single"].append(r)
-            t = time.perf_counter()
-            r_cv = train_cv_trial(cfg, data, cv_folds)
-            walls["cv"] += time.perf_counter() - t
-            epochs["cv"] += r_cv.epochs_run * K
-            runs["cv"].append(r_cv)
-            c.log(
-                f"seed {s} config {i}: single val {r.best[f'val_{METRIC}']:.3f} truth "
-                f"{r.test[METRIC]:.3f} | cv val {r_cv.best[f'val_{METRIC}']:.3f} truth "
-                f"{r_cv.test[METRIC]:.3f} ({walls['single']:.0f} s, {walls['cv']:.0f} s so far)"
+    if args.only_seed is not None:  # one seed of a run split over processes (docstring)
+        row = run_seed(args.only_seed, data, pool, configs, size)
+        row["load_1m_at_start"] = load_start
+        Path(args.partial).write_text(json.dumps(row) + "\n")
+        c.log(f"seed {args.only_seed} written to {args.partial}")
+        return
+    if args.partials:
+        per_seed = sorted(
+            (json.loads(Path(f).read_text()) for f in args.partials), key=lambda r: r["seed"]
+        )
+        if [r["seed"] for r in per_seed] != list(range(size["seeds"])):
+            raise SystemExit(
+                f"--partials hold seeds {[r['seed'] for r in per_seed]}, "
+                f"expected 0..{size['seeds'] - 1}"
             )
-        final = final_figures(data, pool, configs, runs["single"], s, size["val_folds"])
-        c.log(
-            f"seed {s}: selected config {final['chosen']} truth {final['truth']:.3f}; "
-            f"non-nested {final['non_nested']:.3f}, nested {final['nested']:.3f}"
-        )
-        row = {
-            "seed": s,
-            "final": final,
-            "val_patients_single": len(set(data.slides(fold.val))),
-            **{side: scores(runs[side]) for side in runs},
-            "epochs_single": epochs["single"],
-            "epochs_cv": epochs["cv"],
-            "wall_s_single": round(walls["single"], 1),
-            "wall_s_cv": round(walls["cv"], 1),
-        }
-        per_seed.append(row)
-        line = (
-            f"seed {s}: rho single {row['single']['spearman']} cv {row['cv']['spearman']}; "
-            f"regret single {row['single']['regret']:.3f} cv {row['cv']['regret']:.3f}; "
-            f"optimism single {row['single']['optimism']:+.3f} cv {row['cv']['optimism']:+.3f}; "
-            f"epochs {epochs['single']} vs {epochs['cv']}; estimate error non-nested "
-            f"{final['non_nested_error']:+.3f} nested {final['nested_error']:+.3f}"
-        )
-        lines.append(line)
-        c.log(line)
+        load_start = max(r.pop("load_1m_at_start") for r in per_seed)
+    else:
+        per_seed = [run_seed(s, data, pool, configs, size) for s in range(size["seeds"])]
+    lines = [seed_line(row) for row in per_seed]
 
     def series(side: str, key: str) -> list:
         return [row[side][key] for row in per_seed]
@@ -384,6 +418,7 @@ def main() -> None:
         "batch_size": 16,
         "freeze_stages": FREEZE_STAGES,
         "threads": args.threads,
+        "seeds_run_as": "parallel processes (--partials)" if args.partials else "one process",
         "backbone": "bench/search.py stand-in (ResNet50 pre-trained on seed-1 synthetic patients)",
         "single_split": f"validation = 1 of {SINGLE_FOLDS} patient folds",
         "cv": K,
