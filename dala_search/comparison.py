@@ -9,6 +9,10 @@ DALAResNet50's row read from ``evaluation/<mag>.json`` when the protocol and k m
 Every model's figures are those of ``evaluate.summarise``: the pooled out-of-fold estimate
 with its patient-level cluster-bootstrap interval, and the per-fold mean and SD, so the
 rows are comparable with each other and with the evaluation.
+
+``--tune N`` (``baseline_tuning.py``) replaces the shared recipe's lr and weight decay by
+each model's own small search (DALAResNet50 included), chosen on each fold's validation
+patients; the document says which recipe (``recipe``: "shared" | "tuned").
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 
 from dala_search.errors import ConfigError
 from dala_search.evaluate import (
+    BestConfig,
     Log,
     fold_cell,
     fold_data,
@@ -70,6 +75,7 @@ def run_baselines(
     pretrained: str | None = None,
     runs_dir: str | Path | None = None,
     tracking_uri: str | None = None,
+    tune: int | None = None,
     log: Log = stderr_log,
 ) -> list[dict[str, Any]]:
     """``dala-search baselines``: the paper's comparison models on the evaluation's folds.
@@ -77,11 +83,13 @@ def run_baselines(
     Each model trains with the best configuration's recipe (loss, sampling, optimiser, lr
     schedule, epochs, batch size, augmentation, weights) on ``fold_splits`` with the same
     arguments as ``evaluate_search``. ``pretrained`` overrides the config's weights.
+    ``tune``: N trials of lr/weight decay per model and fold instead of the shared
+    recipe's (``baseline_tuning.py``); ``dalaresnet50`` is then tuned too, first.
     Returns one document per magnification (the ``baselines/<mag>.json`` content).
     """
-    from dala_search.model.baselines import baseline_builder, build_baseline
+    from dala_search import baseline_tuning as bt
 
-    names = parse_models(models)
+    names = _model_names(models, tune)
     ref, bests = open_bests(
         name,
         protocol=protocol,
@@ -101,29 +109,19 @@ def run_baselines(
     # A model that adapts itself to the data (DINOv2's resize to a multiple of 14) says how.
     for best in bests:
         for model in names:
-            note = getattr(build_baseline(model, best.config), "note", None)
+            note = getattr(bt.model_builder(model)(best.config), "note", None)
             if note:
                 log(f"[{best.magnification}] note: {note}")
     docs = []
     for best, data, splits in fold_data(ref, bests, protocol, k, log):
         mag = best.magnification
-        rows, record = [], None
-        for model in names:
-            folds = train_folds(
-                best.config,
-                data,
-                splits,
-                protocol,
-                label=f"{mag} {model}",
-                build_model=baseline_builder(model),
-                log=log,
-            )
-            rows.append(ModelRow(model, summarise(folds, BASELINE_METRICS, seed=ref.plan.seed)))
-            # The same folds for every model: the test images (and so these counts) agree.
-            record = fold_record(ref, best, data, splits, protocol, k, folds)
-        assert record is not None  # parse_models refuses an empty list
+        rows, record, tuning = _train_rows(ref, best, data, splits, protocol, k, names, tune, log)
         doc = BaselineDocument(
-            **record, rows=rows, dalaresnet50=_evaluation_row(ref, mag, protocol, k, log)
+            **record,
+            rows=rows,
+            dalaresnet50=_evaluation_row(ref, mag, protocol, k, log),
+            recipe="shared" if tuning is None else "tuned",
+            tuning=None if tuning is None else tuning.describe(),
         )
         path = doc.write(ref.folder / "baselines" / f"{mag}.json")
         log(f"[{mag}] wrote {path}")
@@ -134,6 +132,58 @@ def run_baselines(
         client.log_dict(best.parent_run_id, doc.to_json(), f"baselines/{mag}.json")
         docs.append(doc.to_json())
     return docs
+
+
+def _model_names(models: str | Sequence[str] | None, tune: int | None) -> tuple[str, ...]:
+    """The rows' models: ``--models``, with ``--tune`` also ``dalaresnet50`` (first)."""
+    from dala_search import baseline_tuning as bt
+
+    if tune is None:
+        return parse_models(models)
+    bt.check_tune(tune)
+    rest, only_ours = bt.split_models(models)
+    return bt.tuning_models(() if only_ours else parse_models(rest))
+
+
+def _train_rows(
+    ref: SearchRef,
+    best: BestConfig,
+    data: Any,
+    splits: Sequence[Any],
+    protocol: str,
+    k: int,
+    names: Sequence[str],
+    tune: int | None,
+    log: Log,
+) -> tuple[list[ModelRow], dict[str, Any], Any]:
+    """One magnification's rows (shared recipe, or each model tuned: ``tune``), the fold
+    record, and the ``baseline_tuning.Tuning`` (None with the shared recipe), closed."""
+    from dala_search import baseline_tuning as bt
+
+    mag = best.magnification
+    rows, record, tuned = [], None, None
+    tuning = None if tune is None else bt.Tuning(ref, best, data, splits, protocol, tune, log)
+    for model in names:
+        if tuning is None:
+            folds = train_folds(
+                best.config,
+                data,
+                splits,
+                protocol,
+                label=f"{mag} {model}",
+                build_model=bt.model_builder(model),
+                log=log,
+            )
+        else:
+            folds, tuned = tuning.tune(model)
+        summary = summarise(folds, BASELINE_METRICS, seed=ref.plan.seed)
+        rows.append(ModelRow(model, summary, tuned=tuned))
+        # The same folds for every model: the test images (and so these counts) agree.
+        record = fold_record(ref, best, data, splits, protocol, k, folds)
+    assert record is not None  # parse_models refuses an empty list
+    if tuning is not None:
+        tuning.close()
+    return rows, record, tuning
 
 
 def _evaluation_row(ref: SearchRef, mag: str, protocol: str, k: int, log: Log) -> ModelRow | None:
@@ -190,18 +240,51 @@ def baselines_table(doc: BaselineDocument | dict[str, Any]) -> list[str]:
     tag = " (SYNTHETIC data)" if doc.synthetic else ""
     lines = [f"{doc.magnification}  search {doc.search}, {doc.protocol} k={doc.k}{tag}"]
     rows = ([doc.dalaresnet50] if doc.dalaresnet50 else []) + list(doc.rows)
-    width = max(len(r.model) for r in rows)
-    cells = {r.model: [_cell(r.metrics.get(n)) for n in BASELINE_METRICS] for r in rows}
+    labels = [r.model for r in rows]
+    if doc.dalaresnet50 and doc.recipe == "tuned":
+        labels[0] = EVALUATION_LABEL  # beside the tuned dalaresnet50 row: say which is which
+    width = max(len(label) for label in labels)
+    cells = [[_cell(r.metrics.get(n)) for n in BASELINE_METRICS] for r in rows]
     widths = [
-        max(len(_LABELS[n]), *(len(c[i]) for c in cells.values()))
-        for i, n in enumerate(BASELINE_METRICS)
+        max(len(_LABELS[n]), *(len(c[i]) for c in cells)) for i, n in enumerate(BASELINE_METRICS)
     ]
     folds = [fold_cell(r.metrics[FOLD_METRIC]) if FOLD_METRIC in r.metrics else "n/a" for r in rows]
     fold_width = max(len(FOLD_LABEL), *(len(f) for f in folds))
     header = "".join(f"  {_LABELS[n]:>{w}}" for n, w in zip(BASELINE_METRICS, widths, strict=True))
     lines.append(f"  {'model':{width}}{header}  {FOLD_LABEL:>{fold_width}}")
-    for r, f in zip(rows, folds, strict=True):
-        row = "".join(f"  {c:>{w}}" for c, w in zip(cells[r.model], widths, strict=True))
-        lines.append(f"  {r.model:{width}}{row}  {f:>{fold_width}}")
+    for label, cell, f in zip(labels, cells, folds, strict=True):
+        row = "".join(f"  {c:>{w}}" for c, w in zip(cell, widths, strict=True))
+        lines.append(f"  {label:{width}}{row}  {f:>{fold_width}}")
     lines.append(f"  (pooled out-of-fold estimate [95% interval]: {doc.ci})")
+    return lines + recipe_lines(doc)
+
+
+EVALUATION_LABEL = "dalaresnet50 (evaluate)"
+SHARED_RECIPE = "shared recipe (DALAResNet50's tuned lr/wd)"
+
+
+def recipe_lines(doc: BaselineDocument) -> list[str]:
+    """How the rows were trained: the shared recipe, or each model's own lr/wd per fold."""
+    if doc.recipe != "tuned" or doc.tuning is None:
+        lr, wd = doc.config.get("lr"), doc.config.get("weight_decay")
+        if lr is None or wd is None:  # a config that does not say (never written by us)
+            return [f"  recipe: {SHARED_RECIPE} for every model"]
+        return [f"  recipe: {SHARED_RECIPE}: lr {lr:.2e}, weight decay {wd:.2e} for every model"]
+    t = doc.tuning
+    lines = [
+        f"  recipe: tuned: each model its own lr/weight decay, {t['trials']} trial(s) per fold; "
+        f"{t['sampler']}; {t['pruner']} pruner; chosen {t['selection']}"
+    ]
+    if doc.dalaresnet50:
+        lines.append(
+            f"  ({EVALUATION_LABEL}: the search's best configuration as `evaluate` scored it, "
+            "outside this tuning)"
+        )
+    for r in doc.rows:
+        if r.tuned:
+            chosen = "; ".join(
+                f"fold {f['fold']} lr {f['lr']:.2e} wd {f['weight_decay']:.2e}"
+                for f in r.tuned["folds"]
+            )
+            lines.append(f"    {r.model}: {chosen}")
     return lines

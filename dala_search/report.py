@@ -229,10 +229,13 @@ def _evaluation_section(sec: MagSection, path: Path) -> None:
 
 
 def _comparison_section(sec: MagSection, path: Path) -> None:
+    from dala_search.comparison import recipe_lines
+
     if not path.is_file():
         return
     base = BaselineDocument.read(path, sec.magnification)
-    rows = [(r.model, r.metrics) for r in base.rows]
+    tuned = base.recipe == "tuned"
+    rows = [(f"{r.model} (own lr/wd)" if tuned else r.model, r.metrics) for r in base.rows]
     ours = base.dalaresnet50.metrics if base.dalaresnet50 else None
     ours_label = "DALAResNet50 (searched best)"
     # The baselines ran before `evaluate`: the evaluation's row is the same folds only when
@@ -250,7 +253,13 @@ def _comparison_section(sec: MagSection, path: Path) -> None:
     for model, metrics in rows:
         cells = [metrics[k].cell() if k in metrics else "-" for k in sec.comparison_metrics]
         sec.comparison_rows.append((model, cells))
-    sec.comparison = {**base.to_json(), "source": str(path), "has_ours": ours is not None}
+    sec.comparison = {
+        **base.to_json(),
+        "source": str(path),
+        "has_ours": ours is not None,
+        # The table's recipe lines: shared (DALAResNet50's lr/wd) or each model's own.
+        "recipe_lines": [line.strip() for line in recipe_lines(base)],
+    }
 
 
 def _save(fig: Any, fig_dir: Path, name: str, page_dir: Path, title: str) -> Figure:

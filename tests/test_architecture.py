@@ -27,7 +27,14 @@ GRAPH = code_shape.import_graph(PACKAGE)
 RECORD_READERS = sorted(
     m
     for m in MODULES
-    if m in ("dala_search.evaluate", "dala_search.comparison", "dala_search.report")
+    if m
+    in (
+        "dala_search.evaluate",
+        "dala_search.comparison",
+        "dala_search.baseline_tuning",
+        "dala_search.baseline_tuning_runs",
+        "dala_search.report",
+    )
     or m.startswith("dala_search.runs")
 )
 FRAMEWORK_FREE_CORE = (

@@ -75,6 +75,7 @@ def test_every_section_is_filled_from_its_source(full_report: dict, finished_sea
     cmp = parts["comparison"]
     assert "densenet121" in cmp and "0.6543 [0.5432, 0.7654]" in cmp
     assert "DALAResNet50 (searched best)" in cmp and "0.8456 [0.7345, 0.9567]" in cmp
+    assert "recipe: shared recipe (DALAResNet50&#39;s tuned lr/wd)" in cmp
     # Escaped, never markup: a model name from a JSON file cannot inject HTML.
     assert "&lt;b&gt;vgg16&lt;/b&gt;" in cmp and "<b>vgg16" not in full_report["html"]
     prov = parts["provenance"]

@@ -38,6 +38,8 @@ EVAL_EPOCHS_OPT = click.option(
     help="Override the best configuration's epochs.",
 )
 DEVICE_OPT = click.option("--device", default=None, help="auto (default) | cpu | cuda | cuda:N")
+# `baselines --tune` alone: trials per model and fold (baseline_tuning.py; README says the cost)
+TUNE_DEFAULT = 4
 
 
 def _protocol(folds: int | None, seeds: int | None) -> tuple[str, int]:
@@ -165,6 +167,18 @@ def _nested_run(
     help="imagenet | none | path/to/weights.pth (a ResNet50 or DINOv2 state dict; "
     "dinov2_vitb14: imagenet = its LVD-142M weights). Default: the search's.",
 )
+@click.option(
+    "--tune",
+    type=click.IntRange(min=1),
+    is_flag=False,
+    flag_value=TUNE_DEFAULT,
+    default=None,
+    metavar="[N]",
+    help=f"Give every model (dalaresnet50 included) its own lr/weight-decay search: N trials "
+    f"per fold (--tune alone: {TUNE_DEFAULT}), chosen on each fold's validation patients; "
+    "N times the shared recipe's training. Default: the shared recipe (DALAResNet50's "
+    "lr/wd for every model).",
+)
 @TRACKING_OPT
 @RUNS_OPT
 @JSON_OPT
@@ -177,6 +191,7 @@ def baselines_cmd(
     epochs: int | None,
     device: str | None,
     pretrained: str | None,
+    tune: int | None,
     tracking_uri: str | None,
     runs_dir: Path | None,
     as_json: bool,
@@ -196,6 +211,7 @@ def baselines_cmd(
         pretrained=pretrained,
         runs_dir=runs_dir,
         tracking_uri=tracking_uri,
+        tune=tune,
     )
     if as_json:
         click.echo(json.dumps({"search": name, "magnifications": docs}, indent=2))
