@@ -74,7 +74,7 @@ def check_search(**options: Any) -> CheckedSearch:
     check_resources(plan)
     if values["data_dir"] is None:
         ensure_demo_data(Path(plan.data_dir))
-    index = _check_data(plan)
+    index = _check_data(plan, "--data")
     check_weights(space)
     return CheckedSearch(plan, index)
 
@@ -92,8 +92,8 @@ def check_resume(plan: SearchPlan) -> BreakHisIndex:
     with _naming("the search's Optuna storage"):
         check_storage(plan.storage, [], new=False)
     check_resources(plan)
-    index = _check_data(plan)
-    check_weights(space)
+    index = _check_data(plan, "the search's data")
+    check_weights(space, "the search's space")
     return index
 
 
@@ -217,15 +217,15 @@ def check_resources(plan: SearchPlan) -> None:
             )
 
 
-def _check_data(plan: SearchPlan) -> BreakHisIndex:
+def _check_data(plan: SearchPlan, label: str) -> BreakHisIndex:
     """Index the data and make every magnification's split (data/preflight.py)."""
-    with _naming("--data"):
+    with _naming(label):
         return check_search_data(
             plan.data_dir, plan.magnifications, seed=plan.seed, fold=plan.fold, cv=plan.cv
         )
 
 
-def check_weights(space: SearchSpace) -> None:
+def check_weights(space: SearchSpace, label: str = "--space") -> None:
     """Every pretrained value a trial can get, resolved once (downloaded if need be) now.
 
     Without this, each trial of a search whose weights cannot be found (no network, a
