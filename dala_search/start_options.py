@@ -13,6 +13,7 @@ Ray-, click- and Optuna-free: the space reader (core) and the CLI import it.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,8 +24,8 @@ from dala_search.errors import ConfigError, DalaError
 from dala_search.runs.plan import NAME_RULE, is_valid_name, parse_duration, parse_magnifications
 from dala_search.runs.storage import check_storage_url
 
-# Names only: the search package maps them to Optuna samplers and pruners (its registry in
-# search/pruning.py is checked against these by tests/search/test_pruning.py).
+# Names only: the search package maps them to Optuna samplers and pruners (its registries
+# in search/pruning.py; tests/test_space.py and tests/search/test_pruning.py pin both).
 SAMPLERS: tuple[str, ...] = ("tpe", "random", "cmaes", "gp")
 PRUNERS: tuple[str, ...] = ("median", "percentile", "sha", "hyperband", "asha", "none")
 
@@ -118,6 +119,11 @@ def _text(value: Any) -> str:
     return value
 
 
+def _space(value: Any) -> str:
+    """A shipped space's name or a YAML path (a ``Path`` from a library caller too)."""
+    return str(value) if isinstance(value, os.PathLike) else _text(value)
+
+
 def _name(value: Any) -> str:
     if not is_valid_name(_text(value)):
         raise ConfigError(f"{value!r}: {NAME_RULE}")
@@ -149,7 +155,7 @@ START_OPTIONS: tuple[StartOption, ...] = (
         "Space name or YAML path.",
         default="default",
         show_default=True,
-        parse=_text,
+        parse=_space,
     ),
     StartOption(
         "data_dir",

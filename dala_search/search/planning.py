@@ -67,7 +67,9 @@ def check_search(**options: Any) -> CheckedSearch:
     with _naming("--runs-dir"):
         _check_writable_folder(folder.parent)
     _check_tracking(plan)
-    if values["storage"] is not None:  # the default lives in the new folder, checked above
+    # The default storage lives in the new folder (checked above); a study file left there
+    # by an earlier attempt must not hold this search's studies.
+    if values["storage"] is not None or (folder / "optuna.db").exists():
         with _naming("--storage"):
             studies = [plan.study_name(m) for m in plan.magnifications]
             check_storage(plan.storage, studies, new=True)
