@@ -34,6 +34,7 @@ from dala_search.runs import schema
 from dala_search.runs.plan import PLAN_FILE, SearchPlan, parse_duration, runs_folder
 from dala_search.runs.storage import check_storage
 from dala_search.search import distributed, ray_internals, tracking
+from dala_search.search.pruning import make_pruner, make_sampler
 from dala_search.space import SearchSpace
 from dala_search.space_file import load_space
 
@@ -58,6 +59,7 @@ def check_search(**options: Any) -> CheckedSearch:
     values = start_options.resolve(options, space.settings)
     _check_combinations(values, space)
     plan = _make_plan(values, space)
+    _check_search_algorithms(plan)
     folder = Path(plan.folder)
     if (folder / PLAN_FILE).exists():
         raise DalaError(
@@ -113,6 +115,16 @@ def _check_combinations(values: Mapping[str, Any], space: SearchSpace) -> None:
             "trains its folds in one process; use one worker per trial (concurrent trials "
             "already spread over the GPUs)"
         )
+
+
+def _check_search_algorithms(plan: SearchPlan) -> None:
+    """Build the sampler and the pruner once: a name the table knows whose Optuna class
+    cannot be made (a missing optional package) fails here, not when the study starts."""
+    with _naming("--sampler"):
+        make_sampler(plan.sampler, seed=plan.seed)
+    if plan.pruner != "asha":  # Ray's scheduler, no Optuna pruner
+        with _naming("--pruner"):
+            make_pruner(plan.pruner)
 
 
 def _make_plan(values: Mapping[str, Any], space: SearchSpace) -> SearchPlan:
