@@ -17,22 +17,22 @@ Reading a space file (``load_space``) is ``space_file.py``; this module holds wh
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dala_search import start_options
 from dala_search.config import TrialConfig
-from dala_search.data.breakhis import MAGNIFICATIONS
 from dala_search.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import optuna
 
-# Names only: the search package maps them to Optuna samplers / pruners (and keeps its own
-# registry); validating them here lets a typo fail at load time, not when the study starts.
-SAMPLERS: tuple[str, ...] = ("tpe", "random", "cmaes", "gp")
-PRUNERS: tuple[str, ...] = ("median", "percentile", "sha", "hyperband", "asha", "none")
+# Re-exported: the names of the samplers and pruners live with the options of ``start``.
+SAMPLERS = start_options.SAMPLERS
+PRUNERS = start_options.PRUNERS
 PARAM_TYPES: tuple[str, ...] = ("float", "int", "categorical")
 
 
@@ -99,21 +99,19 @@ class ParamSpec:
         return text
 
 
-@dataclass(frozen=True)
-class SearchSettings:
-    """Defaults of ``dala-search start`` from a space's ``search`` section (CLI flags win)."""
-
-    metric: str = "balanced_accuracy"
-    trials: int = 20  # per magnification
-    magnifications: tuple[str, ...] = MAGNIFICATIONS
-    sampler: str = "tpe"
-    pruner: str = "median"
-    # The validation metric the pruner judges epochs by (None: ``metric``). A trial is still
-    # ranked, and the best chosen, by ``metric``.
-    prune_on: str | None = None
-    max_concurrent: int = 0  # 0: let the tuner decide from the resources
-    # Inner folds per trial (``--cv``): 1 = one validation split (see train_cv.py).
-    cv: int = 1
+# Defaults of ``dala-search start`` from a space's ``search`` section (flags win): one field
+# per start option marked ``space_key`` (start_options.py), its default the row's. Fields:
+# metric, magnifications, trials, sampler, pruner, prune_on (None: the searched metric),
+# max_concurrent (0: as the resources allow), cv (1: one validation split).
+SearchSettings = dataclasses.make_dataclass(
+    "SearchSettings",
+    [
+        (o.name, Any, dataclasses.field(default=o.default))
+        for o in sorted(start_options.SPACE_OPTIONS, key=lambda o: o.name != "metric")
+    ],
+    frozen=True,
+)
+SearchSettings.__module__ = __name__  # pickled with a space into every trial process
 
 
 @dataclass(frozen=True)

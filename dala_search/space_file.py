@@ -15,14 +15,14 @@ from typing import Any
 
 import yaml
 
-from dala_search.config import SELECT_METRICS, TRIAL_KEYS, TrialConfig
-from dala_search.data.breakhis import MAGNIFICATIONS, check_magnification
+from dala_search import start_options
+from dala_search.config import TRIAL_KEYS, TrialConfig
+from dala_search.data.breakhis import check_magnification
 from dala_search.errors import ConfigError, DataError
 from dala_search.runs.plan import check_name
-from dala_search.space import PRUNERS, SAMPLERS, SearchSettings, SearchSpace
+from dala_search.space import SearchSettings, SearchSpace
 from dala_search.space_params import (
     check_conditions,
-    choice,
     dependency_order,
     parse_param,
     refuse_unknown,
@@ -41,16 +41,8 @@ def _shipped_spaces_dir() -> Path:
 SPACES_DIR: Path = _shipped_spaces_dir()
 
 TOP_LEVEL_KEYS: tuple[str, ...] = ("name", "description", "search", "fixed", "params")
-SEARCH_KEYS: tuple[str, ...] = (
-    "metric",
-    "trials",
-    "magnifications",
-    "sampler",
-    "pruner",
-    "prune_on",
-    "max_concurrent",
-    "cv",
-)
+# The keys of a space's ``search:`` section: the options of `start` marked space_key.
+SEARCH_KEYS: tuple[str, ...] = start_options.SEARCH_KEYS
 # A space must state these itself: silently defaulting to ImageNet weights (which may not
 # download on an offline cluster) or to TrialConfig's epoch count hides a real decision.
 REQUIRED_KEYS: tuple[str, ...] = ("pretrained", "epochs")
@@ -161,45 +153,35 @@ def _check_trial_key(path: Path, key_path: str, key: Any) -> None:
     )
 
 
-def _count(path: Path, key_path: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{path}: {key_path}: must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
 def _parse_search(path: Path, raw: dict[str, Any]) -> SearchSettings:
+    """Each key checked by its row of the start options' table (absent: the row's default)."""
     refuse_unknown(path, "'search'", raw, SEARCH_KEYS)
-    d = SearchSettings()
-    mags = raw.get("magnifications", "all")
+    values = {}
+    for option in start_options.SPACE_OPTIONS:
+        where = f"{path}: search.{option.name}"
+        value = raw.get(option.name)
+        if option.name == "magnifications":
+            value = _space_magnifications(where, raw.get("magnifications", "all"))
+        values[option.name] = option.check(value, where)
+    return SearchSettings(**{k: v for k, v in values.items() if v is not None})
+
+
+def _space_magnifications(where: str, mags: Any) -> Any:
+    """'all' or a non-empty list without repeats (the command line's comma text is not
+    accepted in a file); each name is checked by the table's row."""
     if mags == "all":
-        mags = MAGNIFICATIONS
-    elif not isinstance(mags, list) or not mags:
+        return mags
+    if not isinstance(mags, list) or not mags:
         raise ConfigError(
-            f"{path}: search.magnifications: expected 'all' or a non-empty list like "
-            f"[40X, 100X], got {mags!r}"
+            f"{where}: expected 'all' or a non-empty list like [40X, 100X], got {mags!r}"
         )
-    normalised = []
-    for m in mags:
-        try:
-            normalised.append(check_magnification(str(m)))
-        except DataError as e:
-            raise ConfigError(f"{path}: search.magnifications: {e}") from None
+    try:
+        normalised = [check_magnification(str(m)) for m in mags]
+    except DataError as e:
+        raise ConfigError(f"{where}: {e}") from None
     if len(set(normalised)) != len(normalised):
-        raise ConfigError(f"{path}: search.magnifications: {mags!r} repeats a magnification")
-    return SearchSettings(
-        metric=choice(path, "search.metric", raw.get("metric", d.metric), SELECT_METRICS),
-        trials=_count(path, "search.trials", raw.get("trials", d.trials), 1),
-        magnifications=tuple(normalised),
-        sampler=choice(path, "search.sampler", raw.get("sampler", d.sampler), SAMPLERS),
-        pruner=choice(path, "search.pruner", raw.get("pruner", d.pruner), PRUNERS),
-        prune_on=None
-        if raw.get("prune_on") is None
-        else choice(path, "search.prune_on", raw["prune_on"], SELECT_METRICS),
-        max_concurrent=_count(
-            path, "search.max_concurrent", raw.get("max_concurrent", d.max_concurrent), 0
-        ),
-        cv=_count(path, "search.cv", raw.get("cv", d.cv), 1),
-    )
+        raise ConfigError(f"{where}: {mags!r} repeats a magnification")
+    return mags
 
 
 # --- the shipped spaces ------------------------------------------------------------------

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
 from dala_search.errors import DalaError
-from dala_search.runs.plan import NAME_RULE, is_valid_name, parse_duration, parse_magnifications
+from dala_search.runs.plan import NAME_RULE, is_valid_name
+from dala_search.start_options import MAX_SEED, OPTIONS, StartOption
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -29,10 +31,8 @@ class FiniteFloatRange(click.FloatRange):
         return rv
 
 
-# The upper bounds below are TrialConfig's (config.py): a value the CLI lets through must
-# not be refused later inside every trial of a running search.
-MAX_SEED = 2**31 - 1
-MAX_EPOCHS = 10000
+# The upper bounds are TrialConfig's (config.py): a value the CLI lets through must not be
+# refused later inside every trial of a running search.
 MAX_IMAGE_SIZE = 1024
 
 
@@ -47,36 +47,6 @@ def check_search_name(ctx: click.Context, param: click.Parameter, value: str | N
         return None
     if not is_valid_name(value):
         raise click.BadParameter(f"{value!r}: {NAME_RULE}")
-    return value
-
-
-def check_storage(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """Parse ``--storage`` (and find its SQLAlchemy dialect) while parsing the command line.
-
-    Optuna opens the storage only when the first study starts, after the search folder,
-    the MLflow experiment and Ray exist; a typo must fail before those.
-    """
-    if value is None:
-        return None
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        make_url(value).get_dialect()  # NoSuchModuleError (an ArgumentError): unknown dialect
-    except ArgumentError as e:
-        raise click.BadParameter(
-            f"{value!r} is not a database URL Optuna can use ({e}); e.g. "
-            "sqlite:////abs/path/optuna.db or postgresql://user:pass@host/db"
-        ) from None
-    return value
-
-
-def check_duration(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """Check ``--time-budget`` while parsing, before the demo data or anything else is made."""
-    try:
-        parse_duration(value)
-    except DalaError as e:
-        raise click.BadParameter(str(e).removeprefix("--time-budget: ")) from None
     return value
 
 
@@ -97,19 +67,6 @@ def check_one_magnification(ctx: click.Context, param: click.Parameter, value: s
         return check_magnification(value)
     except DalaError as e:
         raise click.BadParameter(str(e)) from None
-
-
-def check_magnifications(
-    ctx: click.Context, param: click.Parameter, value: str | None
-) -> str | None:
-    """``start``'s comma list or 'all', checked while parsing (plan_search takes the text)."""
-    if value is None:
-        return None
-    try:
-        parse_magnifications(value)
-    except DalaError as e:
-        raise click.BadParameter(str(e).removeprefix("--magnification: ")) from None
-    return value
 
 
 MAG_OPT = click.option(
@@ -145,14 +102,52 @@ def main() -> None:
     """Hyperparameter search for DALAResNet50 on BreakHis (Ray Tune, Optuna, MLflow)."""
 
 
-RUNS_OPT = click.option(
-    "--runs-dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Where search folders live (default: $DALA_RUNS_DIR or ./dala_runs).",
-)
-TRACKING_OPT = click.option(
-    "--tracking-uri",
-    default=None,
-    help="MLflow tracking URI (default: sqlite mlflow.db in the working directory).",
-)
+def table_option(option: StartOption) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The click option of one row of the start options' table (start_options.py).
+
+    A space key's option defaults to None, so the space's ``search:`` value applies; a
+    text option's ``parse`` runs while the command line is parsed (before anything is read,
+    generated or created), and the command gets the text as typed.
+    """
+    types: dict[str, Any] = {
+        "int": lambda: click.IntRange(option.low, option.high),
+        "float": lambda: FiniteFloatRange(option.low, option.high, min_open=option.low_open),
+        "choice": lambda: click.Choice(option.choices),
+        "path": lambda: click.Path(path_type=Path),
+        "text": lambda: None,
+    }
+
+    def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is not None and option.parse is not None:
+            try:
+                option.parse(value)
+            except DalaError as e:
+                raise click.BadParameter(str(e).removeprefix(f"{option.flag}: ")) from None
+        return value
+
+    decls = [d for d in (option.flag, option.short) if d]
+    return click.option(
+        *decls,
+        option.name,
+        type=types[option.kind](),
+        default=None if option.space_key else option.default,
+        show_default=option.show_default,
+        help=option.help or None,
+        callback=check if option.parse is not None else None,
+    )
+
+
+def table_options(options: Sequence[StartOption]) -> Callable[[Callable[..., Any]], Any]:
+    """Every row's click option, in the table's order (``--help`` lists them so)."""
+
+    def apply(command: Callable[..., Any]) -> Any:
+        for option in reversed(options):
+            command = table_option(option)(command)
+        return command
+
+    return apply
+
+
+# Options other commands share with `start`: the same rows.
+RUNS_OPT = table_option(OPTIONS["runs_dir"])
+TRACKING_OPT = table_option(OPTIONS["tracking_uri"])

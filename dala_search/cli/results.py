@@ -10,12 +10,12 @@ import click
 
 from dala_search.cli._base import (
     JSON_OPT,
-    MAX_EPOCHS,
     RUNS_OPT,
     TRACKING_OPT,
     check_search_name,
     main,
 )
+from dala_search.start_options import MAX_EPOCHS
 
 # ----------------------------------------------------------------------------- evaluation
 

@@ -13,22 +13,17 @@ from dala_search.cli._base import (
     CACHE_OPT,
     JSON_OPT,
     MAG_OPT,
-    MAX_EPOCHS,
     MAX_IMAGE_SIZE,
     RUNS_OPT,
     SEED_OPT,
     TRACKING_OPT,
-    FiniteFloatRange,
-    check_duration,
-    check_magnifications,
     check_search_name,
-    check_storage,
     main,
+    table_options,
 )
-from dala_search.config import SELECT_METRICS
 from dala_search.runs.plan import latest_search, open_search, search_tracking_uri
 from dala_search.runs.schema import best_table, check_tracking_uri
-from dala_search.space import PRUNERS, SAMPLERS
+from dala_search.start_options import COMMAND_OPTIONS, MAX_EPOCHS
 
 # ----------------------------------------------------------------------------- train
 
@@ -157,140 +152,15 @@ def spaces_cmd(verbose: bool) -> None:
 
 
 @main.command("start")
-@click.option("--space", default="default", show_default=True, help="Space name or YAML path.")
-@click.option(
-    "--data",
-    "data_dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="BreakHis folder (default: the synthetic demo set, generated once).",
-)
-@click.option(
-    "--magnification",
-    "-m",
-    default=None,
-    callback=check_magnifications,
-    help="Comma list (40X,100X) or 'all'.",
-)
-@click.option("--trials", type=click.IntRange(min=1), default=None, help="Per magnification.")
-@click.option("--epochs", type=click.IntRange(1, MAX_EPOCHS), default=None)
-@click.option(
-    "--name",
-    default=None,
-    callback=check_search_name,
-    help="Search name (default: <space>-<date>-<time>).",
-)
-@click.option("--address", default=None, help="Ray cluster: auto | ray://HOST:10001.")
-@TRACKING_OPT
-@click.option(
-    "--storage",
-    default=None,
-    callback=check_storage,
-    help="Optuna RDB URL (default: sqlite in the folder).",
-)
-@click.option("--sampler", type=click.Choice(SAMPLERS), default=None)
-@click.option(
-    "--pruner",
-    default=None,
-    type=click.Choice(PRUNERS),
-)
-@click.option(
-    "--prune-on",
-    type=click.Choice(SELECT_METRICS),
-    default=None,
-    help="Validation metric the pruner judges epochs by (default: the searched metric).",
-)
-@click.option(
-    "--gpus-per-trial",
-    type=FiniteFloatRange(min=0),
-    default=None,
-    help="GPUs per trial; a fraction packs trials on one GPU (default: 1 if any).",
-)
-@click.option(
-    "--cpus-per-trial", type=FiniteFloatRange(min=0, min_open=True), default=1.0, show_default=True
-)
-@click.option("--workers-per-trial", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option(
-    "--max-concurrent",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Trials at once (0: as resources allow).",
-)
-@click.option(
-    "--time-budget",
-    default=None,
-    callback=check_duration,
-    help="Wall-clock budget, e.g. 45m or 2h.",
-)
-@click.option("--fold", type=click.IntRange(1, 5), default=None, help="Official fold (Folds.csv).")
-@click.option(
-    "--max-retries",
-    type=click.IntRange(min=0),
-    default=2,
-    show_default=True,
-    help="Restarts of a trial whose process or node died (a trial that raised is not retried).",
-)
-@click.option(
-    "--cv",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Inner folds per trial: each trial trains K models on K patient-grouped folds of "
-    "the non-test patients and is scored (and pruned) on their mean; about K times the "
-    "cost of a trial (default: the space's search.cv, else 1 = one validation split).",
-)
-@SEED_OPT
-@RUNS_OPT
-def start_cmd(
-    space: str,
-    data_dir: Path | None,
-    magnification: str | None,
-    trials: int | None,
-    epochs: int | None,
-    name: str | None,
-    address: str | None,
-    tracking_uri: str | None,
-    storage: str | None,
-    sampler: str | None,
-    pruner: str | None,
-    prune_on: str | None,
-    gpus_per_trial: float | None,
-    cpus_per_trial: float,
-    workers_per_trial: int,
-    max_concurrent: int | None,
-    time_budget: str | None,
-    fold: int | None,
-    max_retries: int,
-    cv: int | None,
-    seed: int | None,
-    runs_dir: Path | None,
-) -> None:
+@table_options(COMMAND_OPTIONS)
+def start_cmd(**options: Any) -> None:
     """Start a search: one Optuna study per magnification, trials on Ray, records in MLflow."""
-    from dala_search.search.tuner import plan_search
+    from dala_search.search.tuner import check_search
 
-    plan = plan_search(
-        space=space,
-        name=name,
-        data_dir=data_dir,
-        magnifications=magnification,
-        trials=trials,
-        epochs=epochs,
-        sampler=sampler,
-        pruner=pruner,
-        prune_on=prune_on,
-        seed=seed or 0,
-        cpus_per_trial=cpus_per_trial,
-        gpus_per_trial=gpus_per_trial,
-        workers_per_trial=workers_per_trial,
-        max_concurrent=max_concurrent,
-        time_budget=time_budget,
-        tracking_uri=tracking_uri,
-        storage=storage,
-        address=address,
-        runs_dir=runs_dir,
-        fold=fold,
-        max_retries=max_retries,
-        cv=cv,
-    )
+    # Every option, the space, the stores, the data, the weights and the resources are
+    # checked here; nothing (folder, study, MLflow record, Ray) exists before this returns.
+    checked = check_search(**options)
+    plan = checked.plan
     click.echo(
         f"search {plan.name}: space {plan.space}, {plan.trials} trial(s) x "
         f"{', '.join(plan.magnifications)}"
@@ -299,7 +169,7 @@ def start_cmd(
         err=True,
     )
     click.echo(f"tracking: {plan.tracking_uri}   study: {plan.storage}", err=True)
-    _run(plan, resume=False)
+    _run(plan, resume=False, index=checked.index)
 
 
 @main.command("resume")
@@ -307,14 +177,17 @@ def start_cmd(
 @RUNS_OPT
 def resume_cmd(name: str, runs_dir: Path | None) -> None:
     """Continue an interrupted search to its requested number of trials."""
-    _run(open_search(name, runs_dir).plan, resume=True)
+    from dala_search.search.tuner import check_resume
+
+    plan = open_search(name, runs_dir).plan
+    _run(plan, resume=True, index=check_resume(plan))
 
 
-def _run(plan: Any, *, resume: bool) -> None:
+def _run(plan: Any, *, resume: bool, index: Any = None) -> None:
     from dala_search.search.tuner import SearchInterrupted, run_search
 
     try:
-        outcomes = run_search(plan, resume=resume)
+        outcomes = run_search(plan, resume=resume, index=index)
     except SearchInterrupted as e:
         _print_outcomes(e.outcomes)
         click.echo(f"Interrupted: continue with `dala-search resume {plan.name}`", err=True)

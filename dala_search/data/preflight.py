@@ -1,9 +1,10 @@
 """Check a search's data before anything starts: no folder, no MLflow run, no Ray.
 
-``plan_search`` (so ``dala-search start``) calls `check_search_data` before anything starts: a data
-folder without BreakHis images, a magnification without images, a split without both
-classes on every side, or a bad ``Folds.csv`` then fails in seconds with the path named,
-instead of after the search folder, the MLflow experiment and the Ray session exist.
+``dala-search start`` and ``resume`` (``search/planning.py``) call `check_search_data`
+before anything starts: a data folder without BreakHis images, a magnification without
+images, a split without both classes on every side, or a bad ``Folds.csv`` then fails in
+seconds with the path named, instead of after the search folder, the MLflow experiment
+and the Ray session exist.
 
 It indexes (verifying every PNG) and splits each magnification exactly as
 ``train.prepare_data`` will, but decodes nothing: the image cache is built later, by the
@@ -51,7 +52,8 @@ def check_search_data(
             else:
                 split = patient_split(records, seed=seed)
         except DataError as e:
-            raise DataError(f"--data {index.root}, magnification {mag}: {e}") from None
+            option = f"--fold {fold}: " if fold is not None else ""
+            raise DataError(f"{option}--data {index.root}, magnification {mag}: {e}") from None
         if cv > 1:
             try:
                 inner_folds(records, split, cv, seed=seed)

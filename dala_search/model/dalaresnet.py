@@ -287,6 +287,20 @@ def load_backbone_weights(resnet: nn.Module, pretrained: str) -> None:
         )
 
 
+def check_backbone_weights(pretrained: str) -> None:
+    """Resolve ``pretrained`` as a trial's model build will (download, read, match the
+    ResNet50's keys), so a search can refuse weights it cannot get before it starts.
+
+    ConfigError (``load_backbone_weights``'s) when they cannot be had; ``"none"`` costs
+    nothing.
+    """
+    if pretrained == "none":
+        return
+    resnet = torchvision.models.resnet50()
+    resnet.fc = nn.Identity()  # as DALAResNet50 does before loading
+    load_backbone_weights(resnet, pretrained)
+
+
 def _no_weights(pretrained: str) -> None:
     return None
 

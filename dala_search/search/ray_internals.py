@@ -17,6 +17,7 @@ from typing import Any
 
 import optuna
 import ray
+from ray._private import utils as ray_utils  # get_num_cpus: Ray's count of this machine's CPUs
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
@@ -88,6 +89,12 @@ def asha_cut_short(scheduler: ASHAScheduler, result: dict[str, Any]) -> bool:
     return result.get(_get(scheduler, "_time_attr"), 0) < _get(scheduler, "_max_t")
 
 
+def local_cpus() -> float:
+    """The CPUs a Ray started here (``ray.init()`` with no address) would count: Ray's own
+    detection (cgroup limits in a container included), before any Ray exists."""
+    return float(_get(ray_utils, "get_num_cpus")())
+
+
 def missing() -> list[str]:
     """Every attribute above that the installed Ray / Optuna no longer has, as "Class.name"."""
 
@@ -120,5 +127,7 @@ def missing() -> list[str]:
         ]
     gone = [f"{type(o).__name__}.{a}" for o, attrs in objects for a in attrs if not hasattr(o, a)]
     hooks = [h for h in OPTUNA_SEARCH_HOOKS if not callable(getattr(OptunaSearch, h, None))]
+    if not callable(getattr(ray_utils, "get_num_cpus", None)):
+        gone.append("ray._private.utils.get_num_cpus")
     gone += [f"OptunaSearch.{h}" for h in hooks]
     return gone

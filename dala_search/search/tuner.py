@@ -1,8 +1,9 @@
 """Ray Tune wiring of a search: one Optuna study and one Tune experiment per magnification.
 
-``plan_search`` checks everything a search needs (space, data, names, tracking store)
-before anything starts; ``run_search`` runs the plan in one Ray session, magnification
-after magnification, and can pick an interrupted plan up again (``resume``).
+``planning.check_search`` (re-exported here with ``plan_search`` and ``check_resume``, the
+CLI's entry points) checks everything a search needs before anything starts;
+``run_search`` runs the plan in one Ray session, magnification after magnification, and
+can pick an interrupted plan up again (``resume``).
 
 A search's folder (``<runs_dir>/<name>/``) holds ``search.json`` (the plan), the Optuna
 study (``optuna.db`` unless ``--storage`` names a database) and Ray's experiment state
@@ -24,25 +25,16 @@ import optuna
 import ray
 from ray import tune
 
-from dala_search.config import SELECT_METRICS
 from dala_search.data import breakhis
 from dala_search.data.breakhis import BreakHisIndex
-from dala_search.data.demo import ensure_demo_data
-from dala_search.data.preflight import check_search_data
 from dala_search.errors import ConfigError, DalaError
 from dala_search.faults import ENV_VAR
 from dala_search.runs import schema
-from dala_search.runs.plan import (
-    PLAN_FILE,
-    SearchPlan,
-    check_name,
-    parse_duration,
-    parse_magnifications,
-    runs_folder,
-)
+from dala_search.runs.plan import SearchPlan
 from dala_search.search import distributed, ray_internals, tracking
 from dala_search.search.callbacks import SearchCallback
 from dala_search.search.optuna_search import PruningOptunaSearch
+from dala_search.search.planning import CheckedSearch, check_resume, check_search, plan_search
 from dala_search.search.pruning import (
     OptunaPruningScheduler,
     PrunedMarkingASHAScheduler,
@@ -53,132 +45,15 @@ from dala_search.search.trainable import TrialContext, run_trial
 from dala_search.space_file import load_space
 from dala_search.train import prepare_data
 
-
-def plan_search(
-    *,
-    space: str,
-    name: str | None = None,
-    data_dir: str | Path | None = None,
-    magnifications: str | None = None,
-    trials: int | None = None,
-    epochs: int | None = None,
-    sampler: str | None = None,
-    pruner: str | None = None,
-    prune_on: str | None = None,
-    seed: int = 0,
-    cpus_per_trial: float = 1.0,
-    gpus_per_trial: float | None = None,
-    workers_per_trial: int = 1,
-    max_concurrent: int | None = None,
-    time_budget: str | None = None,
-    tracking_uri: str | None = None,
-    storage: str | None = None,
-    address: str | None = None,
-    runs_dir: str | Path | None = None,
-    fold: int | None = None,
-    max_retries: int = 2,
-    cv: int | None = None,
-) -> SearchPlan:
-    """Resolve and check a search before anything starts (no run, no folder, no Ray)."""
-    sp = load_space(space)
-    s = sp.settings
-    if "image_size" in sp.params:
-        raise ConfigError(
-            f"{sp.path}: key 'image_size' must be fixed, not searched "
-            "(the decoded-image cache is built once per size)"
-        )
-    name = name or f"{sp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    check_name(name, "--name")
-    folder = runs_folder(runs_dir) / name
-    if (folder / PLAN_FILE).exists():
-        raise DalaError(
-            f"a search named {name!r} already exists in {folder}; continue it "
-            f"with `dala-search resume {name}` or choose another --name"
-        )
-    mags = parse_magnifications(magnifications or s.magnifications)
-    trials = s.trials if trials is None else trials
-    if trials < 1:
-        raise ConfigError(f"--trials: {trials} must be at least 1")
-    if epochs is not None and epochs < 1:
-        raise ConfigError(f"--epochs: {epochs} must be at least 1")
-    sampler = sampler or s.sampler
-    pruner = pruner or s.pruner
-    prune_on = prune_on or s.prune_on
-    if prune_on is not None and prune_on not in SELECT_METRICS:
-        raise ConfigError(
-            f"--prune-on: unknown metric {prune_on!r}; valid: {', '.join(SELECT_METRICS)}"
-        )
-    if prune_on == s.metric:
-        prune_on = None  # the searched metric itself
-    make_sampler(sampler, seed=seed)  # raises ConfigError naming a bad one
-    if pruner != "asha":
-        make_pruner(pruner)
-    if cpus_per_trial <= 0:
-        raise ConfigError(f"--cpus-per-trial: {cpus_per_trial} must be positive")
-    if gpus_per_trial is not None and gpus_per_trial < 0:
-        raise ConfigError(f"--gpus-per-trial: {gpus_per_trial} must be >= 0")
-    if max_retries < 0:
-        raise ConfigError(f"--max-retries: {max_retries} must be >= 0")
-    if workers_per_trial < 1:
-        raise ConfigError(f"--workers-per-trial: {workers_per_trial} must be at least 1")
-    cv = s.cv if cv is None else cv
-    if isinstance(cv, bool) or not isinstance(cv, int) or cv < 1:
-        raise ConfigError(f"--cv: {cv!r} must be an integer >= 1 (1: one validation split)")
-    if cv > 1 and workers_per_trial > 1:
-        raise ConfigError(
-            f"--cv {cv} with --workers-per-trial {workers_per_trial}: a cross-validated trial "
-            "trains its folds in one process; use one worker per trial (concurrent trials "
-            "already spread over the GPUs)"
-        )
-    max_concurrent = s.max_concurrent if max_concurrent is None else max_concurrent
-    if max_concurrent < 0:
-        raise ConfigError(f"--max-concurrent: {max_concurrent} must be >= 0")
-    uri = schema.resolve_tracking_uri(tracking_uri)
-    if address and address != "auto" and not uri.startswith(("http://", "https://")):
-        raise ConfigError(
-            "a Ray cluster (--address) needs an MLflow tracking server "
-            "(--tracking-uri http://HEAD:5000): trials on other nodes cannot "
-            f"write to {uri}"
-        )
-    schema.check_tracking_uri(uri)
-    tracking.check_experiment_free(uri, name, folder)
-    if data_dir is None:
-        data_path = ensure_demo_data()
-    else:
-        data_path = Path(data_dir).expanduser().resolve()
-        if not data_path.is_dir():
-            raise DalaError(f"--data {data_dir}: no such directory")
-    # The data must be searchable before the search folder, the MLflow experiment or Ray
-    # exist: a folder without images, an empty magnification or a bad split fails here.
-
-    _PREFLIGHT_INDEX[str(data_path)] = check_search_data(
-        data_path, mags, seed=seed, fold=fold, cv=cv
-    )
-    return SearchPlan(
-        name=name,
-        space=str(sp.path),
-        data_dir=str(data_path),
-        magnifications=mags,
-        trials=trials,
-        epochs=epochs,
-        metric=s.metric,
-        sampler=sampler,
-        pruner=pruner,
-        seed=seed,
-        cpus_per_trial=cpus_per_trial,
-        gpus_per_trial=-1.0 if gpus_per_trial is None else gpus_per_trial,  # -1: auto
-        workers_per_trial=workers_per_trial,
-        max_concurrent=max_concurrent,
-        time_budget_s=parse_duration(time_budget),
-        tracking_uri=uri,
-        storage=storage or f"sqlite:///{folder / 'optuna.db'}",
-        address=address,
-        folder=str(folder),
-        fold=fold,
-        max_retries=max_retries,
-        prune_on=prune_on,
-        cv=cv,
-    )
+# The CLI reaches the search package through this module only (tests/test_architecture.py).
+__all__ = [
+    "CheckedSearch",
+    "SearchInterrupted",
+    "check_resume",
+    "check_search",
+    "plan_search",
+    "run_search",
+]
 
 
 class DalaOptunaSearch(PruningOptunaSearch):
@@ -228,25 +103,14 @@ class MagnificationOutcome:
     interrupted: bool
 
 
-# plan_search's data preflight indexes (and verifies) every PNG; run_search in the same
-# process takes that index instead of reading the whole data set a second time.
-_PREFLIGHT_INDEX: dict[str, BreakHisIndex] = {}
-
-
-def search_index(plan: SearchPlan) -> BreakHisIndex:
-    """The data index ``run_search`` uses: the one ``plan_search`` just built in this
-    process (taken once), else a fresh ``index_breakhis`` (e.g. on resume)."""
-    index = _PREFLIGHT_INDEX.pop(plan.data_dir, None)
-    return index if index is not None else breakhis.index_breakhis(plan.data_dir, progress=True)
-
-
 def run_search(
     plan: SearchPlan, *, resume: bool = False, index: BreakHisIndex | None = None
 ) -> list[MagnificationOutcome]:
     """Run (or continue) every magnification of ``plan``; returns one outcome each.
 
-    ``index``: the data's index when the caller holds it already (a nested evaluation runs
-    K searches on one data set), else ``search_index``.
+    ``index``: the data's index when the caller holds it already (``check_search`` or
+    ``check_resume`` read it; a nested evaluation runs K searches on one data set), else
+    the data folder is indexed here.
 
     Raises ``SearchInterrupted`` when the driver was interrupted before the plan finished.
     """
@@ -271,7 +135,8 @@ def run_search(
     tracker = tracking.SearchTracker(plan.tracking_uri, plan.name, folder=plan.folder)
     for key, value in _outer_tags(plan).items():
         tracker.client.set_experiment_tag(tracker.experiment_id, key, value)
-    index = index if index is not None else search_index(plan)
+    if index is None:
+        index = breakhis.index_breakhis(plan.data_dir, progress=True)
     if index.skipped:
         print(
             f"note: {len(index.skipped)} unreadable or non-BreakHis file(s) skipped "

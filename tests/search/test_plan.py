@@ -1,4 +1,4 @@
-"""plan_search's data preflight and run_search share one index of the data folder."""
+"""check_search's data preflight hands its index to the search; plan checks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dala_search.runs.plan import SearchPlan
 from dala_search.search import tuner
 
 
-def test_run_search_takes_the_preflight_index_once(
+def test_the_check_hands_its_index_to_the_search(
     tmp_path: Path, demo_root: Path, tiny_space: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[str] = []
@@ -24,17 +24,18 @@ def test_run_search_takes_the_preflight_index_once(
 
     monkeypatch.setattr(preflight, "index_breakhis", counting)
     monkeypatch.setattr(breakhis, "index_breakhis", counting)
-    plan = tuner.plan_search(
+    checked = tuner.check_search(
         space=str(tiny_space),
         data_dir=demo_root,
         tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
         runs_dir=tmp_path / "runs",
     )
-    assert len(calls) == 1  # the preflight read (and verified) every PNG
-    index = tuner.search_index(plan)
-    assert len(calls) == 1 and index.records  # ... and run_search takes that index
-    again = tuner.search_index(plan)  # a second run (resume) of this plan reads the folder
-    assert len(calls) == 2 and len(again.records) == len(index.records)
+    assert len(calls) == 1  # the check read (and verified) every PNG once
+    assert checked.index.records and str(checked.index.root) == checked.plan.data_dir
+    # run_search takes that index (the CLI passes it); a resume checks and reads again.
+    checked.plan.save(new=True)  # what run_search does first
+    again = tuner.check_resume(checked.plan)
+    assert len(calls) == 2 and len(again.records) == len(checked.index.records)
 
 
 def test_prune_on_is_checked_and_kept_in_the_saved_plan(
