@@ -311,6 +311,7 @@ def resume_cmd(name: str, runs_dir: Path | None) -> None:
 
 
 def _run(plan: Any, *, resume: bool) -> None:
+    from dala_search.search.stopping import SearchFailed, exit_process
     from dala_search.search.tuner import SearchInterrupted, run_search
 
     try:
@@ -318,10 +319,13 @@ def _run(plan: Any, *, resume: bool) -> None:
     except SearchInterrupted as e:
         _print_outcomes(e.outcomes)
         click.echo(f"Interrupted: continue with `dala-search resume {plan.name}`", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:  # before Tune took over the signal (indexing, caching)
+        exit_process(130)  # os._exit when Ray's processes were gone (stopping.py)
+    except KeyboardInterrupt:  # before run_search took over the signals
         click.echo(f"Interrupted: continue with `dala-search resume {plan.name}`", err=True)
-        sys.exit(130)
+        exit_process(130)
+    except SearchFailed as e:  # rolled back (stopping.roll_back): records closed, folder marked
+        click.echo(f"Error: {e}", err=True)
+        exit_process(2)
     _print_outcomes(outcomes)
     click.echo(
         f"done. Compare trials with `dala-search ui` (MLflow: {plan.tracking_uri}); "
