@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -238,6 +237,12 @@ def spaces_cmd(verbose: bool) -> None:
     "the non-test patients and is scored (and pruned) on their mean; about K times the "
     "cost of a trial (default: the space's search.cv, else 1 = one validation split).",
 )
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the search of this --name (its folder, MLflow experiment and Optuna "
+    "studies), e.g. one whose start failed; only after every other option passed its checks.",
+)
 @SEED_OPT
 @RUNS_OPT
 def start_cmd(
@@ -261,6 +266,7 @@ def start_cmd(
     fold: int | None,
     max_retries: int,
     cv: int | None,
+    overwrite: bool,
     seed: int | None,
     runs_dir: Path | None,
 ) -> None:
@@ -290,7 +296,13 @@ def start_cmd(
         fold=fold,
         max_retries=max_retries,
         cv=cv,
+        overwrite=overwrite,
     )
+    if overwrite and Path(plan.folder).exists():
+        from dala_search.runs.rollback import replace_search
+
+        for what in replace_search(plan.folder, plan.name, [plan.tracking_uri]):
+            click.echo(f"--overwrite: removed {what}", err=True)
     click.echo(
         f"search {plan.name}: space {plan.space}, {plan.trials} trial(s) x "
         f"{', '.join(plan.magnifications)}"

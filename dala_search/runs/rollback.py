@@ -78,6 +78,17 @@ def clear_failed(folder: str | Path) -> None:
     (Path(folder) / FAILED_FILE).unlink(missing_ok=True)
 
 
+def existing_search_message(folder: Path, name: str) -> str:
+    """Why ``start --name NAME`` is refused when the folder holds a search, and what to do."""
+    failed = failure(folder)
+    state = f" (its start or resume failed: {failed.get('error', '?')})" if failed else ""
+    return (
+        f"a search named {name!r} already exists in {folder}{state}; continue it with "
+        f"`dala-search resume {name}`, replace it (its folder, MLflow experiment and Optuna "
+        "studies) with --overwrite, or choose another --name"
+    )
+
+
 def replace_search(folder: str | Path, name: str, tracking_uris: list[str]) -> list[str]:
     """Remove search ``name`` for ``start --overwrite``; returns what was removed, in words.
 

@@ -9,11 +9,14 @@ after its SIGTERM. So:
 - ``DriverStop`` handles both signals for the whole of ``run_search``. Inside
   ``Tuner.fit`` it asks Tune to stop (Tune's own stop signal, SIGUSR1: Tune writes its
   experiment state one last time and leaves the running trials resumable); outside it,
-  it raises ``KeyboardInterrupt``, which ``run_search`` turns into ``SearchInterrupted``.
-- A watchdog thread, started by the first signal, ends the process itself once the driver
-  is only waiting on Ray after Tune's final state was written (``ray_internals.
-  parked_in_ray``) and Ray's GCS no longer answers, or ``PARKED_S`` later if it does; and
-  whatever the state, ``HARD_S`` after the signal. Before it exits it ends the search's
+  the driver stops at its next ``check`` point (``KeyboardInterrupt``, which
+  ``run_search`` turns into ``SearchInterrupted``).
+- A watchdog thread, started by the first signal, ends the process itself: inside
+  ``Tuner.fit``, once the driver is only waiting on Ray after Tune's final state was
+  written (``ray_internals.parked_in_ray``) and Ray's GCS no longer answers, or
+  ``PARKED_S`` later if it does; outside it (reading data, decoding the image cache),
+  ``OUTSIDE_S`` after the signal when no ``check`` point was reached (nothing there needs
+  saving); whatever the state, ``HARD_S`` after the signal. Before it exits it ends the search's
   RUNNING MLflow runs through MLflow's client (``runs.rollback.close_open_runs``, no
   Ray) and prints how to resume. A second signal does the same at once.
 - ``release_ray`` shuts Ray down only when its GCS answers, in a thread, bounded; when it
@@ -45,7 +48,8 @@ from dala_search.search import ray_internals
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 TUNE_STOP = signal.SIGUSR1  # Tune's handler for it sets its "experiment interrupted" flag
 TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"  # SIGINT is ours, not Tune's
-PARKED_S = 8.0  # parked in Ray's cleanup this long with the GCS answering: end it anyway
+OUTSIDE_S = 5.0  # outside Tuner.fit (data, records): time to reach a ``check`` point
+PARKED_S = 3.0  # parked in Ray (final state written) with the GCS answering: end it anyway
 HARD_S = 25.0  # after the signal, whatever the state
 CLOSE_S = 15.0  # at most this long to end the runs in MLflow before exiting
 
@@ -140,6 +144,15 @@ class DriverStop:
                 if own and previous is not None:
                     signal.signal(TUNE_STOP, previous)
 
+    def check(self) -> None:
+        """A safe point of the driver: raise ``KeyboardInterrupt`` once a stop was asked.
+
+        The signal handler itself never raises: an exception at an arbitrary point broke
+        MLflow's SQL parser for the rest of the process (seen: every later query refused).
+        """
+        if self.requested:
+            raise KeyboardInterrupt
+
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.requested:  # a second signal: the user insists
             self.exit_now("a second signal")
@@ -152,10 +165,7 @@ class DriverStop:
             flush=True,
         )
         threading.Thread(target=self._watch, name="dala-stop-watchdog", daemon=True).start()
-        if self._in_fit:
-            self._tell_tune()
-            return
-        raise KeyboardInterrupt
+        self._tell_tune()
 
     def _tell_tune(self) -> None:
         """SIGUSR1 to this process once Tune's handler for it is installed."""
@@ -173,6 +183,8 @@ class DriverStop:
             time.sleep(0.2)
             self._tell_tune()
             waited = time.monotonic() - self.stopped_at
+            if not self._in_fit and waited > OUTSIDE_S:
+                self.exit_now(f"the driver reached no stopping point within {OUTSIDE_S:.0f} s")
             if ray_internals.parked_in_ray(self._main):
                 if not gcs_answers(self._gcs):
                     self.exit_now("Ray's processes are gone (they got the signal too)")
@@ -209,8 +221,7 @@ class DriverStop:
 
 def release_ray(timeout_s: float = 10.0) -> bool:
     """Shut Ray down when its GCS answers, within ``timeout_s``; False when it could not
-    (``exit_process`` then leaves without Python's exit)."""
-    global _ray_abandoned
+    (then ``abandon_ray``)."""
     if not ray.is_initialized():
         return True
     if gcs_answers(gcs_address()):
@@ -219,9 +230,21 @@ def release_ray(timeout_s: float = 10.0) -> bool:
         worker.join(timeout_s)
         if not worker.is_alive():
             return True
-    _ray_abandoned = True
-    atexit.unregister(ray.shutdown)
+    abandon_ray()
     return False
+
+
+def abandon_ray() -> None:
+    """Leave Ray as it is; ``exit_process`` then ends the process with ``os._exit``.
+
+    For a driver that was told to stop: the Ray processes it started share its fate (Ray
+    ends them when the driver's process ends; checked by hand on Ray 2.60), a cluster ends
+    the driver's job, and ``ray.shutdown`` would wait seconds on a GCS the signal killed.
+    """
+    global _ray_abandoned
+    if ray.is_initialized():
+        _ray_abandoned = True
+        atexit.unregister(ray.shutdown)
 
 
 def exit_process(code: int) -> NoReturn:
@@ -238,11 +261,14 @@ def _flush() -> None:
             stream.flush()
 
 
-def end_interrupted(plan: SearchPlan, started_ray: bool) -> None:
-    """An interrupted driver: Ray shut down (bounded), no run of the search left RUNNING."""
-    if started_ray:
-        release_ray()
+def end_interrupted(plan: SearchPlan, stop: DriverStop, started_ray: bool) -> None:
+    """An interrupted driver: no run of the search left RUNNING; Ray abandoned after a stop
+    signal (``abandon_ray``), else shut down when this search started it."""
     rollback.close_open_runs(plan.tracking_uri, plan.name)
+    if stop.requested:
+        abandon_ray()
+    elif started_ray:
+        release_ray()
 
 
 class SearchFailed(DalaError):

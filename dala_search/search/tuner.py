@@ -76,8 +76,12 @@ def plan_search(
     fold: int | None = None,
     max_retries: int = 2,
     cv: int | None = None,
+    overwrite: bool = False,
 ) -> SearchPlan:
-    """Resolve and check a search before anything starts (no run, no folder, no Ray)."""
+    """Resolve and check a search before anything starts (no run, no folder, no Ray).
+
+    ``overwrite``: a search of that name may exist (``start --overwrite`` replaces it with
+    ``runs.rollback.replace_search`` once this plan passed)."""
     sp = load_space(space)
     s = sp.settings
     if "image_size" in sp.params:
@@ -88,11 +92,8 @@ def plan_search(
     name = name or f"{sp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_name(name, "--name")
     folder = runs_folder(runs_dir) / name
-    if (folder / PLAN_FILE).exists():
-        raise DalaError(
-            f"a search named {name!r} already exists in {folder}; continue it "
-            f"with `dala-search resume {name}` or choose another --name"
-        )
+    if (folder / PLAN_FILE).exists() and not overwrite:
+        raise DalaError(rollback.existing_search_message(folder, name))
     mags = parse_magnifications(magnifications or s.magnifications)
     trials = s.trials if trials is None else trials
     if trials < 1:
@@ -275,7 +276,7 @@ def run_search(
             created = True
         _run_plan(plan, space, index, stop, outcomes)
     except (SearchInterrupted, KeyboardInterrupt):
-        stopping.end_interrupted(plan, started_ray)
+        stopping.end_interrupted(plan, stop, started_ray)
         raise SearchInterrupted(plan.name, outcomes) from None
     except Exception as error:
         if not created:
@@ -295,6 +296,7 @@ def _run_plan(
 ) -> None:
     """Every magnification of ``plan`` in turn; appends each one's outcome to ``outcomes``."""
     folder = Path(plan.folder)
+    stop.check()
     tracker = tracking.SearchTracker(plan.tracking_uri, plan.name, folder=plan.folder)
     for key, value in _outer_tags(plan).items():
         tracker.client.set_experiment_tag(tracker.experiment_id, key, value)
@@ -309,9 +311,11 @@ def _run_plan(
 
     deadline = time.monotonic() + plan.time_budget_s if plan.time_budget_s else None
     for i, mag in enumerate(plan.magnifications):
+        stop.check()  # the stopping points of the driver outside Tuner.fit (stopping.py)
         data = prepare_data(
             index, mag, image_size=image_size, seed=plan.seed, fold=plan.fold, progress=True
         )
+        stop.check()
         if plan.outer is not None:  # an inner search of `evaluate --nested`: its outer fold
             import dataclasses
 
