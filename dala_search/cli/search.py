@@ -323,8 +323,7 @@ def resume_cmd(name: str, runs_dir: Path | None) -> None:
 
 
 def _run(plan: Any, *, resume: bool) -> None:
-    from dala_search.search.stopping import SearchFailed, exit_process
-    from dala_search.search.tuner import SearchInterrupted, run_search
+    from dala_search.search.tuner import SearchFailed, SearchInterrupted, exit_process, run_search
 
     try:
         outcomes = run_search(plan, resume=resume)

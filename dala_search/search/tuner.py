@@ -47,6 +47,8 @@ from dala_search.search.pruning import (
     make_pruner,
     make_sampler,
 )
+from dala_search.search.stopping import SearchFailed as SearchFailed  # the CLI's (via tuner)
+from dala_search.search.stopping import exit_process as exit_process
 from dala_search.search.trainable import TrialContext, run_trial
 from dala_search.space_file import load_space
 from dala_search.train import prepare_data
