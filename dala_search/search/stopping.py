@@ -154,16 +154,13 @@ class DriverStop:
             raise KeyboardInterrupt
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        # Nothing here raises or writes to stderr (a handler that prints while the main
+        # thread prints raises "reentrant call"); the watchdog thread says what happens.
         if self.requested:  # a second signal: the user insists
-            self.exit_now("a second signal")
+            threading.Thread(target=self.exit_now, args=("a second signal",)).start()
+            return
         self.stopped_at = time.monotonic()
         self.signal_name = signal.Signals(signum).name
-        print(
-            f"\n{self.signal_name}: stopping search {self.plan.name!r} (send it again to "
-            "stop at once); the records are closed and the search can be resumed",
-            file=sys.stderr,
-            flush=True,
-        )
         threading.Thread(target=self._watch, name="dala-stop-watchdog", daemon=True).start()
         self._tell_tune()
 
@@ -178,7 +175,14 @@ class DriverStop:
             os.kill(os.getpid(), TUNE_STOP)
 
     def _watch(self) -> None:
+        """Runs from the first signal until the process ends (the CLI ends it at once)."""
         assert self.stopped_at is not None
+        print(
+            f"\n{self.signal_name}: stopping search {self.plan.name!r} (send it again to "
+            "stop at once); the records are closed and the search can be resumed",
+            file=sys.stderr,
+            flush=True,
+        )
         while True:
             time.sleep(0.2)
             self._tell_tune()
