@@ -134,7 +134,7 @@ def _nested_run(
     name: str, k: int, magnification: str | None, tracking_uri: str | None, runs_dir: Path | None
 ) -> list[dict]:
     from dala_search.nested import nested_evaluate
-    from dala_search.search.tuner import SearchInterrupted
+    from dala_search.search.tuner import SearchInterrupted, exit_process
 
     try:
         return nested_evaluate(
@@ -146,7 +146,7 @@ def _nested_run(
             "(finished inner searches are kept)",
             err=True,
         )
-        sys.exit(130)
+        exit_process(130)  # os._exit when a stop signal left Ray behind (search/stopping.py)
 
 
 @main.command("baselines")

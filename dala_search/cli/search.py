@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -153,14 +152,26 @@ def spaces_cmd(verbose: bool) -> None:
 
 @main.command("start")
 @table_options(COMMAND_OPTIONS)
-def start_cmd(**options: Any) -> None:
+# Not a row of the table: what to do with an existing name, not a setting of the search.
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the search of this --name (its folder, MLflow experiment and Optuna "
+    "studies), e.g. one whose start failed; only after every other option passed its checks.",
+)
+def start_cmd(overwrite: bool, **options: Any) -> None:
     """Start a search: one Optuna study per magnification, trials on Ray, records in MLflow."""
     from dala_search.search.tuner import check_search
 
     # Every option, the space, the stores, the data, the weights and the resources are
     # checked here; nothing (folder, study, MLflow record, Ray) exists before this returns.
-    checked = check_search(**options)
+    checked = check_search(**options, overwrite=overwrite)
     plan = checked.plan
+    if overwrite and Path(plan.folder).exists():
+        from dala_search.runs.rollback import replace_search
+
+        for what in replace_search(plan.folder, plan.name, [plan.tracking_uri]):
+            click.echo(f"--overwrite: removed {what}", err=True)
     click.echo(
         f"search {plan.name}: space {plan.space}, {plan.trials} trial(s) x "
         f"{', '.join(plan.magnifications)}"
@@ -184,17 +195,20 @@ def resume_cmd(name: str, runs_dir: Path | None) -> None:
 
 
 def _run(plan: Any, *, resume: bool, index: Any = None) -> None:
-    from dala_search.search.tuner import SearchInterrupted, run_search
+    from dala_search.search.tuner import SearchFailed, SearchInterrupted, exit_process, run_search
 
     try:
         outcomes = run_search(plan, resume=resume, index=index)
     except SearchInterrupted as e:
         _print_outcomes(e.outcomes)
         click.echo(f"Interrupted: continue with `dala-search resume {plan.name}`", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:  # before Tune took over the signal (indexing, caching)
+        exit_process(130)  # os._exit when Ray's processes were gone (stopping.py)
+    except KeyboardInterrupt:  # before run_search took over the signals
         click.echo(f"Interrupted: continue with `dala-search resume {plan.name}`", err=True)
-        sys.exit(130)
+        exit_process(130)
+    except SearchFailed as e:  # rolled back (stopping.roll_back): records closed, folder marked
+        click.echo(f"Error: {e}", err=True)
+        exit_process(2)
     _print_outcomes(outcomes)
     click.echo(
         f"done. Compare trials with `dala-search ui` (MLflow: {plan.tracking_uri}); "

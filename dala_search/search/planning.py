@@ -30,7 +30,7 @@ from dala_search.data.demo import default_demo_dir, ensure_demo_data
 from dala_search.data.preflight import check_search_data
 from dala_search.errors import ConfigError, DalaError
 from dala_search.model.dalaresnet import check_backbone_weights
-from dala_search.runs import schema
+from dala_search.runs import rollback, schema
 from dala_search.runs.plan import PLAN_FILE, SearchPlan, parse_duration, runs_folder
 from dala_search.runs.storage import check_storage
 from dala_search.search import distributed, ray_internals, tracking
@@ -48,11 +48,13 @@ class CheckedSearch:
     index: BreakHisIndex
 
 
-def check_search(**options: Any) -> CheckedSearch:
+def check_search(*, overwrite: bool = False, **options: Any) -> CheckedSearch:
     """Resolve and check a new search; creates nothing (no folder, study, run or Ray).
 
     ``options``: the keywords of start_options.START_OPTIONS (None: not given, so the
     space's value or the row's default applies). Raises DalaError naming the option.
+    ``overwrite``: a search of that name may exist (``start --overwrite`` replaces it with
+    ``runs.rollback.replace_search`` once this check passed); its studies are not refused.
     """
     with _naming("--space"):
         space = load_space(options.get("space") or start_options.OPTIONS["space"].default)
@@ -61,11 +63,8 @@ def check_search(**options: Any) -> CheckedSearch:
     plan = _make_plan(values, space)
     _check_search_algorithms(plan)
     folder = Path(plan.folder)
-    if (folder / PLAN_FILE).exists():
-        raise DalaError(
-            f"a search named {plan.name!r} already exists in {folder}; continue it "
-            f"with `dala-search resume {plan.name}` or choose another --name"
-        )
+    if (folder / PLAN_FILE).exists() and not overwrite:
+        raise DalaError(rollback.existing_search_message(folder, plan.name))
     with _naming("--runs-dir"):
         _check_writable_folder(folder.parent)
     _check_tracking(plan)
@@ -73,8 +72,8 @@ def check_search(**options: Any) -> CheckedSearch:
     # by an earlier attempt must not hold this search's studies.
     if values["storage"] is not None or (folder / "optuna.db").exists():
         with _naming("--storage"):
-            studies = [plan.study_name(m) for m in plan.magnifications]
-            check_storage(plan.storage, studies, new=True)
+            studies = [] if overwrite else [plan.study_name(m) for m in plan.magnifications]
+            check_storage(plan.storage, studies, new=not overwrite)
     check_resources(plan)
     if values["data_dir"] is None:
         ensure_demo_data(Path(plan.data_dir))

@@ -13,6 +13,8 @@ Checked against ray 2.60 (``ray/tune/search/optuna/optuna_search.py``,
 
 from __future__ import annotations
 
+import inspect
+import sys
 from typing import Any
 
 import optuna
@@ -34,6 +36,13 @@ OPTUNA_SEARCH_HOOKS = ("_setup_study",)  # overridden: checks the stored study's
 ASHA_ATTRS = ("_time_attr", "_max_t")
 OPTUNA_STUDY_ATTRS = ("_storage",)  # the in-memory storage of a study without an RDB
 OPTUNA_TRIAL_ATTRS = ("_trial_id",)  # storage-wide id (``number`` is per study)
+
+
+# Where a stopped driver's main thread waits on Ray's processes once everything a resume
+# needs is on disk: ``tune.run`` writes its final experiment state, then
+# ``TuneController.cleanup`` stops the trial actors (it blocks for a minute when Ray's GCS
+# is gone); ``ray.shutdown`` after that. (file name, function name) of those frames.
+PARKED_FRAMES = (("tune_controller.py", "cleanup"), ("worker.py", "shutdown"))
 
 
 class RayInternalsMoved(RuntimeError):
@@ -95,6 +104,38 @@ def local_cpus() -> float:
     return float(_get(ray_utils, "get_num_cpus")())
 
 
+def parked_in_ray(thread_id: int | None) -> bool:
+    """True when thread ``thread_id`` is inside one of ``PARKED_FRAMES`` (stopping.py)."""
+    frame = sys._current_frames().get(thread_id) if thread_id is not None else None
+    while frame is not None:
+        code = frame.f_code
+        if (code.co_filename.rsplit("/", 1)[-1], code.co_name) in PARKED_FRAMES:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _parked_frames_moved() -> list[str]:
+    """``PARKED_FRAMES`` that no longer name the functions, or a ``tune.run`` that no
+    longer writes its final experiment state before it cleans up."""
+    from ray._private import worker
+    from ray.tune import tune
+    from ray.tune.execution.tune_controller import TuneController
+
+    gone = []
+    for function, (file, name) in zip(
+        (TuneController.cleanup, worker.shutdown), PARKED_FRAMES, strict=True
+    ):
+        code = inspect.unwrap(function).__code__
+        if (code.co_filename.rsplit("/", 1)[-1], code.co_name) != (file, name):
+            gone.append(f"{file}:{name}")
+    source = inspect.getsource(tune.run)
+    final = source.find("runner.checkpoint(force=True")
+    if final < 0 or final > source.rfind("runner.cleanup()"):
+        gone.append("tune.run: final checkpoint before runner.cleanup()")
+    return gone
+
+
 def missing() -> list[str]:
     """Every attribute above that the installed Ray / Optuna no longer has, as "Class.name"."""
 
@@ -127,7 +168,7 @@ def missing() -> list[str]:
         ]
     gone = [f"{type(o).__name__}.{a}" for o, attrs in objects for a in attrs if not hasattr(o, a)]
     hooks = [h for h in OPTUNA_SEARCH_HOOKS if not callable(getattr(OptunaSearch, h, None))]
+    gone += [f"OptunaSearch.{h}" for h in hooks]
     if not callable(getattr(ray_utils, "get_num_cpus", None)):
         gone.append("ray._private.utils.get_num_cpus")
-    gone += [f"OptunaSearch.{h}" for h in hooks]
-    return gone
+    return gone + _parked_frames_moved()

@@ -13,9 +13,7 @@ study (``optuna.db`` unless ``--storage`` names a database) and Ray's experiment
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +27,9 @@ from dala_search.data import breakhis
 from dala_search.data.breakhis import BreakHisIndex
 from dala_search.errors import ConfigError, DalaError
 from dala_search.faults import ENV_VAR
-from dala_search.runs import schema
+from dala_search.runs import rollback, schema
 from dala_search.runs.plan import SearchPlan
-from dala_search.search import distributed, ray_internals, tracking
+from dala_search.search import distributed, ray_internals, stopping, tracking
 from dala_search.search.callbacks import SearchCallback
 from dala_search.search.optuna_search import PruningOptunaSearch
 from dala_search.search.planning import CheckedSearch, check_resume, check_search, plan_search
@@ -41,6 +39,8 @@ from dala_search.search.pruning import (
     make_pruner,
     make_sampler,
 )
+from dala_search.search.stopping import SearchFailed as SearchFailed  # the CLI's (via tuner)
+from dala_search.search.stopping import exit_process as exit_process
 from dala_search.search.trainable import TrialContext, run_trial
 from dala_search.space_file import load_space
 from dala_search.train import prepare_data
@@ -115,8 +115,8 @@ def run_search(
     Raises ``SearchInterrupted`` when the driver was interrupted before the plan finished.
     """
     space = load_space(plan.space)
-    folder = Path(plan.folder)
-    if not ray.is_initialized():
+    started_ray = not ray.is_initialized()
+    if started_ray:
         ray.init(
             # No --address: a Ray of our own ("local"), never a `ray start` cluster that
             # happens to run on this host (address=None would join it); "auto" joins one.
@@ -128,10 +128,40 @@ def run_search(
             log_to_driver=True,
             logging_level="WARNING",
         )
-        _stop_on_sigterm()
     _check_cluster_tracking(plan)
-    if not resume:
-        plan.save(new=True)
+    # After ray.init, whose own SIGTERM handler exits the process (stopping.py).
+    stop = stopping.DriverStop(plan).install()
+    outcomes: list[MagnificationOutcome] = []
+    created = resume  # from here on, a failure is rolled back (never another search's folder)
+    try:
+        if resume:
+            rollback.clear_failed(plan.folder)
+        else:
+            plan.save(new=True)
+            created = True
+        _run_plan(plan, space, index, stop, outcomes)
+    except (SearchInterrupted, KeyboardInterrupt):
+        stopping.end_interrupted(plan, stop, started_ray)
+        raise SearchInterrupted(plan.name, outcomes) from None
+    except Exception as error:
+        if not created:
+            raise
+        raise stopping.roll_back(plan, error, started_ray) from error
+    finally:
+        stop.uninstall()
+    return outcomes
+
+
+def _run_plan(
+    plan: SearchPlan,
+    space: Any,
+    index: BreakHisIndex | None,
+    stop: stopping.DriverStop,
+    outcomes: list[MagnificationOutcome],
+) -> None:
+    """Every magnification of ``plan`` in turn; appends each one's outcome to ``outcomes``."""
+    folder = Path(plan.folder)
+    stop.check()
     tracker = tracking.SearchTracker(plan.tracking_uri, plan.name, folder=plan.folder)
     for key, value in _outer_tags(plan).items():
         tracker.client.set_experiment_tag(tracker.experiment_id, key, value)
@@ -146,11 +176,12 @@ def run_search(
     image_size = int(space.fixed.get("image_size", 224))
 
     deadline = time.monotonic() + plan.time_budget_s if plan.time_budget_s else None
-    outcomes = []
     for i, mag in enumerate(plan.magnifications):
+        stop.check()  # the stopping points of the driver outside Tuner.fit (stopping.py)
         data = prepare_data(
             index, mag, image_size=image_size, seed=plan.seed, fold=plan.fold, progress=True
         )
+        stop.check()
         if plan.outer is not None:  # an inner search of `evaluate --nested`: its outer fold
             import dataclasses
 
@@ -160,11 +191,10 @@ def run_search(
         budget = None
         if deadline is not None:
             budget = max(1.0, (deadline - time.monotonic()) / (len(plan.magnifications) - i))
-        outcome = _run_magnification(plan, space, mag, data, tracker, folder, budget)
+        outcome = _run_magnification(plan, space, mag, data, tracker, folder, budget, stop)
         outcomes.append(outcome)
-        if outcome.interrupted:
+        if outcome.interrupted or (stop.requested and i + 1 < len(plan.magnifications)):
             raise SearchInterrupted(plan.name, outcomes)
-    return outcomes
 
 
 def _outer_tags(plan: SearchPlan) -> dict[str, str]:
@@ -188,16 +218,6 @@ def _check_cluster_tracking(plan: SearchPlan) -> None:
             f"the Ray cluster has {len(nodes)} nodes: trials on other nodes cannot write to "
             f"{plan.tracking_uri}; pass --tracking-uri http://HEAD:5000 (an MLflow server)"
         )
-
-
-def _stop_on_sigterm() -> None:
-    """SIGTERM (a scheduler, ``kill``, a preempted node) stops the search like Ctrl+C.
-
-    Ray Tune's SIGINT handler saves the experiment state and the driver says how to
-    resume. Installed after ``ray.init``, whose own SIGTERM handler aborts the process.
-    """
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
 
 
 def _worker_env(plan: SearchPlan) -> dict[str, str]:
@@ -254,6 +274,7 @@ def _run_magnification(
     tracker: tracking.SearchTracker,
     folder: Path,
     budget_s: float | None,
+    stop: stopping.DriverStop,
 ) -> MagnificationOutcome:
 
     study_seed = plan.study_seed(mag)
@@ -357,8 +378,9 @@ def _run_magnification(
                 verbose=0,
             ),
         )
-    tuner.fit()
-    return _summarise(plan, mag, parent, tracker, budget_s)
+    with stop.fit():
+        tuner.fit()
+    return _summarise(plan, mag, parent, tracker, budget_s, stopped=stop.requested)
 
 
 def _inner_folds(
@@ -382,14 +404,22 @@ def _inner_folds(
 
 
 def _summarise(
-    plan: SearchPlan, mag: str, parent: str, tracker: tracking.SearchTracker, budget_s: float | None
+    plan: SearchPlan,
+    mag: str,
+    parent: str,
+    tracker: tracking.SearchTracker,
+    budget_s: float | None,
+    stopped: bool = False,
 ) -> MagnificationOutcome:
-    """Count the study's trials, write the best onto the parent run, register its model."""
+    """Count the study's trials, write the best onto the parent run, register its model.
+
+    ``stopped``: the driver was told to stop (a search with a time budget is then
+    interrupted too, not ended by its budget)."""
 
     study = optuna.load_study(study_name=plan.study_name(mag), storage=plan.storage)
     states = [t.state.name for t in study.get_trials(deepcopy=False)]
     finished = sum(s in ("COMPLETE", "PRUNED", "FAIL") for s in states)
-    interrupted = finished < plan.trials and budget_s is None
+    interrupted = finished < plan.trials and (budget_s is None or stopped)
     key = f"best_{plan.tune_metric}"
     best = schema.best_completed_run(tracker.client, tracker.experiment_id, parent, key)
     version = None

@@ -216,6 +216,138 @@ def test_driver_interrupted_then_resumed_completes_exactly(
         assert {r.data.tags[TAG_WORKERS] for r in runs} == {str(workers)}
 
 
+def _search_runs(uri: str, name: str) -> list:
+    """Every MLflow run of search ``name`` (none while its experiment does not exist)."""
+    client = MlflowClient(uri)
+    try:
+        exp = client.get_experiment_by_name(schema.experiment_name(name))
+    except Exception:  # the driver is still creating the store's tables
+        return []
+    return [] if exp is None else client.search_runs([exp.experiment_id])
+
+
+@pytest.mark.timeout(900)
+def test_sigterm_to_the_whole_process_group_mid_trial(
+    tmp_path: Path, demo_root: Path, tiny_space: Path, checked_records: Callable
+) -> None:
+    """``timeout``, Slurm and systemd signal the driver's whole process group: Ray's GCS and
+    raylet die with it, and the driver used to wait 60 s on them, then exit 1 with every run
+    RUNNING (issue 19). Now: out in seconds, nothing RUNNING, and the resume is exact."""
+    env = {**os.environ, "DALA_RUNS_DIR": str(tmp_path / "runs")}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log = tmp_path / "driver.log"
+    with log.open("w") as out:  # a file, not a pipe: nobody reads while we wait
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dala_search.cli", "start", "--space", str(tiny_space),
+             "--name", "group", "--trials", "2", "--epochs", "2", "--max-concurrent", "1",
+             "--data", str(demo_root), "--tracking-uri", uri],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        while not any(
+            r.data.tags.get(schema.TAG_ROLE) == "trial" for r in _search_runs(uri, "group")
+        ):
+            assert proc.poll() is None, "search ended before a trial ran:\n" + log.read_text()
+            assert time.monotonic() < deadline, "no trial started:\n" + log.read_text()
+            time.sleep(0.3)
+        sent = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)  # the driver, Ray's head processes, its agents
+        proc.wait(timeout=120)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.read_text()
+    assert proc.returncode == 130, text
+    assert took < 15, f"stopped after {took:.0f} s:\n{text}"
+    assert "continue with `dala-search resume group`" in text
+    runs = _search_runs(uri, "group")
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    by_role: dict[str, list] = {}
+    for r in runs:
+        by_role.setdefault(r.data.tags[schema.TAG_ROLE], []).append(r)
+    assert [r.info.status for r in by_role["magnification"]] == ["KILLED"]
+    cut = [r for r in by_role["trial"] if r.data.tags[schema.TAG_STATE] != "completed"]
+    assert cut and all(
+        (r.info.status, r.data.tags[schema.TAG_STATE]) == ("KILLED", "interrupted") for r in cut
+    )
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "dala_search.cli", "resume", "group"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    from dala_search.runs.plan import SearchPlan
+
+    trials, runs = checked_records(SearchPlan.load(tmp_path / "runs" / "group"))
+    assert len(trials) == 2  # exactly the requested trials
+    parent = MlflowClient(uri).get_run(runs[0].data.tags[schema.PARENT_TAG])
+    assert parent.info.status == "FINISHED"
+
+
+# `dala-search start` with the study's creation failing: after the search folder, the MLflow
+# experiment, the magnification's parent run and Ray exist (the issue's burnt name).
+_FAILING_START = """
+import sys
+from dala_search.search import tuner
+
+def refuse(*args, **kwargs):
+    raise RuntimeError("the study storage refused the study (injected)")
+
+tuner.make_searcher = refuse
+from dala_search.cli import main
+main()
+"""
+
+
+@pytest.mark.timeout(900)
+def test_a_start_that_fails_after_creation_is_rolled_back_and_its_name_reusable(
+    tmp_path: Path, demo_root: Path, tiny_space: Path, checked_records: Callable
+) -> None:
+    from dala_search.runs.plan import SearchPlan
+
+    env = {**os.environ, "DALA_RUNS_DIR": str(tmp_path / "runs")}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["start", "--space", str(tiny_space), "--name", "again", "--trials", "1",
+            "--epochs", "1", "--data", str(demo_root), "--tracking-uri", uri]  # fmt: skip
+
+    def cli(*argv: str, fail: bool = False) -> subprocess.CompletedProcess:
+        head = ["-c", _FAILING_START] if fail else ["-m", "dala_search.cli"]
+        return subprocess.run(
+            [sys.executable, *head, *argv], env=env, capture_output=True, text=True, timeout=600
+        )
+
+    failed = cli(*args, fail=True)
+    out = failed.stdout + failed.stderr
+    assert failed.returncode == 2, out
+    assert "search 'again' failed after it started: RuntimeError: the study storage" in out
+    assert "dala-search start --name again --overwrite" in out and "Traceback" not in out
+    (parent,) = _search_runs(uri, "again")  # no trial began
+    assert parent.info.status == "FAILED"
+    assert "the study storage refused" in parent.data.tags[schema.TAG_ERROR]
+    folder = tmp_path / "runs" / "again"
+    assert "RuntimeError" in json.loads((folder / "failed.json").read_text())["traceback"]
+
+    refused = cli(*args)  # the name is taken, and the refusal says how to reuse it
+    assert refused.returncode == 2
+    assert "its start or resume failed" in refused.stderr and "--overwrite" in refused.stderr
+
+    replaced = cli(*args, "--overwrite")
+    assert replaced.returncode == 0, replaced.stdout + replaced.stderr
+    assert "--overwrite: removed MLflow experiment 'dala-search/again'" in replaced.stderr
+    assert not (folder / "failed.json").exists()
+    trials, runs = checked_records(SearchPlan.load(folder))
+    assert len(trials) == 1 and runs[0].data.tags[schema.TAG_STATE] == "completed"
+    parents = [r for r in _search_runs(uri, "again") if r.info.run_id != runs[0].info.run_id]
+    assert [r.info.status for r in parents] == ["FINISHED"]  # the failed one is not in it
+    from mlflow.entities import ViewType
+
+    gone = MlflowClient(uri).search_experiments(view_type=ViewType.DELETED_ONLY)
+    assert [e.name.split(".replaced-")[0] for e in gone] == ["dala-search/again"]
+
+
 def test_mlflow_server_briefly_unreachable(
     tmp_path: Path,
     demo_root: Path,
