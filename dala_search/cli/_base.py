@@ -112,6 +112,25 @@ def check_magnifications(
     return value
 
 
+PROTOCOL_OPT = click.option(
+    "--protocol",
+    type=click.Choice(("patient", "image", "eva")),
+    default="patient",
+    show_default=True,
+    help="Split protocol: patient-disjoint; image-level (LEAKY: inflated figures, only to "
+    "measure the leak); eva (kaiko-ai/eva's BreakHis task: 40X, TA/MC/F/DC, its fixed "
+    "validation patients as test).",
+)
+
+
+def leaky_warning(protocol: str) -> None:
+    """One line on stderr for every command run under a leaky protocol."""
+    from dala_search.data.protocols import LEAKY_NOTE, is_leaky
+
+    if is_leaky(protocol):
+        click.echo(f"WARNING: --protocol {protocol} is {LEAKY_NOTE}", err=True)
+
+
 MAG_OPT = click.option(
     "--magnification",
     "-m",

@@ -15,6 +15,7 @@ from dala_search.cli._base import (
     MAG_OPT,
     MAX_EPOCHS,
     MAX_IMAGE_SIZE,
+    PROTOCOL_OPT,
     RUNS_OPT,
     SEED_OPT,
     TRACKING_OPT,
@@ -23,6 +24,7 @@ from dala_search.cli._base import (
     check_magnifications,
     check_search_name,
     check_storage,
+    leaky_warning,
     main,
 )
 from dala_search.config import SELECT_METRICS
@@ -55,6 +57,7 @@ from dala_search.space import PRUNERS, SAMPLERS
 @SEED_OPT
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N")
 @click.option("--fold", type=click.IntRange(1, 5), default=None, help="Official fold (Folds.csv).")
+@PROTOCOL_OPT
 @CACHE_OPT
 @JSON_OPT
 def train_cmd(
@@ -67,6 +70,7 @@ def train_cmd(
     seed: int | None,
     device: str | None,
     fold: int | None,
+    protocol: str,
     cache_dir: Path | None,
     as_json: bool,
 ) -> None:
@@ -74,7 +78,10 @@ def train_cmd(
     from dala_search.config import TrialConfig, load_trial_config
     from dala_search.data.breakhis import index_breakhis
     from dala_search.data.demo import ensure_demo_data
+    from dala_search.data.protocols import label
     from dala_search.train import prepare_data, train_trial
+
+    leaky_warning(protocol)
 
     overrides = {
         "epochs": epochs,
@@ -106,6 +113,7 @@ def train_cmd(
         fold=fold,
         cache_dir=cache_dir,
         progress=not as_json,
+        protocol=protocol,
     )
     if data.synthetic and not as_json:
         click.echo("note: training on SYNTHETIC demo data, not real BreakHis images", err=True)
@@ -121,6 +129,8 @@ def train_cmd(
 
     result = train_trial(config, data, show, progress=False)
     out = {
+        "protocol": data.split.protocol,
+        "leaky": data.split.leaky,
         "config": config.to_dict(),
         "data": data.describe(),
         "skipped_files": len(index.skipped),
@@ -133,7 +143,8 @@ def train_cmd(
         click.echo(json.dumps(out, indent=2, default=float))
         return
     click.echo(
-        f"best epoch {result.best_epoch} of {result.epochs_run} (by val {config.select_metric})"
+        f"best epoch {result.best_epoch} of {result.epochs_run} (by val {config.select_metric}); "
+        f"split protocol: {label(data.split.protocol)}"
     )
     click.echo(f"{'metric':28}{'val(best)':>12}{'test':>12}")
     for k, v in result.test.items():
@@ -238,6 +249,7 @@ def spaces_cmd(verbose: bool) -> None:
     "the non-test patients and is scored (and pruned) on their mean; about K times the "
     "cost of a trial (default: the space's search.cv, else 1 = one validation split).",
 )
+@PROTOCOL_OPT
 @SEED_OPT
 @RUNS_OPT
 def start_cmd(
@@ -261,12 +273,14 @@ def start_cmd(
     fold: int | None,
     max_retries: int,
     cv: int | None,
+    protocol: str,
     seed: int | None,
     runs_dir: Path | None,
 ) -> None:
     """Start a search: one Optuna study per magnification, trials on Ray, records in MLflow."""
     from dala_search.search.tuner import plan_search
 
+    leaky_warning(protocol)
     plan = plan_search(
         space=space,
         name=name,
@@ -290,11 +304,13 @@ def start_cmd(
         fold=fold,
         max_retries=max_retries,
         cv=cv,
+        protocol=protocol,
     )
     click.echo(
         f"search {plan.name}: space {plan.space}, {plan.trials} trial(s) x "
         f"{', '.join(plan.magnifications)}"
         + (f", {plan.cv} inner folds per trial" if plan.cv > 1 else "")
+        + (f", {plan.protocol} protocol" if plan.protocol != "patient" else "")
         + f"; folder {plan.folder}",
         err=True,
     )

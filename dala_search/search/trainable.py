@@ -108,6 +108,8 @@ def record_trial(
             schema.TAG_SEARCH: ctx.search,
             schema.TAG_CODE: ctx.code_version,
             schema.TAG_CV: str(max(1, len(ctx.folds))),
+            schema.TAG_PROTOCOL: data.split.protocol,
+            schema.TAG_LEAKY: str(data.split.leaky).lower(),
             **(extra_tags or {}),
         },
         params=config.to_dict(),

@@ -25,7 +25,7 @@ import ray
 from ray import tune
 
 from dala_search.config import SELECT_METRICS
-from dala_search.data import breakhis
+from dala_search.data import breakhis, protocols
 from dala_search.data.breakhis import BreakHisIndex
 from dala_search.data.demo import ensure_demo_data
 from dala_search.data.preflight import check_search_data
@@ -78,8 +78,10 @@ def plan_search(
     fold: int | None = None,
     max_retries: int = 2,
     cv: int | None = None,
+    protocol: str = "patient",
 ) -> SearchPlan:
     """Resolve and check a search before anything starts (no run, no folder, no Ray)."""
+    protocols.check_fold_protocol(fold, protocol)
     sp = load_space(space)
     s = sp.settings
     if "image_size" in sp.params:
@@ -96,6 +98,7 @@ def plan_search(
             f"with `dala-search resume {name}` or choose another --name"
         )
     mags = parse_magnifications(magnifications or s.magnifications)
+    protocols.check_magnifications(protocol, mags)
     trials = s.trials if trials is None else trials
     if trials < 1:
         raise ConfigError(f"--trials: {trials} must be at least 1")
@@ -152,7 +155,7 @@ def plan_search(
     # exist: a folder without images, an empty magnification or a bad split fails here.
 
     _PREFLIGHT_INDEX[str(data_path)] = check_search_data(
-        data_path, mags, seed=seed, fold=fold, cv=cv
+        data_path, mags, seed=seed, fold=fold, cv=cv, protocol=protocol
     )
     return SearchPlan(
         name=name,
@@ -178,6 +181,7 @@ def plan_search(
         max_retries=max_retries,
         prune_on=prune_on,
         cv=cv,
+        protocol=protocol,
     )
 
 
@@ -269,7 +273,7 @@ def run_search(
     if not resume:
         plan.save(new=True)
     tracker = tracking.SearchTracker(plan.tracking_uri, plan.name, folder=plan.folder)
-    for key, value in _outer_tags(plan).items():
+    for key, value in {**_outer_tags(plan), **_protocol_tags(plan)}.items():
         tracker.client.set_experiment_tag(tracker.experiment_id, key, value)
     index = index if index is not None else search_index(plan)
     if index.skipped:
@@ -284,7 +288,13 @@ def run_search(
     outcomes = []
     for i, mag in enumerate(plan.magnifications):
         data = prepare_data(
-            index, mag, image_size=image_size, seed=plan.seed, fold=plan.fold, progress=True
+            index,
+            mag,
+            image_size=image_size,
+            seed=plan.seed,
+            fold=plan.fold,
+            progress=True,
+            protocol=plan.protocol,
         )
         if plan.outer is not None:  # an inner search of `evaluate --nested`: its outer fold
             import dataclasses
@@ -300,6 +310,14 @@ def run_search(
         if outcome.interrupted:
             raise SearchInterrupted(plan.name, outcomes)
     return outcomes
+
+
+def _protocol_tags(plan: SearchPlan) -> dict[str, str]:
+    """The split protocol, and whether it leaks, on the experiment and the parent runs."""
+    return {
+        schema.TAG_PROTOCOL: plan.protocol,
+        schema.TAG_LEAKY: str(protocols.is_leaky(plan.protocol)).lower(),
+    }
 
 
 def _outer_tags(plan: SearchPlan) -> dict[str, str]:
@@ -402,6 +420,7 @@ def _run_magnification(
             schema.TAG_CV: str(plan.cv),
             schema.TAG_STUDY_SEED: str(study_seed),
             **_outer_tags(plan),
+            **_protocol_tags(plan),
         },
     )
     tracker.client.update_run(parent, status="RUNNING")
@@ -505,12 +524,14 @@ def _inner_folds(
     same) and logged on the parent run as ``inner_folds.json`` (slides per side and fold),
     with the outer split as ``split.json``: the record shows no test patient in any fold.
     """
-    from dala_search.data.splits import inner_folds
-
     schema.retry(tracker.client.log_dict, parent, data.split.to_json(data.records), "split.json")
     if plan.cv < 2:
         return ()
-    folds = tuple(inner_folds(data.records, data.split, plan.cv, seed=plan.seed))
+    folds = tuple(
+        protocols.protocol_inner_folds(
+            data.records, data.split, plan.cv, seed=plan.seed, protocol=plan.protocol
+        )
+    )
     record = {"cv": plan.cv, "folds": [f.to_json(data.records) for f in folds]}
     schema.retry(tracker.client.log_dict, parent, record, "inner_folds.json")
     return folds
