@@ -114,6 +114,7 @@ def check_magnifications(
 
 PROTOCOL_OPT = click.option(
     "--protocol",
+    "split_protocol",
     type=click.Choice(("patient", "image", "eva")),
     default="patient",
     show_default=True,

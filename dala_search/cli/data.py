@@ -118,7 +118,7 @@ def data_split(
     seed: int | None,
     val_fraction: float,
     test_fraction: float,
-    protocol: str,
+    split_protocol: str,
     as_json: bool,
 ) -> None:
     """Show the train/val/test split of one magnification (patient-disjoint by default)."""
@@ -126,9 +126,9 @@ def data_split(
     from dala_search.data.breakhis import check_magnification, index_breakhis
     from dala_search.data.splits import official_fold_split
 
-    protocols.check_fold_protocol(fold, protocol)
+    protocols.check_fold_protocol(fold, split_protocol)
     mag = None if magnification.lower() == "all" else check_magnification(magnification)
-    protocols.check_magnifications(protocol, (mag or "all",))
+    protocols.check_magnifications(split_protocol, (mag or "all",))
     index = index_breakhis(data_dir, progress=not as_json)
     records = index.select(mag)
     if fold is not None:
@@ -136,7 +136,7 @@ def data_split(
     else:
         split = protocols.make_split(
             records,
-            protocol,
+            split_protocol,
             seed=seed or 0,
             val_fraction=val_fraction,
             test_fraction=test_fraction,

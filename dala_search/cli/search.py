@@ -70,7 +70,7 @@ def train_cmd(
     seed: int | None,
     device: str | None,
     fold: int | None,
-    protocol: str,
+    split_protocol: str,
     cache_dir: Path | None,
     as_json: bool,
 ) -> None:
@@ -81,7 +81,7 @@ def train_cmd(
     from dala_search.data.protocols import label
     from dala_search.train import prepare_data, train_trial
 
-    leaky_warning(protocol)
+    leaky_warning(split_protocol)
 
     overrides = {
         "epochs": epochs,
@@ -113,7 +113,7 @@ def train_cmd(
         fold=fold,
         cache_dir=cache_dir,
         progress=not as_json,
-        protocol=protocol,
+        protocol=split_protocol,
     )
     if data.synthetic and not as_json:
         click.echo("note: training on SYNTHETIC demo data, not real BreakHis images", err=True)
@@ -273,14 +273,14 @@ def start_cmd(
     fold: int | None,
     max_retries: int,
     cv: int | None,
-    protocol: str,
+    split_protocol: str,
     seed: int | None,
     runs_dir: Path | None,
 ) -> None:
     """Start a search: one Optuna study per magnification, trials on Ray, records in MLflow."""
     from dala_search.search.tuner import plan_search
 
-    leaky_warning(protocol)
+    leaky_warning(split_protocol)
     plan = plan_search(
         space=space,
         name=name,
@@ -304,7 +304,7 @@ def start_cmd(
         fold=fold,
         max_retries=max_retries,
         cv=cv,
-        protocol=protocol,
+        protocol=split_protocol,
     )
     click.echo(
         f"search {plan.name}: space {plan.space}, {plan.trials} trial(s) x "
