@@ -8,9 +8,6 @@ the evaluation writes (JSON, MLflow metrics, artifacts, model tags) never touch 
 from __future__ import annotations
 
 import json
-import shutil
-import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -109,58 +106,6 @@ def test_tables_show_the_pooled_estimate_with_its_interval_and_the_fold_figures(
 
 
 # ---- end to end on a copy of the finished search ------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def search_copy(finished_search: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """A writable copy of ``finished_search``: runs folder, MLflow db and artifacts."""
-    root = tmp_path_factory.mktemp("eval-copy")
-    shutil.copytree(finished_search["runs_dir"], root / "runs")
-    src_db = Path(finished_search["tracking_uri"][len("sqlite:///") :])
-    db = root / "mlflow.db"
-    shutil.copy2(src_db, db)
-    con = sqlite3.connect(db)
-    (location,) = con.execute(
-        "select artifact_location from experiments where name = ?",
-        (f"dala-search/{finished_search['name']}",),
-    ).fetchone()
-    src_art = location.removeprefix("file://")
-    shutil.copytree(src_art, root / "artifacts")
-    for table, column in (
-        ("experiments", "artifact_location"),
-        ("runs", "artifact_uri"),
-        ("logged_models", "artifact_location"),
-        ("model_versions", "storage_location"),
-    ):
-        con.execute(
-            f"update {table} set {column} = replace({column}, ?, ?)",
-            (src_art, str(root / "artifacts")),
-        )
-    con.commit()
-    con.close()
-    # MLflow caches each run's artifact repository by run id, process-wide: the copy's runs
-    # keep the original's ids, and the search's driver (same process) already logged to
-    # them, so without clearing the evaluation's artifacts would land in the original's
-    # store (and, after this module, later tests' in the copy's).
-    from mlflow.tracking._tracking_service import utils as mlflow_tracking_utils
-
-    mlflow_tracking_utils._artifact_repos_cache.clear()
-    yield {
-        "name": finished_search["name"],
-        "runs_dir": root / "runs",
-        "tracking_uri": f"sqlite:///{db}",
-        "artifacts": root / "artifacts",
-        "source_artifacts": Path(src_art),
-        "args": [
-            "--runs-dir",
-            str(root / "runs"),
-            "--tracking-uri",
-            f"sqlite:///{db}",
-            "--device",
-            "cpu",
-        ],
-    }
-    mlflow_tracking_utils._artifact_repos_cache.clear()
 
 
 @pytest.fixture(scope="module")
