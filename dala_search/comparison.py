@@ -203,12 +203,12 @@ def baselines_table(doc: BaselineDocument | dict[str, Any]) -> list[str]:
     estimate [95% interval], then the per-fold mean ± SD of the headline metric."""
     if not isinstance(doc, BaselineDocument):
         doc = BaselineDocument.from_json(doc, "baselines document")
-    from dala_search.evaluate import split_label
+    from dala_search.data.protocols import described
 
     tag = " (SYNTHETIC data)" if doc.synthetic else ""
     lines = [
         f"{doc.magnification}  search {doc.search}, {doc.protocol} k={doc.k}{tag}; "
-        f"split protocol: {split_label(doc.split_protocol)}"
+        f"split protocol: {described(doc.split_protocol)}"
     ]
     rows = ([doc.dalaresnet50] if doc.dalaresnet50 else []) + list(doc.rows)
     width = max(len(r.model) for r in rows)

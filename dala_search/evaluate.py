@@ -28,6 +28,8 @@ document holds (``dala_search/runs/documents.py`` is the format, field by field)
 
 Files: ``<search folder>/evaluation/<mag>.json`` (``EvaluationDocument``) and, from
 ``comparison.py``, ``<search folder>/baselines/<mag>.json`` (``BaselineDocument``).
+``--protocol image|eva`` (``data/protocols.py``; image-level splits are LEAKY) writes
+``<mag>.<protocol>.json`` beside them and never replaces the patient-level figures.
 
 MLflow, on the magnification's parent run: ``test_<name>_estimate`` / ``_ci_low`` /
 ``_ci_high`` / ``_mean`` / ``_sd`` metrics and the artifact ``evaluation/<mag>.json``
@@ -557,6 +559,8 @@ def fold_cell(s: MetricSummary) -> str:
 
 def evaluation_table(doc: EvaluationDocument | dict[str, Any]) -> list[str]:
     """Plain-text lines for one magnification's evaluation (the CLI prints them)."""
+    from dala_search.data.protocols import described
+
     if not isinstance(doc, EvaluationDocument):
         doc = EvaluationDocument.from_json(doc, "evaluation document")
     tag = " (SYNTHETIC data)" if doc.synthetic else ""
@@ -566,7 +570,7 @@ def evaluation_table(doc: EvaluationDocument | dict[str, Any]) -> list[str]:
         lines = [
             f"{doc.magnification}  search {doc.search}, {doc.protocol} k={doc.k}, "
             f"{doc.n_images} test predictions of {doc.n_patients} patients{tag}; "
-            f"split protocol: {split_label(doc.split_protocol)}"
+            f"split protocol: {described(doc.split_protocol)}"
         ]
         lines.append(f"  {'metric':20}{'pooled [95% CI]':>26}  {'fold mean ± sd':>17}")
         for name, s in doc.metrics.items():
@@ -575,13 +579,6 @@ def evaluation_table(doc: EvaluationDocument | dict[str, Any]) -> list[str]:
     if doc.nested is not None:
         lines += nested_table(doc)
     return lines
-
-
-def split_label(split_protocol: str) -> str:
-    """The split protocol as tables print it; the leaky one says it is."""
-    from dala_search.data.protocols import LEAKY_NOTE, is_leaky, label
-
-    return label(split_protocol) + (f" ({LEAKY_NOTE})" if is_leaky(split_protocol) else "")
 
 
 def nested_table(doc: EvaluationDocument) -> list[str]:

@@ -93,6 +93,11 @@ def label(protocol: str) -> str:
     }[check_protocol(protocol)]
 
 
+def described(protocol: str) -> str:
+    """``label`` plus, for the leaky protocol, what the leak means (tables' headers)."""
+    return label(protocol) + (f" ({LEAKY_NOTE})" if is_leaky(protocol) else "")
+
+
 def check_magnifications(protocol: str, magnifications: Sequence[str]) -> None:
     """``eva`` is 40X only: a ConfigError for any other selection (``all`` included)."""
     if check_protocol(protocol) == "eva" and tuple(magnifications) != (EVA_MAGNIFICATION,):
