@@ -161,3 +161,15 @@ def test_eva_in_evaluation_folds_needs_seeds(eva_tree: Path) -> None:
     assert all(s.protocol == "eva" for s in splits)
     with pytest.raises(DalaError, match="40X only"):
         eva_split(index.select("100X"))
+
+
+@pytest.mark.slow
+def test_train_under_the_image_protocol_says_leaky(tree30: Path, tmp_path: Path) -> None:
+    args = ["train", "--data", str(tree30), "--protocol", "image", "--epochs", "1"]
+    args += ["--image-size", "32", "--pretrained", "none", "--device", "cpu", "--json"]
+    result = CliRunner().invoke(main, [*args, "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    out = json.loads(result.stdout)
+    assert (out["protocol"], out["leaky"]) == ("image", True)
+    assert (out["data"]["protocol"], out["data"]["leaky"]) == ("image", True)
+    assert "LEAKY" in out["data"]["split"] and "WARNING: --protocol image is LEAKY" in result.stderr
