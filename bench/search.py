@@ -271,7 +271,7 @@ def replay(
     """
     import optuna
 
-    from dala_search.search.optuna_search import _best
+    from dala_search.search.optuna_study import _best
     from dala_search.search.pruning import make_pruner
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)

@@ -27,28 +27,48 @@ score; cost = epochs trained (summed over folds). Printed per seed, then the med
 range over seeds. Goal (issue 18): median CV regret and |optimism| at most half the single
 split's, with a higher median rho.
 
-Not measured here: the nested estimate's error (an outer loop of searches on top would
-roughly double the run; ``evaluate --nested`` is measured by its own tests).
+The final figure, per seed, for the single-split search (the common case): the truth is the
+selected configuration's truth score (the model the search delivers).
+
+- non-nested (what ``evaluate`` reports): the selected configuration retrained on 3
+  patient folds of the same 82 development patients it was selected on (each fold trains
+  on two parts, validates its best epoch on 1/7 of them and tests on the third); the pooled
+  out-of-fold balanced accuracy.
+- nested (what ``evaluate --nested 2`` reports): 2 outer patient folds; on each outer-training
+  half the same N configurations are searched by the single split (validation = 1 of 7
+  folds of that half), and the selected one's model tests the outer-test half, as
+  ``evaluate --nested`` takes the inner search's best trial's test predictions. The pooled
+  outer-test balanced accuracy.
+
+error = estimate − truth; printed per seed with the median and range of both errors.
 
 Sizes, chosen by measuring here. Full: 16 configurations x 5 split seeds, 3 epochs, 2
 images per patient (32 px, from 64x48 sources), batch 16, no early stopping, stem and stages
 1-3 of the backbone frozen (``freeze_stages: 3``; the space trains everything): 16 x 5 x (1
-+ 3) = 320 trainings. On this shared 2-core machine at load ~8-10 (other jobs), one thread
++ 3) = 320 trainings for the selection, plus 5 x (3 + 2 x 16) = 175 (on fewer patients)
+for the final figures. On this shared 2-core machine at load ~8-10 (other jobs), one thread
 trained the whole network at ~10 images/s and with stages 1-3 frozen at ~30 images/s
 (2-epoch single-split trainings: 84 s vs 32 s); 4 images per patient and 5 epochs with
 everything trained, as first planned, measured > 6 minutes per configuration and seed (~8
 hours in all). The selection noise measured here comes from the ~12 validation patients,
 which these cuts keep; 2 images per patient still give 24 validation images per split and
 162 truth images. ``--quick``: 8 configurations x 3 seeds, 2 epochs. ``--tiny`` (the tests):
-2 configurations x 2 seeds, 1 epoch, 37 patients; no figures.
+2 configurations x 1 seed, 1 epoch, 37 patients; no figures.
 
     python bench/selection.py [--quick|--tiny] [--configs N] [--seeds S] [--epochs E]
                               [--threads T] [--record]
+
+The seeds are independent: on a machine with spare cores, run each alone and combine (the
+same figures; each row keeps its own wall times, so the cost ratios stay within a process):
+
+    python bench/selection.py --only-seed 0 --partial seed0.json   # ... one per seed
+    python bench/selection.py --partials seed*.json --record
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import statistics
 import sys
@@ -71,9 +91,9 @@ METRIC = "balanced_accuracy"
 BREAKHIS: dict[str, int] = {"A": 4, "F": 10, "PT": 3, "TA": 7, "DC": 37, "LC": 5, "MC": 9, "PC": 6}
 TINY_PATIENTS = {code: 2 for code in BREAKHIS} | {"DC": 4}  # 8 benign, 10 malignant + 1
 SIZES = {
-    "tiny": dict(configs=2, seeds=2, epochs=1, per_patient=2, patients=TINY_PATIENTS),
-    "quick": dict(configs=8, seeds=3, epochs=2, per_patient=2, patients=BREAKHIS),
-    "full": dict(configs=16, seeds=5, epochs=3, per_patient=2, patients=BREAKHIS),
+    "tiny": dict(configs=2, seeds=1, epochs=1, per_patient=2, patients=TINY_PATIENTS, val_folds=2),
+    "quick": dict(configs=8, seeds=3, epochs=2, per_patient=2, patients=BREAKHIS, val_folds=7),
+    "full": dict(configs=16, seeds=5, epochs=3, per_patient=2, patients=BREAKHIS, val_folds=7),
 }
 # Stem and stages 1-3 of the pre-trained backbone frozen: ~3x cheaper training (measured
 # below); attention (stage 4), fc1, lr and the loss weighting still decide.
@@ -141,6 +161,109 @@ def scores(results: list) -> dict:
     }
 
 
+def pooled_score(data, outcomes: list) -> float:  # noqa: ANN001
+    """Balanced accuracy of test predictions pooled over folds, as evaluate reports it."""
+    from dala_search.metrics import classification_metrics
+
+    y_true = np.concatenate([np.asarray(r.test_scores["y_true"], np.int64) for r in outcomes])
+    y_prob = np.concatenate([np.asarray(r.test_scores["y_prob"], np.float64) for r in outcomes])
+    return float(classification_metrics(y_true, y_prob)[METRIC])
+
+
+def final_figures(  # noqa: ANN001
+    data, pool, configs: list, single: list, seed: int, val_folds: int
+) -> dict:
+    """The single-split search's final figure estimated non-nested and nested (docstring).
+    ``val_folds``: the held-out trainings validate on 1 of that many folds of their patients
+    (7, as the single split; 2 at --tiny, whose halves hold too few patients for 7)."""
+    from dala_search.data.splits import Split, inner_folds
+    from dala_search.train import train_trial
+
+    def held_out(fold, fold_seed: int):  # noqa: ANN001, ANN202
+        # Train on the fold's training part (its best epoch on 1/7 of it), test its val part.
+        rest = Split(train=fold.train, val=(), test=fold.val, description="held out")
+        inner = inner_folds(data.records, rest, val_folds, seed=fold_seed)[0]
+        return dataclasses.replace(data, split=inner)
+
+    sel = [r.best[f"val_{METRIC}"] for r in single]
+    chosen = int(np.argmax(sel))
+    eval_folds = inner_folds(data.records, pool, 3, seed=100 + seed)
+    non_nested = pooled_score(
+        data, [train_trial(configs[chosen], held_out(f, seed)) for f in eval_folds]
+    )
+    outer_best = []
+    for o, outer in enumerate(inner_folds(data.records, pool, 2, seed=200 + seed)):
+        side = held_out(outer, seed)
+        inner = [train_trial(cfg, side) for cfg in configs]
+        best = int(np.argmax([r.best[f"val_{METRIC}"] for r in inner]))
+        c.log(f"seed {seed} outer fold {o + 1}/2: inner search selected config {best}")
+        outer_best.append(inner[best])
+    nested = pooled_score(data, outer_best)
+    truth = single[chosen].test[METRIC]
+    return {
+        "chosen": chosen,
+        "truth": round(truth, 4),
+        "non_nested": round(non_nested, 4),
+        "nested": round(nested, 4),
+        "non_nested_error": round(non_nested - truth, 4),
+        "nested_error": round(nested - truth, 4),
+    }
+
+
+def run_seed(s: int, data, pool, configs: list, size: dict) -> dict:  # noqa: ANN001
+    """Both procedures and the final figures on seed ``s``'s partition of the patients."""
+    from dala_search.data.splits import inner_folds
+    from dala_search.train import train_trial
+    from dala_search.train_cv import train_cv_trial
+
+    fold = inner_folds(data.records, pool, SINGLE_FOLDS, seed=s)[0]
+    single_data = dataclasses.replace(data, split=fold)
+    cv_folds = inner_folds(data.records, pool, K, seed=s)
+    runs: dict[str, list] = {"single": [], "cv": []}
+    walls = {"single": 0.0, "cv": 0.0}
+    epochs = {"single": 0, "cv": 0}
+    for i, cfg in enumerate(configs):
+        t = time.perf_counter()
+        r = train_trial(cfg, single_data)
+        walls["single"] += time.perf_counter() - t
+        epochs["single"] += r.epochs_run
+        runs["single"].append(r)
+        t = time.perf_counter()
+        r_cv = train_cv_trial(cfg, data, cv_folds)
+        walls["cv"] += time.perf_counter() - t
+        epochs["cv"] += r_cv.epochs_run * K
+        runs["cv"].append(r_cv)
+        c.log(
+            f"seed {s} config {i}: single val {r.best[f'val_{METRIC}']:.3f} truth "
+            f"{r.test[METRIC]:.3f} | cv val {r_cv.best[f'val_{METRIC}']:.3f} truth "
+            f"{r_cv.test[METRIC]:.3f} ({walls['single']:.0f} s, {walls['cv']:.0f} s so far)"
+        )
+    final = final_figures(data, pool, configs, runs["single"], s, size["val_folds"])
+    row = {
+        "seed": s,
+        "final": final,
+        "val_patients_single": len(set(data.slides(fold.val))),
+        **{side: scores(runs[side]) for side in runs},
+        "epochs_single": epochs["single"],
+        "epochs_cv": epochs["cv"],
+        "wall_s_single": round(walls["single"], 1),
+        "wall_s_cv": round(walls["cv"], 1),
+    }
+    c.log(seed_line(row))
+    return row
+
+
+def seed_line(row: dict) -> str:
+    final = row["final"]
+    return (
+        f"seed {row['seed']}: rho single {row['single']['spearman']} cv {row['cv']['spearman']}; "
+        f"regret single {row['single']['regret']:.3f} cv {row['cv']['regret']:.3f}; "
+        f"optimism single {row['single']['optimism']:+.3f} cv {row['cv']['optimism']:+.3f}; "
+        f"epochs {row['epochs_single']} vs {row['epochs_cv']}; estimate error non-nested "
+        f"{final['non_nested_error']:+.3f} nested {final['nested_error']:+.3f}"
+    )
+
+
 def summary_of(values: list) -> str:
     v = [x for x in values if x is not None]
     if not v:
@@ -158,7 +281,12 @@ def main() -> None:
     p.add_argument("--configs", type=int, default=None, help="configurations (N)")
     p.add_argument("--seeds", type=int, default=None, help="seeds of the patient split")
     p.add_argument("--epochs", type=int, default=None, help="epochs per training")
+    p.add_argument("--only-seed", type=int, default=None, help="run this seed alone ...")
+    p.add_argument("--partial", default=None, help="... and write its row to this file")
+    p.add_argument("--partials", nargs="+", default=None, help="combine these seed rows")
     args = p.parse_args()
+    if (args.only_seed is None) != (args.partial is None) or (args.partials and args.partial):
+        raise SystemExit("--only-seed S needs --partial FILE; --partials excludes both")
     size = dict(SIZES[c.size_of(args)])
     for key in ("configs", "seeds", "epochs"):
         if getattr(args, key) is not None:
@@ -170,9 +298,8 @@ def main() -> None:
     from search import SIZES as SEARCH_SIZES
     from search import _pretrained_backbone
 
-    from dala_search.data.splits import Split, inner_folds
-    from dala_search.train import prepare_data, train_trial
-    from dala_search.train_cv import train_cv_trial
+    from dala_search.data.splits import Split
+    from dala_search.train import prepare_data
 
     base = c.work_dir(args)
     backbone = _pretrained_backbone(base, SEARCH_SIZES[c.size_of(args)], args.threads)
@@ -208,49 +335,25 @@ def main() -> None:
             f"loss_weighting {cfg.loss_weighting}"
         )
 
-    per_seed = []
-    lines = []
-    for s in range(size["seeds"]):
-        fold = inner_folds(data.records, pool, SINGLE_FOLDS, seed=s)[0]
-        single_data = dataclasses.replace(data, split=fold)
-        cv_folds = inner_folds(data.records, pool, K, seed=s)
-        runs: dict[str, list] = {"single": [], "cv": []}
-        walls = {"single": 0.0, "cv": 0.0}
-        epochs = {"single": 0, "cv": 0}
-        for i, cfg in enumerate(configs):
-            t = time.perf_counter()
-            r = train_trial(cfg, single_data)
-            walls["single"] += time.perf_counter() - t
-            epochs["single"] += r.epochs_run
-            runs["single"].append(r)
-            t = time.perf_counter()
-            r_cv = train_cv_trial(cfg, data, cv_folds)
-            walls["cv"] += time.perf_counter() - t
-            epochs["cv"] += r_cv.epochs_run * K
-            runs["cv"].append(r_cv)
-            c.log(
-                f"seed {s} config {i}: single val {r.best[f'val_{METRIC}']:.3f} truth "
-                f"{r.test[METRIC]:.3f} | cv val {r_cv.best[f'val_{METRIC}']:.3f} truth "
-                f"{r_cv.test[METRIC]:.3f} ({walls['single']:.0f} s, {walls['cv']:.0f} s so far)"
-            )
-        row = {
-            "seed": s,
-            "val_patients_single": len(set(data.slides(fold.val))),
-            **{side: scores(runs[side]) for side in runs},
-            "epochs_single": epochs["single"],
-            "epochs_cv": epochs["cv"],
-            "wall_s_single": round(walls["single"], 1),
-            "wall_s_cv": round(walls["cv"], 1),
-        }
-        per_seed.append(row)
-        line = (
-            f"seed {s}: rho single {row['single']['spearman']} cv {row['cv']['spearman']}; "
-            f"regret single {row['single']['regret']:.3f} cv {row['cv']['regret']:.3f}; "
-            f"optimism single {row['single']['optimism']:+.3f} cv {row['cv']['optimism']:+.3f}; "
-            f"epochs {epochs['single']} vs {epochs['cv']}"
+    if args.only_seed is not None:  # one seed of a run split over processes (docstring)
+        row = run_seed(args.only_seed, data, pool, configs, size)
+        row["load_1m_at_start"] = load_start
+        Path(args.partial).write_text(json.dumps(row) + "\n")
+        c.log(f"seed {args.only_seed} written to {args.partial}")
+        return
+    if args.partials:
+        per_seed = sorted(
+            (json.loads(Path(f).read_text()) for f in args.partials), key=lambda r: r["seed"]
         )
-        lines.append(line)
-        c.log(line)
+        if [r["seed"] for r in per_seed] != list(range(size["seeds"])):
+            raise SystemExit(
+                f"--partials hold seeds {[r['seed'] for r in per_seed]}, "
+                f"expected 0..{size['seeds'] - 1}"
+            )
+        load_start = max(r.pop("load_1m_at_start") for r in per_seed)
+    else:
+        per_seed = [run_seed(s, data, pool, configs, size) for s in range(size["seeds"])]
+    lines = [seed_line(row) for row in per_seed]
 
     def series(side: str, key: str) -> list:
         return [row[side][key] for row in per_seed]
@@ -281,6 +384,12 @@ def main() -> None:
         "selection_sd_single": spread("single"),
         "selection_sd_cv": spread("cv"),
     }
+    result["error_non_nested"] = med([row["final"]["non_nested_error"] for row in per_seed])
+    result["error_nested"] = med([row["final"]["nested_error"] for row in per_seed])
+    result["abs_error_non_nested"] = med(
+        [abs(row["final"]["non_nested_error"]) for row in per_seed]
+    )
+    result["abs_error_nested"] = med([abs(row["final"]["nested_error"]) for row in per_seed])
     for key in ("spearman", "regret", "optimism"):
         for side in ("single", "cv"):
             result[f"{key}_{side}_per_seed"] = series(side, key)
@@ -309,6 +418,7 @@ def main() -> None:
         "batch_size": 16,
         "freeze_stages": FREEZE_STAGES,
         "threads": args.threads,
+        "seeds_run_as": "parallel processes (--partials)" if args.partials else "one process",
         "backbone": "bench/search.py stand-in (ResNet50 pre-trained on seed-1 synthetic patients)",
         "single_split": f"validation = 1 of {SINGLE_FOLDS} patient folds",
         "cv": K,
@@ -335,6 +445,11 @@ def main() -> None:
             f"  {summary_of(series('cv', 'optimism'))}",
             f"  selection score SD between seeds (median over configs): single "
             f"{fmt(result['selection_sd_single'])}, cv {fmt(result['selection_sd_cv'])}",
+            "final figure of the single-split search, estimate - truth (median [min, max]):",
+            f"  evaluate (non-nested, k=3)       "
+            f"{summary_of([r['final']['non_nested_error'] for r in per_seed]):>24}",
+            f"  evaluate --nested 2              "
+            f"{summary_of([r['final']['nested_error'] for r in per_seed]):>24}",
             f"cost: {result['cost_ratio']}x the epochs, {result['wall_ratio']}x the wall time",
             f"goal (CV regret and |optimism| <= half, rho higher): "
             f"{'met' if result['goal_met'] else 'NOT met'}",

@@ -6,8 +6,11 @@ Optuna or MLflow (``search/`` adapts it). The data path reads the decoded-image 
 workers are started per trial and no PNG is decoded per epoch.
 
 ``FoldRun`` is one model on one split, stepped an epoch at a time; ``train_trial`` loops
-over one, ``train_cv.train_cv_trial`` over K in lockstep (``--cv``). The data-serving
-pieces (``TrialData``, ``prepare_data``, ``_Batches``) live in ``trial_data.py``.
+over one, ``train_cv.train_cv_trial`` over K in lockstep (``--cv``). The pieces live
+beside it: the steps of an epoch in ``train_steps.py``, precise BatchNorm in
+``precise_bn.py``, the epoch loop in ``epoch_loop.py``, the data-parallel helpers in
+``parallel.py`` and the data-serving pieces (``TrialData``, ``prepare_data``,
+``_Batches``) in ``trial_data.py``.
 """
 
 from __future__ import annotations
@@ -15,9 +18,8 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -25,13 +27,16 @@ from torch import nn
 
 from dala_search import faults
 from dala_search.config import TrialConfig
-from dala_search.data.augment import AugmentSpec, augment_normalized, to_normalized
 from dala_search.data.sampling import epoch_indices
 from dala_search.data.splits import Split
+from dala_search.epoch_loop import BestEpoch, Reporter, progress_bar, run_epochs
 from dala_search.errors import ConfigError
 from dala_search.losses import create_loss
-from dala_search.metrics import classification_metrics, confusion
+from dala_search.metrics import confusion
 from dala_search.model.dalaresnet import NUM_CLASSES, build_dalaresnet
+from dala_search.parallel import from_rank0, rank_and_world
+from dala_search.precise_bn import recalibrate_batchnorm
+from dala_search.train_steps import evaluate, train_one_epoch
 
 # Re-exported: the data-serving pieces moved to trial_data.py, their importers still use these.
 from dala_search.trial_data import (  # noqa: F401
@@ -45,13 +50,6 @@ from dala_search.trial_data import (  # noqa: F401
 
 # (metrics, y_true, y_prob) of one split side
 Tested = tuple[dict[str, float], np.ndarray, np.ndarray]
-
-# Called once per epoch with the epoch number (1-based) and that epoch's metrics.
-Reporter = Callable[[int, dict[str, float]], None]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite: the trial stops instead of burning epochs."""
 
 
 @dataclass
@@ -86,19 +84,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _cuda_modes(
-    config: TrialConfig, device: torch.device
-) -> tuple[bool, torch.memory_format | None]:
-    """bf16 autocast and a channels_last model apply on CUDA only.
-
-    On the CPU bf16 autocast slows training down; the CPU augmentation hands the model
-    channels_last inputs anyway (no slower than NCHW here, faster at 128 px).
-    """
-    on_cuda = device.type == "cuda"
-    fmt = torch.channels_last if (on_cuda and config.channels_last) else None
-    return on_cuda and config.amp, fmt
-
-
 def _make_optimizer(config: TrialConfig, model: nn.Module) -> torch.optim.Optimizer:
     """Weight decay on weights only (``parameter_groups``); frozen parameters left out."""
     groups = model.parameter_groups(config.weight_decay)
@@ -117,225 +102,6 @@ def _lr_factor(config: TrialConfig, epoch: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (epoch - config.warmup_epochs) / span))
 
 
-def train_one_epoch(
-    model: nn.Module,
-    batches: Batches,
-    labels: torch.Tensor,
-    order: np.ndarray,
-    *,
-    config: TrialConfig,
-    loss_fn: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    device: torch.device,
-    rank: int = 0,
-    world_size: int = 1,
-) -> dict[str, float]:
-    """One pass over ``order`` (positions into the train side); returns loss and speed.
-
-    Data parallel (``world_size`` > 1; ``train_trial(distributed=True)`` calls it on every
-    rank with a DDP-wrapped model): every rank walks the same ``order`` in global batches
-    of ``batch_size`` and trains on its strided share of each, so the global batch (and the
-    lr that suits it) does not depend on the number of workers.
-    """
-    model.train()
-    spec = AugmentSpec(
-        flip=config.flip,
-        rotate90=config.rotate90,
-        crop_scale=config.crop_scale,
-        color_jitter=config.color_jitter,
-        stain_jitter=config.stain_jitter,
-    )
-    use_amp, memory_format = _cuda_modes(config, device)
-    # Accumulate on the device; read once at the end (no host sync in the inner loop).
-    loss_sum = torch.zeros((), device=device)
-    seen = 0
-    start = time.perf_counter()
-    bs = config.batch_size
-    for lo in range(0, len(order), bs):
-        pos = order[lo : lo + bs]
-        if len(pos) < 2 * world_size:  # BatchNorm cannot train on a single sample (per rank)
-            continue
-        n_global = len(pos)
-        pos = pos[rank::world_size]
-        idx = device_positions(pos, device)  # images and labels both index with it
-        x = augment_normalized(batches.get(idx).to(device, non_blocking=True), spec, generator)
-        if memory_format is not None:
-            x = x.contiguous(memory_format=memory_format)
-        y = labels[idx]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits = model(x)
-        loss = loss_fn(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        if world_size > 1:
-            # DDP averages gradients over ranks; weighting each rank's mean loss by its share
-            # makes that the gradient of the global batch's mean loss when shares differ.
-            (loss * (len(pos) * world_size / n_global)).backward()
-        else:
-            loss.backward()
-        optimizer.step()
-        loss_sum += loss.detach() * len(pos)
-        seen += len(pos)
-    if world_size > 1:  # the epoch's loss and image count over all ranks
-        totals = torch.stack([loss_sum, torch.tensor(float(seen), device=device)])
-        torch.distributed.all_reduce(totals)
-        loss_sum, seen = totals[0], int(totals[1].item())
-    mean_loss = float(loss_sum.item()) / max(seen, 1)
-    if not math.isfinite(mean_loss):
-        raise NonFiniteLossError(f"training loss became {mean_loss} (lr {config.lr:g})")
-    elapsed = time.perf_counter() - start
-    return {"train_loss": mean_loss, "train_images_per_s": seen / max(elapsed, 1e-9)}
-
-
-def _plain_batch(
-    batches: Batches,
-    positions: np.ndarray,
-    device: torch.device,
-    memory_format: torch.memory_format | None,
-) -> torch.Tensor:
-    """The model input for ``positions`` without augmentation (validation, precise BN)."""
-    x = to_normalized(
-        batches.get(device_positions(positions, device)).to(device, non_blocking=True)
-    )
-    return x if memory_format is None else x.contiguous(memory_format=memory_format)
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(
-    model: nn.Module,
-    batches: Batches,
-    n: int,
-    *,
-    config: TrialConfig,
-    device: torch.device,
-    rank: int = 0,
-    world_size: int = 1,
-    labels: np.ndarray | None = None,
-) -> int:
-    """Precise BatchNorm: recompute the training BatchNorms' statistics before a validation.
-
-    In eval mode a BatchNorm normalises with running averages (momentum 0.1) of batch
-    statistics that the weights kept changing under; after the few optimiser steps of an
-    epoch on a small split they lag the current weights, and a trial's validation can
-    predict one class where its batch statistics would not (Wu & Johnson, "Rethinking
-    'Batch' in BatchNorm", 2021). Here every BatchNorm that trains gets its statistics
-    recomputed as the plain average over a pass of up to ``config.precise_bn`` training
-    images (the same seeded shuffle each epoch, un-augmented like validation, in batches of
-    the training batch size): what torch's ``swa_utils.update_bn`` does, except that
-    BatchNorms of frozen stages, which ``DALAResNet50.train`` keeps in eval mode, keep their
-    statistics (``update_bn`` would reset them and then never update them). Data parallel:
-    with ``SyncBatchNorm`` (CUDA) every rank passes its share of each batch, otherwise
-    whole batches. ``labels``, the training split's (what ``train_trial`` passes), draws the
-    pass's images with ``config.sampling``, the class mix of the training batches; without
-    them, a plain shuffle of the split. Returns the number of images passed on this rank
-    (0: off, or nothing to recalibrate).
-    """
-    if labels is not None and len(labels) != n:
-        raise ValueError(f"recalibrate_batchnorm: {len(labels)} labels for n={n} images")
-    if config.precise_bn == 0 or n == 0:
-        return 0
-    was_training = model.training
-    model.train()
-    norms = [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
-    ]
-    if not norms:
-        model.train(was_training)
-        return 0
-    # a seeded shuffle, the same every epoch: batches in file order would each hold one
-    # patient and class, and the average of their variances would miss the differences
-    # between patients and classes that the shuffled training batches carried
-    # With ``labels`` (the training split's), the pass draws its images with the trial's
-    # ``sampling`` strategy, so its class mix is the one the training batches had: the
-    # weights learned under balanced batch statistics (oversample: ~50/50), and statistics
-    # of the natural ~30/70 mix shift every feature towards the majority class's mean,
-    # which can tip a model that ranks well (val ROC AUC 0.9) into predicting one class.
-    if labels is not None:
-        drawn = epoch_indices(labels, config.sampling, seed=config.seed)
-    else:
-        drawn = np.random.default_rng(config.seed).permutation(n)
-    positions = drawn[: config.precise_bn]
-    bs = config.batch_size
-    # as in training: no batch statistics of a single image (per rank)
-    chunks = np.split(positions, range(bs, len(positions), bs))
-    chunks = [c for c in chunks if len(c) >= 2 * world_size]
-    if not chunks:  # keep the running averages rather than reset them to nothing
-        model.train(was_training)
-        return 0
-    # SyncBatchNorm (data parallel on CUDA) averages each batch over the ranks' shares;
-    # plain BatchNorms (gloo on the CPU) keep per-rank statistics, so each rank passes whole
-    # batches and rank 0, which validates, gets the statistics one process would
-    shared = any(isinstance(m, nn.SyncBatchNorm) for m in norms)
-    momenta = [m.momentum for m in norms]
-    kept = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]
-    use_amp, memory_format = _cuda_modes(config, device)
-    passed = 0
-    try:
-        for m in norms:
-            m.reset_running_stats()
-        for k, chunk in enumerate(chunks, start=1):
-            # momentum 1/k makes the running statistics the plain average of the k batches'
-            # (what momentum None does, without its per-layer host read of the batch count)
-            for m in norms:
-                m.momentum = 1.0 / k
-            pos = chunk[rank::world_size] if shared else chunk
-            x = _plain_batch(batches, pos, device, memory_format)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                model(x)
-            passed += len(pos)
-    except BaseException:  # leave the statistics as they were, not half recomputed
-        for m, (mean, var) in zip(norms, kept, strict=True):
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
-        raise
-    finally:
-        for m, momentum in zip(norms, momenta, strict=True):
-            m.momentum = momentum
-        model.train(was_training)
-    return passed
-
-
-@torch.no_grad()
-def predict(
-    model: nn.Module,
-    batches: Batches,
-    n: int,
-    *,
-    config: TrialConfig,
-    device: torch.device,
-) -> np.ndarray:
-    """Softmax probabilities for positions 0..n-1 of a split side (no augmentation)."""
-    model.eval()
-    use_amp, memory_format = _cuda_modes(config, device)
-    out = []
-    bs = max(config.batch_size, 64)
-    for lo in range(0, n, bs):
-        pos = np.arange(lo, min(lo + bs, n))
-        x = _plain_batch(batches, pos, device, memory_format)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits = model(x)
-        out.append(torch.softmax(logits.float(), dim=1))
-    return torch.cat(out).cpu().numpy() if out else np.zeros((0, NUM_CLASSES[config.task]))
-
-
-def evaluate(
-    model: nn.Module,
-    data: TrialData,
-    batches: Batches,
-    idx: Sequence[int],
-    *,
-    config: TrialConfig,
-    device: torch.device,
-) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-    """Metrics of one split side: (metrics, y_true, y_prob)."""
-    y_true = data.labels(config.task)[np.asarray(idx, dtype=np.int64)]
-    y_prob = predict(model, batches, len(idx), config=config, device=device)
-    metrics = classification_metrics(y_true, y_prob, slides=data.slides(idx))
-    return metrics, y_true, y_prob
-
-
 def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -348,27 +114,6 @@ def check_image_size(config: TrialConfig, data: TrialData) -> None:
             f"key 'image_size': the config asks for {config.image_size} px but the data "
             f"cache holds {data.cache.image_size} px images"
         )
-
-
-def _rank_and_world(distributed: bool) -> tuple[int, int]:
-    """This process's rank and the group size (0, 1 unless data parallel)."""
-    if not distributed:
-        return 0, 1
-    if not torch.distributed.is_initialized():
-        raise RuntimeError("train_trial(distributed=True) needs an initialised process group")
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-
-def _from_rank0(obj: Any, world: int) -> Any:
-    """Rank 0's ``obj`` on every rank (a small picklable value: metrics, test scores).
-
-    Every rank then reports, selects the best epoch and stops early on the same numbers.
-    """
-    if world == 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 class FoldRun:
@@ -402,7 +147,7 @@ class FoldRun:
         model = build_model(config).to(device)
         if device.type == "cuda" and config.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.rank, self.world = _rank_and_world(distributed)
+        self.rank, self.world = rank_and_world(distributed)
         if distributed and device.type == "cuda":  # batch statistics of the global batch
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model
@@ -483,7 +228,7 @@ class FoldRun:
             val, _, _ = evaluate(
                 self.run_model, self.data, self.val_b, self.split.val, config=config, device=device
             )
-        val = _from_rank0(val, self.world)
+        val = from_rank0(val, self.world)
         metrics = {f"val_{k}": v for k, v in val.items()}
         metrics.update(stats)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -523,83 +268,11 @@ class FoldRun:
                 config=self.config,
                 device=self.device,
             )
-        return _from_rank0(tested, self.world)
+        return from_rank0(tested, self.world)
 
     def kept_model(self) -> nn.Module | None:
         """The model on the host for the caller to keep (rank 0 only)."""
         return self.model.cpu() if self.rank == 0 else None
-
-
-@dataclass
-class BestEpoch:
-    """Best-epoch selection and early stopping on one metric of the reported dicts."""
-
-    key: str  # e.g. "val_balanced_accuracy"
-    patience: int  # 0: never stop early
-    value: float = -math.inf
-    epoch: int = 0  # 0: no finite value yet
-    metrics: dict[str, float] = field(default_factory=dict)
-    since: int = 0
-
-    def update(self, epoch: int, metrics: dict[str, float]) -> bool:
-        """Record epoch ``epoch``; True when it is the best so far (the caller snapshots)."""
-        value = metrics.get(self.key, float("nan"))
-        if math.isfinite(value) and value > self.value:
-            self.value, self.epoch, self.metrics, self.since = value, epoch, metrics, 0
-            return True
-        self.since += 1
-        return False
-
-    @property
-    def stop(self) -> bool:
-        return bool(self.patience) and self.since >= self.patience
-
-
-def progress_bar(config: TrialConfig, desc: str, enabled: bool) -> Any:
-    """A tqdm bar over the epochs, or None."""
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=config.epochs, desc=desc, unit="epoch")
-
-
-def _tick(bar: Any, metrics: dict[str, float], key: str) -> None:
-    if bar is not None:
-        value = metrics.get(key, float("nan"))
-        bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", **{key: f"{value:.3f}"})
-        bar.update(1)
-
-
-def run_epochs(
-    config: TrialConfig,
-    step: Callable[[int], dict[str, float]],
-    snapshot: Callable[[], None],
-    restore: Callable[[], None],
-    reporter: Reporter | None,
-    bar: Any,
-) -> tuple[BestEpoch, list[dict[str, float]]]:
-    """The epoch loop of a trial, one fold or K in lockstep: ``step(epoch)`` trains and
-    validates, ``snapshot()`` keeps the weights of a new best epoch, the reporter hears
-    every epoch, patience stops early, and ``restore()`` puts the best weights back (unless
-    no validation value was finite: the last weights are tested then)."""
-    best = BestEpoch(f"val_{config.select_metric}", config.early_stop_patience)
-    history: list[dict[str, float]] = []
-    for epoch in range(1, config.epochs + 1):
-        metrics = step(epoch)
-        history.append(metrics)
-        if best.update(epoch, metrics):
-            snapshot()
-        _tick(bar, metrics, best.key)
-        if reporter is not None:
-            reporter(epoch, metrics)
-        if best.stop:
-            break
-    if bar is not None:
-        bar.close()
-    if best.epoch:
-        restore()
-    return best, history
 
 
 def trial_result(

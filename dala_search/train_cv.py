@@ -36,20 +36,12 @@ from torch import nn
 
 from dala_search.config import TrialConfig
 from dala_search.data.splits import Split
+from dala_search.epoch_loop import Reporter, progress_bar, run_epochs
 from dala_search.errors import ConfigError, DataError
 from dala_search.metrics import classification_metrics
 from dala_search.model.dalaresnet import build_dalaresnet
 from dala_search.model.ensemble import ProbabilityEnsemble
-from dala_search.train import (
-    FoldRun,
-    Reporter,
-    TrialResult,
-    check_image_size,
-    progress_bar,
-    resolve_device,
-    run_epochs,
-    trial_result,
-)
+from dala_search.train import FoldRun, TrialResult, check_image_size, resolve_device, trial_result
 from dala_search.trial_data import Batches, TrialData, _Batches
 
 FOLD_PREFIX = "cv_fold_"

@@ -64,6 +64,8 @@ def test_benchmark_runs_and_prints_its_json_last(name: str, tmp_path_factory) ->
         assert isinstance(value, int | float) and math.isfinite(value) and value > 0, (key, value)
     assert isinstance(result["goal"], str) and result["goal"]
     assert {"cpu", "cores", "torch"} <= set(result["machine"])
+    if name == "selection":  # its figures follow from its per-seed scores, nested ones too
+        check_selection_record(result)
 
 
 def test_record_rewrites_only_its_block(tmp_path, monkeypatch) -> None:
@@ -307,6 +309,18 @@ def check_selection_record(rec: dict) -> None:
             per_seed = [row[side][key] for row in rec["per_seed"]]
             assert rec[f"{key}_{side}_per_seed"] == per_seed
             assert rec[f"{key}_{side}"] == selection.med(per_seed)
+    for row in rec["per_seed"]:  # the final figures: the single split's chosen one
+        final = row["final"]
+        assert final["chosen"] == row["single"]["chosen"]
+        assert final["truth"] == pytest.approx(row["single"]["truth"][final["chosen"]], abs=1e-4)
+        for kind in ("non_nested", "nested"):
+            assert 0 <= final[kind] <= 1
+            err = final[kind] - final["truth"]
+            assert final[f"{kind}_error"] == pytest.approx(err, abs=2e-4)
+    for kind in ("non_nested", "nested"):
+        errors = [row["final"][f"{kind}_error"] for row in rec["per_seed"]]
+        assert rec[f"error_{kind}"] == selection.med(errors)
+        assert rec[f"abs_error_{kind}"] == selection.med([abs(e) for e in errors])
     rs, rc = rec["spearman_single"], rec["spearman_cv"]
     met = (
         rec["regret_cv"] <= selection.HALF * rec["regret_single"]

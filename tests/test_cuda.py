@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from dala_search import train
+from dala_search import train, train_steps
 from dala_search.config import TrialConfig
 from dala_search.data.augment import AugmentSpec, augment_normalized
 from dala_search.model.dalaresnet import build_dalaresnet
@@ -136,7 +136,7 @@ def test_gpu_bf16_predictions_agree_with_cpu_fp32(data: train.TrialData) -> None
     model = train.train_trial(config, data, keep_model=True).model
     assert model is not None
     n = len(data.split.val)
-    p_cpu = train.predict(
+    p_cpu = train_steps.predict(
         model.cpu(),
         train._Batches(data, data.split.val, CPU),
         n,
@@ -144,7 +144,7 @@ def test_gpu_bf16_predictions_agree_with_cpu_fp32(data: train.TrialData) -> None
         device=CPU,
     )
     gpu_model = model.to(CUDA).to(memory_format=torch.channels_last)
-    p_gpu = train.predict(
+    p_gpu = train_steps.predict(
         gpu_model, train._Batches(data, data.split.val, CUDA), n, config=config, device=CUDA
     )
     diff = np.abs(p_cpu - p_gpu)

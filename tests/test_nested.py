@@ -357,6 +357,7 @@ def test_report_and_table_show_both_figures(nested_run: dict) -> None:
         progress=False,
     ).read_text()
     assert "Nested evaluation (2 outer folds)" in html
+    assert "mean of 2\npatient-grouped inner folds (<code>--cv 2</code>)" in html  # a --cv search
     assert "optimistic by the selection" in html and "tiny.nested2.outer2" in html
     # The report reads the document as it is now: the fixture's later `evaluate --seeds 2`
     # recomputed the optimism against its own pooled estimate.

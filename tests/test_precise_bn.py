@@ -16,7 +16,8 @@ from dala_search.data.augment import to_normalized
 from dala_search.data.sampling import epoch_indices
 from dala_search.errors import ConfigError
 from dala_search.model.dalaresnet import build_dalaresnet
-from dala_search.train import _Batches, prepare_data, recalibrate_batchnorm, train_trial
+from dala_search.precise_bn import recalibrate_batchnorm
+from dala_search.train import _Batches, prepare_data, train_trial
 
 TINY = dict(pretrained="none", image_size=32, batch_size=16, fc1=32, fc2=16, num_threads=2)
 CPU = torch.device("cpu")

@@ -66,6 +66,9 @@ def test_every_section_is_filled_from_its_source(full_report: dict, finished_sea
     assert f"<td>lr</td><td>{row['config']['lr']}</td>" in best
     acc = row["metrics"]["best_test_accuracy"]
     assert f"{acc:.4f}" in best
+    # A single-split search: the report says what that risks and what --cv/--nested cost.
+    assert "one validation split" in best and "<code>--cv K</code>" in best
+    assert f"evaluate {finished_search['name']} --nested K" in best
     ev = parts["evaluation"]
     assert "0.8123" in ev and "[0.7012, 0.9234]" in ev and "0.8369" in ev
     assert "± 0.0500" in ev and "patient-level cluster bootstrap (test)" in ev

@@ -10,7 +10,8 @@ import pytest
 
 from dala_search.config import TrialConfig
 from dala_search.errors import ConfigError
-from dala_search.train import NonFiniteLossError, prepare_data, train_trial
+from dala_search.train import prepare_data, train_trial
+from dala_search.train_steps import NonFiniteLossError
 
 TINY = dict(pretrained="none", image_size=32, batch_size=16, fc1=32, fc2=16, num_threads=2)
 

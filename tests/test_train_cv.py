@@ -14,8 +14,9 @@ from dala_search.data.splits import inner_folds
 from dala_search.errors import DataError
 from dala_search.metrics import classification_metrics
 from dala_search.model.ensemble import ProbabilityEnsemble
-from dala_search.train import _Batches, predict, prepare_data, train_trial
+from dala_search.train import _Batches, prepare_data, train_trial
 from dala_search.train_cv import combine_folds, train_cv_trial
+from dala_search.train_steps import predict
 
 TINY = dict(pretrained="none", image_size=32, batch_size=16, device="cpu", num_threads=1)
 

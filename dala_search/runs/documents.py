@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from dala_search.errors import DalaError
+from dala_search.runs.json_files import Reader, write_json
 
 PROTOCOLS = ("folds", "seeds")
 # The split protocols (data/protocols.py); "image" is the leaky one.
@@ -45,71 +44,6 @@ def document_path(folder: Path, kind: str, magnification: str, split_protocol: s
 
 
 T = TypeVar("T")
-
-
-def write_json(path: Path, doc: dict[str, Any]) -> Path:
-    """Strict JSON (NaN refused: callers turn undefined values into null), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(doc, handle, indent=2, allow_nan=False)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the report reads it as anyone
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-# ---- validation -----------------------------------------------------------------------------
-
-
-class _Reader:
-    """Typed access to one JSON object of a file; every error names the file and key path."""
-
-    def __init__(self, data: Any, source: str, where: str = "") -> None:
-        self.source, self.where = source, where
-        if not isinstance(data, Mapping):
-            raise self.error(f"expected a JSON object, found {type(data).__name__}")
-        self.data = data
-
-    def error(self, msg: str, key: str | None = None) -> DalaError:
-        at = f"{self.where}{key}" if key is not None else self.where.rstrip(".")
-        return DalaError(f"{self.source}: " + (f"key {at!r}: " if at else "") + msg)
-
-    def only(self, *keys: str) -> None:
-        extra = sorted(set(self.data) - set(keys))
-        if extra:
-            raise self.error(f"unknown key(s) {extra} (not written by this dala-search)")
-
-    def get(self, key: str, kind: type | tuple[type, ...], *, null: bool = False) -> Any:
-        if key not in self.data:
-            raise self.error("missing (written by another dala-search version? run it again)", key)
-        v = self.data[key]
-        if v is None and null:
-            return None
-        ok = isinstance(v, kind) and not (isinstance(v, bool) and bool not in _tuple(kind))
-        if not ok:
-            want = " or ".join(t.__name__ for t in _tuple(kind)) + (" or null" if null else "")
-            raise self.error(f"expected {want}, found {json.dumps(v)[:60]}", key)
-        return v
-
-    def number(self, key: str, *, null: bool = True) -> float | None:
-        v = self.get(key, (int, float), null=null)
-        if v is not None and not math.isfinite(v):
-            raise self.error(f"expected a finite number, found {v}", key)
-        return None if v is None else float(v)
-
-    def child(self, key: str, data: Any) -> _Reader:
-        return _Reader(data, self.source, f"{self.where}{key}.")
-
-
-def _tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
-    return kind if isinstance(kind, tuple) else (kind,)
-
-
-# ---- documents --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -143,7 +77,7 @@ class MetricSummary:
 
     @classmethod
     def from_json(cls, data: Any, source: str, where: str = "") -> MetricSummary:
-        r = _Reader(data, source, where)
+        r = Reader(data, source, where)
         r.only("estimate", "ci_low", "ci_high", "mean", "sd", "values", "n_undefined", "ci_note")
         values = r.get("values", list)
         for i, v in enumerate(values):
@@ -181,7 +115,7 @@ def _metrics_json(metrics: Mapping[str, MetricSummary]) -> dict[str, Any]:
     return {k: m.to_json() for k, m in metrics.items()}
 
 
-def _metrics_from(r: _Reader, key: str) -> dict[str, MetricSummary]:
+def _metrics_from(r: Reader, key: str) -> dict[str, MetricSummary]:
     raw = r.get(key, dict)
     if not raw:
         raise r.error("must be a non-empty object", key)
@@ -232,7 +166,7 @@ class _FoldsRecord:
         return {key: getattr(self, key) for key in self._COMMON}
 
     @staticmethod
-    def _common_from(r: _Reader) -> dict[str, Any]:
+    def _common_from(r: Reader) -> dict[str, Any]:
         out = {
             "magnification": r.get("magnification", str),
             "search": r.get("search", str),
@@ -335,7 +269,7 @@ class NestedEstimate:
 
     @classmethod
     def from_json(cls, data: Any, source: str, where: str = "nested.") -> NestedEstimate:
-        r = _Reader(data, source, where)
+        r = Reader(data, source, where)
         r.only(*cls._KEYS)
         out = cls(
             k=r.get("k", int),
@@ -360,7 +294,7 @@ class NestedEstimate:
         return out
 
 
-def _optimism_from(r: _Reader) -> dict[str, float | None] | None:
+def _optimism_from(r: Reader) -> dict[str, float | None] | None:
     raw = r.get("selection_optimism", dict, null=True)
     if raw is None:
         return None
@@ -399,7 +333,7 @@ class EvaluationDocument(_FoldsRecord):
 
     @classmethod
     def from_json(cls, data: Any, source: str) -> EvaluationDocument:
-        r = _Reader(data, source)
+        r = Reader(data, source)
         r.only(*cls._COMMON, "best_run_id", "metrics", "nested", "selection_optimism")
         # Documents written before --nested existed have neither key: read as null.
         nested_raw = r.data.get("nested")
@@ -430,7 +364,7 @@ class ModelRow:
 
     @classmethod
     def from_json(cls, data: Any, source: str, where: str) -> ModelRow:
-        r = _Reader(data, source, where)
+        r = Reader(data, source, where)
         r.only("model", "metrics")
         return cls(model=r.get("model", str), metrics=_metrics_from(r, "metrics"))
 
@@ -456,7 +390,7 @@ class BaselineDocument(_FoldsRecord):
 
     @classmethod
     def from_json(cls, data: Any, source: str) -> BaselineDocument:
-        r = _Reader(data, source)
+        r = Reader(data, source)
         r.only(*cls._COMMON, "rows", "dalaresnet50")
         rows = r.get("rows", list)
         ours = r.get("dalaresnet50", dict, null=True)

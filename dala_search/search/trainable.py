@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+import torch
 from ray import tune
 
 from dala_search import faults
 from dala_search.config import TrialConfig
 from dala_search.data.splits import Split
+from dala_search.epoch_loop import Reporter
 from dala_search.errors import ConfigError
 from dala_search.runs import schema
 from dala_search.search import tracking
@@ -90,56 +92,19 @@ def record_trial(
     ``distributed`` = True, ``extra_tags`` saying how many workers).
     """
     config = trial_config(params, ctx)
-    optuna_number = params.get("_optuna_number", "")
     gpu_ids = [str(g) for g in ray.get_gpu_ids()]
-    tracker = tracking.TrialTracker(
-        ctx.tracking_uri,
-        ctx.experiment_id,
-        ctx.parent_run_id,
-        run_name=f"{ctx.magnification}-{trial_name}",
-        tags={
-            schema.TAG_MAG: ctx.magnification,
-            schema.TAG_RAY_ID: trial_id,
-            schema.TAG_NODE: ray.get_runtime_context().get_node_id(),
-            schema.TAG_PID: str(os.getpid()),
-            schema.TAG_GPUS: ",".join(gpu_ids) or "none",
-            schema.TAG_OPTUNA_NUMBER: str(optuna_number),
-            schema.TAG_SYNTHETIC: str(ctx.synthetic).lower(),
-            schema.TAG_SEARCH: ctx.search,
-            schema.TAG_CODE: ctx.code_version,
-            schema.TAG_CV: str(max(1, len(ctx.folds))),
-            schema.TAG_PROTOCOL: data.split.protocol,
-            schema.TAG_LEAKY: str(data.split.leaky).lower(),
-            **(extra_tags or {}),
-        },
-        params=config.to_dict(),
-    )
-    tracker.log_dict(config.to_dict(), "trial_config.json")
-    best_so_far = -math.inf
-
-    def report(epoch: int, metrics: dict[str, float]) -> None:
-        nonlocal best_so_far
-        value = metrics.get(ctx.metric, float("nan"))
-        if math.isfinite(value):
-            best_so_far = max(best_so_far, value)
-        out = dict(metrics)
-        out[f"best_{ctx.metric}"] = best_so_far if math.isfinite(best_so_far) else float("nan")
-        tracker.log_metrics(out, step=epoch)
-        # Tune (not MLflow) is told which epoch is the last: no pruner judges it. A trial
-        # that early-stops (patience) is not flagged: its end is decided after the report.
-        send({**out, FINAL_EPOCH_KEY: float(epoch >= config.epochs)})
-        faults.after_epoch(epoch)  # no-op unless a reliability test injects a fault
-
+    # The split protocol on every trial run: an image-level (LEAKY) search is marked in
+    # the MLflow UI's trial lists, not only on its parent run.
+    tags = {
+        schema.TAG_PROTOCOL: data.split.protocol,
+        schema.TAG_LEAKY: str(data.split.leaky).lower(),
+        **(extra_tags or {}),
+    }
+    tracker = _open_run(params, config, ctx, trial_id, trial_name, gpu_ids, tags)
+    report = _EpochReport(ctx.metric, config.epochs, tracker, send)
     try:
         check_gpu_visible(gpu_ids, config)
-        if ctx.folds:  # the reported val_* are the folds' means: Optuna and pruner judge them
-            if distributed:
-                raise ConfigError("--cv with --workers-per-trial > 1 is not supported")
-            result = train_cv_trial(config, data, ctx.folds, report, keep_model=ctx.log_models)
-        else:
-            result = train_trial(
-                config, data, report, keep_model=ctx.log_models, distributed=distributed
-            )
+        result = _train(config, data, ctx, report, distributed)
     except Exception as e:
         # A raised error (a bug, a NaN loss, out of memory) would repeat: the run is marked
         # so a restart by Tune's FailureConfig ends at once instead of training again.
@@ -154,6 +119,82 @@ def record_trial(
     if ctx.log_models and result.model is not None and _beats_completed(ctx, result):
         tracker.log_model(result.model)
     tracker.finish("completed")
+
+
+def _open_run(
+    params: dict[str, Any],
+    config: TrialConfig,
+    ctx: TrialContext,
+    trial_id: str,
+    trial_name: str,
+    gpu_ids: list[str],
+    extra_tags: dict[str, str] | None,
+) -> tracking.TrialTracker:
+    """The trial's MLflow child run, tagged with where it runs, its config logged."""
+    tracker = tracking.TrialTracker(
+        ctx.tracking_uri,
+        ctx.experiment_id,
+        ctx.parent_run_id,
+        run_name=f"{ctx.magnification}-{trial_name}",
+        tags={
+            schema.TAG_MAG: ctx.magnification,
+            schema.TAG_RAY_ID: trial_id,
+            schema.TAG_NODE: ray.get_runtime_context().get_node_id(),
+            schema.TAG_PID: str(os.getpid()),
+            schema.TAG_GPUS: ",".join(gpu_ids) or "none",
+            schema.TAG_OPTUNA_NUMBER: str(params.get("_optuna_number", "")),
+            schema.TAG_SYNTHETIC: str(ctx.synthetic).lower(),
+            schema.TAG_SEARCH: ctx.search,
+            schema.TAG_CODE: ctx.code_version,
+            schema.TAG_CV: str(max(1, len(ctx.folds))),
+            **(extra_tags or {}),
+        },
+        params=config.to_dict(),
+    )
+    tracker.log_dict(config.to_dict(), "trial_config.json")
+    return tracker
+
+
+class _EpochReport:
+    """The trial's reporter: each epoch's metrics, with the best value so far, to MLflow
+    and to Tune (``send``)."""
+
+    def __init__(
+        self,
+        metric: str,
+        epochs: int,
+        tracker: tracking.TrialTracker,
+        send: Callable[[dict[str, float]], None],
+    ) -> None:
+        self.metric, self.epochs, self.tracker, self.send = metric, epochs, tracker, send
+        self.best_so_far = -math.inf
+
+    def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
+        value = metrics.get(self.metric, float("nan"))
+        if math.isfinite(value):
+            self.best_so_far = max(self.best_so_far, value)
+        best = self.best_so_far if math.isfinite(self.best_so_far) else float("nan")
+        out = {**metrics, f"best_{self.metric}": best}
+        self.tracker.log_metrics(out, step=epoch)
+        # Tune (not MLflow) is told which epoch is the last: no pruner judges it. A trial
+        # that early-stops (patience) is not flagged: its end is decided after the report.
+        self.send({**out, FINAL_EPOCH_KEY: float(epoch >= self.epochs)})
+        faults.after_epoch(epoch)  # no-op unless a reliability test injects a fault
+
+
+def _train(
+    config: TrialConfig,
+    data: TrialData,
+    ctx: TrialContext,
+    report: Reporter,
+    distributed: bool,
+) -> TrialResult:
+    """``train_trial``, or ``train_cv_trial`` on the context's folds (``--cv``)."""
+    if ctx.folds:  # the reported val_* are the folds' means: Optuna and pruner judge them
+        if distributed:
+            raise ConfigError("--cv with --workers-per-trial > 1 is not supported")
+        return train_cv_trial(config, data, ctx.folds, report, keep_model=ctx.log_models)
+    return train_trial(config, data, report, keep_model=ctx.log_models, distributed=distributed)
 
 
 def test_predictions(data: TrialData, result: TrialResult) -> dict[str, Any]:
@@ -182,8 +223,6 @@ def check_gpu_visible(gpu_ids: list[str], config: TrialConfig) -> None:
     no CUDA in its process (a driver or CUDA_VISIBLE_DEVICES problem on that node) it would
     otherwise train on the CPU, tens of times slower, while holding the GPU. ``device: cpu``
     in the space is an explicit choice and is kept."""
-    import torch
-
     if gpu_ids and config.device == "auto" and not torch.cuda.is_available():
         raise ConfigError(
             f"key 'device': auto, and Ray gave this trial GPU {','.join(gpu_ids)} but CUDA "

@@ -64,7 +64,8 @@ class TinyNet(nn.Module):
 
 def _one_step(data, config: TrialConfig, order: np.ndarray, rank: int, world: int) -> dict:
     """One pass of ``train_one_epoch`` over ``order`` from a seeded TinyNet (SGD)."""
-    from dala_search.train import _Batches, train_one_epoch
+    from dala_search.train import _Batches
+    from dala_search.train_steps import train_one_epoch
 
     torch.manual_seed(0)
     model = TinyNet()
