@@ -36,7 +36,13 @@ from dala_search.evaluate import (
     tracking_client,
     train_folds,
 )
-from dala_search.runs.documents import BaselineDocument, EvaluationDocument, MetricSummary, ModelRow
+from dala_search.runs.documents import (
+    BaselineDocument,
+    EvaluationDocument,
+    MetricSummary,
+    ModelRow,
+    document_path,
+)
 from dala_search.runs.plan import SearchRef
 
 # The paper's table (accuracy, F1, IBA, G-mean) first, then the two we add.
@@ -47,6 +53,7 @@ BASELINE_METRICS: tuple[str, ...] = (
     "gmean",
     "balanced_accuracy",
     "roc_auc",
+    "patient_accuracy",
 )
 
 
@@ -77,8 +84,12 @@ def run_baselines(
     tracking_uri: str | None = None,
     tune: int | None = None,
     log: Log = stderr_log,
+    split_protocol: str = "patient",
 ) -> list[dict[str, Any]]:
     """``dala-search baselines``: the paper's comparison models on the evaluation's folds.
+
+    ``split_protocol`` other than patient writes ``baselines/<mag>.<protocol>.json`` and
+    metrics ``baseline_<protocol>_<model>_test_...`` (beside the patient ones).
 
     Each model trains with the best configuration's recipe (loss, sampling, optimiser, lr
     schedule, epochs, batch size, augmentation, weights) on ``fold_splits`` with the same
@@ -113,23 +124,24 @@ def run_baselines(
             if note:
                 log(f"[{best.magnification}] note: {note}")
     docs = []
-    for best, data, splits in fold_data(ref, bests, protocol, k, log):
+    for best, data, splits in fold_data(ref, bests, protocol, k, log, split_protocol):
         mag = best.magnification
         rows, record, tuning = _train_rows(ref, best, data, splits, protocol, k, names, tune, log)
         doc = BaselineDocument(
             **record,
             rows=rows,
-            dalaresnet50=_evaluation_row(ref, mag, protocol, k, log),
+            dalaresnet50=_evaluation_row(ref, mag, protocol, k, log, split_protocol),
             recipe="shared" if tuning is None else "tuned",
             tuning=None if tuning is None else tuning.describe(),
         )
-        path = doc.write(ref.folder / "baselines" / f"{mag}.json")
+        path = doc.write(document_path(ref.folder, "baselines", mag, split_protocol))
         log(f"[{mag}] wrote {path}")
         client = tracking_client(ref.tracking_uri)
-        batch = [m for r in rows for m in metric_batch(f"baseline_{r.model}_test_", r.metrics)]
+        sp = "" if split_protocol == "patient" else f"{split_protocol}_"
+        batch = [m for r in rows for m in metric_batch(f"baseline_{sp}{r.model}_test_", r.metrics)]
         for i in range(0, len(batch), 1000):  # MLflow's log_batch limit
             client.log_batch(best.parent_run_id, metrics=batch[i : i + 1000])
-        client.log_dict(best.parent_run_id, doc.to_json(), f"baselines/{mag}.json")
+        client.log_dict(best.parent_run_id, doc.to_json(), f"baselines/{path.name}")
         docs.append(doc.to_json())
     return docs
 
@@ -186,11 +198,15 @@ def _train_rows(
     return rows, record, tuning
 
 
-def _evaluation_row(ref: SearchRef, mag: str, protocol: str, k: int, log: Log) -> ModelRow | None:
-    """DALAResNet50's row from ``evaluation/<mag>.json``, or None when not evaluated yet."""
-    path = ref.folder / "evaluation" / f"{mag}.json"
+def _evaluation_row(
+    ref: SearchRef, mag: str, protocol: str, k: int, log: Log, split_protocol: str = "patient"
+) -> ModelRow | None:
+    """DALAResNet50's row from ``evaluation/<mag>.json`` (``<mag>.<protocol>.json``), or
+    None when not evaluated yet under the same split protocol."""
+    path = document_path(ref.folder, "evaluation", mag, split_protocol)
     if not path.is_file():
-        log(f"[{mag}] note: no {path}; run `dala-search evaluate {ref.name}` for its row")
+        how = "" if split_protocol == "patient" else f" --protocol {split_protocol}"
+        log(f"[{mag}] note: no {path}; run `dala-search evaluate {ref.name}{how}` for its row")
         return None
     ev = EvaluationDocument.read(path, mag)
     if (ev.protocol, ev.k) != (protocol, k):
@@ -229,6 +245,7 @@ _LABELS = {
     "gmean": "G-mean",
     "balanced_accuracy": "bal. accuracy",
     "roc_auc": "ROC AUC",
+    "patient_accuracy": "patient acc.",
 }
 
 
@@ -237,8 +254,13 @@ def baselines_table(doc: BaselineDocument | dict[str, Any]) -> list[str]:
     estimate [95% interval], then the per-fold mean ± SD of the headline metric."""
     if not isinstance(doc, BaselineDocument):
         doc = BaselineDocument.from_json(doc, "baselines document")
+    from dala_search.data.protocols import described
+
     tag = " (SYNTHETIC data)" if doc.synthetic else ""
-    lines = [f"{doc.magnification}  search {doc.search}, {doc.protocol} k={doc.k}{tag}"]
+    lines = [
+        f"{doc.magnification}  search {doc.search}, {doc.protocol} k={doc.k}{tag}; "
+        f"split protocol: {described(doc.split_protocol)}"
+    ]
     rows = ([doc.dalaresnet50] if doc.dalaresnet50 else []) + list(doc.rows)
     labels = [r.model for r in rows]
     if doc.dalaresnet50 and doc.recipe == "tuned":

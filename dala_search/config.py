@@ -227,3 +227,7 @@ def _validate(c: TrialConfig) -> None:
 
 # Keep a field list handy for the search-space validator and the CLI.
 TRIAL_KEYS: tuple[str, ...] = tuple(f.name for f in fields(TrialConfig))
+
+# How data is split (data/protocols.py): patient-disjoint (the default), image-level
+# (LEAKY: a patient's images on several sides) and kaiko-ai/eva's BreakHis task.
+PROTOCOLS: tuple[str, ...] = ("patient", "image", "eva")

@@ -28,6 +28,8 @@ document holds (``dala_search/runs/documents.py`` is the format, field by field)
 
 Files: ``<search folder>/evaluation/<mag>.json`` (``EvaluationDocument``) and, from
 ``comparison.py``, ``<search folder>/baselines/<mag>.json`` (``BaselineDocument``).
+``--protocol image|eva`` (``data/protocols.py``; image-level splits are LEAKY) writes
+``<mag>.<protocol>.json`` beside them and never replaces the patient-level figures.
 
 MLflow, on the magnification's parent run: ``test_<name>_estimate`` / ``_ci_low`` /
 ``_ci_high`` / ``_mean`` / ``_sd`` metrics and the artifact ``evaluation/<mag>.json``
@@ -60,7 +62,12 @@ from dala_search.errors import ConfigError, DalaError, DataError
 from dala_search.folds import check_protocol, fold_splits
 from dala_search.intervals import N_RESAMPLES, cluster_bootstrap, method_name
 from dala_search.runs import schema
-from dala_search.runs.documents import EvaluationDocument, MetricSummary, NestedEstimate
+from dala_search.runs.documents import (
+    EvaluationDocument,
+    MetricSummary,
+    NestedEstimate,
+    document_path,
+)
 from dala_search.runs.plan import SearchRef, open_search, parse_magnifications
 
 EVAL_METRICS: tuple[str, ...] = (
@@ -338,14 +345,28 @@ def open_bests(
 
 
 def fold_data(
-    ref: SearchRef, bests: Sequence[BestConfig], protocol: str, k: int, log: Log
+    ref: SearchRef,
+    bests: Sequence[BestConfig],
+    protocol: str,
+    k: int,
+    log: Log,
+    split_protocol: str = "patient",
 ) -> Iterator[tuple[BestConfig, Any, list[Any]]]:
     """Per best configuration, in turn: (best, its magnification's data, the fold splits),
-    the data indexed once; ``evaluate_search`` and ``comparison.run_baselines`` share it."""
+    the data indexed once; ``evaluate_search`` and ``comparison.run_baselines`` share it.
+    ``split_protocol``: patient, image (LEAKY) or eva (``data.protocols``)."""
+    from dala_search.data import protocols
+
+    protocols.check_magnifications(split_protocol, [b.magnification for b in bests])
+    if protocols.is_leaky(split_protocol):
+        log(f"WARNING: --protocol {split_protocol} is {protocols.LEAKY_NOTE}")
     index = data_index(ref, log)
     for best in bests:
         data = prepare_magnification(ref, index, best.magnification, best.config)
-        yield best, data, fold_splits(index, data.records, protocol, k, seed=ref.plan.seed)
+        splits = fold_splits(
+            index, data.records, protocol, k, seed=ref.plan.seed, split_protocol=split_protocol
+        )
+        yield best, data, splits
 
 
 def fold_record(
@@ -371,6 +392,8 @@ def fold_record(
         "splits": [s.to_json(data.records) for s in splits],
         "n_images": sum(len(f.y_true) for f in folds),
         "n_patients": len({s for f in folds for s in f.slides}),
+        "split_protocol": splits[0].protocol,
+        "leaky": bool(splits[0].leaky),
     }
 
 
@@ -388,10 +411,14 @@ def evaluate_search(
     runs_dir: str | Path | None = None,
     tracking_uri: str | None = None,
     log: Log = stderr_log,
+    split_protocol: str = "patient",
 ) -> list[dict[str, Any]]:
     """``dala-search evaluate``: retrain each best config on K folds; write, log, return.
 
     Returns one document per magnification (the ``evaluation/<mag>.json`` content).
+    ``split_protocol`` other than patient (``--protocol image|eva``) writes
+    ``evaluation/<mag>.<protocol>.json`` beside the patient one, and MLflow metrics
+    ``test_<protocol>_<name>_...``; it tags no registered model.
     """
     ref, bests = open_bests(
         name,
@@ -404,17 +431,18 @@ def evaluate_search(
         tracking_uri=tracking_uri,
     )
     docs = []
-    for best, data, splits in fold_data(ref, bests, protocol, k, log):
+    for best, data, splits in fold_data(ref, bests, protocol, k, log, split_protocol):
         mag = best.magnification
         folds = train_folds(best.config, data, splits, protocol, label=mag, log=log)
-        path = ref.folder / "evaluation" / f"{mag}.json"
+        path = document_path(ref.folder, "evaluation", mag, split_protocol)
+        previous = _previous_nested(path, mag, log) if split_protocol == "patient" else None
         doc = with_nested(
             EvaluationDocument(
                 **fold_record(ref, best, data, splits, protocol, k, folds),
                 best_run_id=best.best_run_id,
                 metrics=summarise(folds, EVAL_METRICS, seed=ref.plan.seed),
             ),
-            _previous_nested(path, mag, log),
+            previous,
         )
         path = doc.write(path)
         log(f"[{mag}] wrote {path}")
@@ -489,12 +517,21 @@ def _log_evaluation(ref: SearchRef, best: BestConfig, doc: EvaluationDocument, l
 
     client = tracking_client(ref.tracking_uri)
     mag = best.magnification
+    sp = doc.split_protocol
+    patient = sp == "patient"
+    # Another protocol's figures sit beside the patient ones, never over them.
+    tag = schema.TAG_EVALUATION if patient else f"{schema.TAG_EVALUATION}.{sp}"
+    value = f"{doc.protocol} k={doc.k}" + (", LEAKY image-level split" if doc.leaky else "")
     client.log_batch(
         best.parent_run_id,
-        metrics=metric_batch("test_", doc.metrics),
-        tags=[RunTag(schema.TAG_EVALUATION, f"{doc.protocol} k={doc.k}")],
+        metrics=metric_batch("test_" if patient else f"test_{sp}_", doc.metrics),
+        tags=[RunTag(tag, value)],
     )
-    client.log_dict(best.parent_run_id, doc.to_json(), f"evaluation/{mag}.json")
+    name = document_path(ref.folder, "evaluation", mag, sp).name
+    client.log_dict(best.parent_run_id, doc.to_json(), f"evaluation/{name}")
+    if not patient:
+        log(f"[{mag}] --protocol {sp}: figures logged on the parent run; no model tagged")
+        return
     if not best.registered_model:
         log(
             f"[{mag}] note: the best trial logged no model, so no registered version to tag; "
@@ -522,6 +559,8 @@ def fold_cell(s: MetricSummary) -> str:
 
 def evaluation_table(doc: EvaluationDocument | dict[str, Any]) -> list[str]:
     """Plain-text lines for one magnification's evaluation (the CLI prints them)."""
+    from dala_search.data.protocols import described
+
     if not isinstance(doc, EvaluationDocument):
         doc = EvaluationDocument.from_json(doc, "evaluation document")
     tag = " (SYNTHETIC data)" if doc.synthetic else ""
@@ -530,7 +569,8 @@ def evaluation_table(doc: EvaluationDocument | dict[str, Any]) -> list[str]:
     else:
         lines = [
             f"{doc.magnification}  search {doc.search}, {doc.protocol} k={doc.k}, "
-            f"{doc.n_images} test predictions of {doc.n_patients} patients{tag}"
+            f"{doc.n_images} test predictions of {doc.n_patients} patients{tag}; "
+            f"split protocol: {described(doc.split_protocol)}"
         ]
         lines.append(f"  {'metric':20}{'pooled [95% CI]':>26}  {'fold mean ± sd':>17}")
         for name, s in doc.metrics.items():

@@ -48,15 +48,20 @@ def fold_splits(
     k: int,
     *,
     seed: int = 0,
+    split_protocol: str = "patient",
 ) -> list[Any]:
     """The K patient-disjoint train/val/test splits of ``records`` (see module docstring).
 
     The evaluation and the baselines ask with the same arguments, so both train on
     identical folds. Returns ``data.splits.Split`` objects indexing ``records``.
+    ``split_protocol`` (``data.protocols``): "image" makes K image-level (LEAKY) folds or
+    seeded splits instead; "eva" repeats eva's fixed split with seeds (``seeds`` only).
     """
     from dala_search.data.splits import check_disjoint, official_fold_split, patient_split
 
     check_protocol(protocol, k)
+    if split_protocol != "patient":
+        return _other_protocol(records, protocol, k, seed, split_protocol)
     if protocol == "seeds":
         return [
             patient_split(
@@ -90,6 +95,31 @@ def fold_splits(
         check_disjoint(records, split)
         splits.append(split)
     return splits
+
+
+def _other_protocol(
+    records: Sequence[ImageRecord], protocol: str, k: int, seed: int, split_protocol: str
+) -> list[Any]:
+    """``fold_splits`` under the image or eva protocol (``data.protocols``)."""
+    from dala_search.data import protocols
+
+    if protocols.check_protocol(split_protocol) == "eva":
+        if protocol != "seeds":
+            raise ConfigError(
+                "--protocol eva has one fixed test side (eva's validation patients), so no "
+                f"folds: use --seeds {k} (eva's split trained {k} times, seeds {seed}..)"
+            )
+        return [
+            protocols.eva_split(records, seed=seed + i, val_fraction=VAL_FRACTION) for i in range(k)
+        ]
+    if protocol == "seeds":
+        return [
+            protocols.image_split(
+                records, seed=seed + i, val_fraction=VAL_FRACTION, test_fraction=TEST_FRACTION
+            )
+            for i in range(k)
+        ]
+    return protocols.image_folds(records, k, seed=seed, val_fraction=VAL_FRACTION)
 
 
 def outer_split(index: BreakHisIndex, records: Sequence[ImageRecord], outer: dict) -> Any:

@@ -252,6 +252,12 @@ def nested_evaluate(
     parent run. Returns the documents written."""
     check_k(k)
     ref = open_search(name, runs_dir, tracking_uri)
+    if ref.plan.protocol != "patient":
+        raise ConfigError(
+            f"--nested {k}: search {name!r} split by --protocol {ref.plan.protocol}; a nested "
+            "evaluation re-runs the search on patient-disjoint outer folds, so it needs a "
+            "patient-protocol search"
+        )
     mags = select_magnifications(ref, magnifications)
     # The search's own records must be there (DalaError naming what is missing).
     bests = {m: best_config(ref, m) for m in mags}

@@ -9,8 +9,9 @@ magnification:
 * the final evaluation: per metric the pooled out-of-fold estimate with its 95%
   patient-level bootstrap interval, and the per-fold mean ± SD and values
   (``<search folder>/evaluation/<mag>.json``, written by ``dala-search evaluate``);
-* the comparison with the paper's baselines (``<search folder>/baselines/<mag>.json``,
-  written by ``dala-search baselines``);
+* the comparison (``comparison_table.py``): every model under each split protocol
+  (``baselines/`` and ``evaluation/`` documents), the paper's published figures in their own
+  row, and the leakage rows (image-level minus patient-level, in points);
 * Optuna's own visualisations of the study (matplotlib backend: PNG without plotly/kaleido);
 * confusion matrix and ROC curve of the best trial (its MLflow artifacts ``figures/...``);
 * Grad-CAM heat maps of the best model on test images of each class (``explain.py``, logged
@@ -36,7 +37,7 @@ from typing import Any
 
 from dala_search.errors import DalaError
 from dala_search.runs import schema
-from dala_search.runs.documents import BaselineDocument, EvaluationDocument, MetricSummary
+from dala_search.runs.documents import EvaluationDocument, MetricSummary
 from dala_search.runs.plan import open_search
 
 # Metrics shown first (the paper's four, then the rest of the evaluate command's set).
@@ -70,9 +71,12 @@ class MagSection:
     # --nested: metric, non-nested "estimate [ci]", nested estimate, its interval, its fold
     # mean ± SD, selection optimism
     nested_rows: list[tuple[str, str, str, str, str, str]] = field(default_factory=list)
-    comparison: dict[str, Any] | None = None
+    comparison: dict[str, Any] | None = None  # comparison_table.magnification_comparison
     comparison_metrics: list[str] = field(default_factory=list)
-    comparison_rows: list[tuple[str, list[str]]] = field(default_factory=list)
+    # model, split protocol (as printed), folds, one "estimate [ci]" per metric
+    comparison_rows: list[tuple[str, str, str, list[str]]] = field(default_factory=list)
+    # model, metric, patient-level, image-level, inflation in points ("+12.3")
+    leakage_rows: list[tuple[str, str, str, str, str]] = field(default_factory=list)
     optuna: list[Figure] = field(default_factory=list)
     figures: list[Figure] = field(default_factory=list)
     gradcam: list[Figure] = field(default_factory=list)
@@ -121,7 +125,7 @@ def build_report(
         sec = MagSection(mag, best=rows.get(mag))
         _best_section(sec)
         _evaluation_section(sec, folder / "evaluation" / f"{mag}.json")
-        _comparison_section(sec, folder / "baselines" / f"{mag}.json")
+        _comparison_section(sec, folder)
         _optuna_section(sec, plan, mag, fig_dir, html_path.parent)
         _figures_section(sec, uri, fig_dir, html_path.parent)
         _gradcam_section(
@@ -228,38 +232,16 @@ def _evaluation_section(sec: MagSection, path: Path) -> None:
             )
 
 
-def _comparison_section(sec: MagSection, path: Path) -> None:
-    from dala_search.comparison import recipe_lines
+def _comparison_section(sec: MagSection, folder: Path) -> None:
+    """The reviewer's table (``comparison_table.report_view``); nothing without documents."""
+    from dala_search.comparison_table import report_view
 
-    if not path.is_file():
-        return
-    base = BaselineDocument.read(path, sec.magnification)
-    tuned = base.recipe == "tuned"
-    rows = [(f"{r.model} (own lr/wd)" if tuned else r.model, r.metrics) for r in base.rows]
-    ours = base.dalaresnet50.metrics if base.dalaresnet50 else None
-    ours_label = "DALAResNet50 (searched best)"
-    # The baselines ran before `evaluate`: the evaluation's row is the same folds only when
-    # the protocol and k match; otherwise it is left out (and the page says so).
-    ev = sec.evaluation_doc
-    same_folds = ev is not None and (ev.protocol, ev.k) == (base.protocol, base.k)
-    if ours is None and ev is not None and ev.metrics and same_folds:
-        ours = ev.metrics
-        ours_label += " (from evaluation/)"
-    if ours is not None:
-        rows.append((ours_label, ours))
-    present = {k for _, metrics in rows for k in metrics}
-    sec.comparison_metrics = [k for k in EVAL_METRICS if k in present]
-    sec.comparison_metrics += sorted(present - set(EVAL_METRICS))
-    for model, metrics in rows:
-        cells = [metrics[k].cell() if k in metrics else "-" for k in sec.comparison_metrics]
-        sec.comparison_rows.append((model, cells))
-    sec.comparison = {
-        **base.to_json(),
-        "source": str(path),
-        "has_ours": ours is not None,
-        # The table's recipe lines: shared (DALAResNet50's lr/wd) or each model's own.
-        "recipe_lines": [line.strip() for line in recipe_lines(base)],
-    }
+    view = report_view(folder, sec.magnification)
+    if view is not None:
+        sec.comparison = view["comparison"]
+        sec.comparison_metrics = view["metrics"]
+        sec.comparison_rows = view["rows"]
+        sec.leakage_rows = view["leakage"]
 
 
 def _save(fig: Any, fig_dir: Path, name: str, page_dir: Path, title: str) -> Figure:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dala_search.config import SELECT_METRICS
+from dala_search.config import PROTOCOLS, SELECT_METRICS
 from dala_search.data.breakhis import MAGNIFICATIONS
 from dala_search.errors import ConfigError, DalaError
 from dala_search.runs.plan import NAME_RULE, is_valid_name, parse_duration, parse_magnifications
@@ -147,6 +147,13 @@ def _duration(value: Any) -> str:
     return value
 
 
+# Also the --protocol of data split, train, evaluate and baselines (cli/_base.py).
+PROTOCOL_HELP = (
+    "Split protocol: patient-disjoint; image-level (LEAKY: inflated figures, only to "
+    "measure the leak); eva (kaiko-ai/eva's BreakHis task: 40X, TA/MC/F/DC, its fixed "
+    "validation patients as test)."
+)
+
 START_OPTIONS: tuple[StartOption, ...] = (
     StartOption(
         "space",
@@ -263,6 +270,16 @@ START_OPTIONS: tuple[StartOption, ...] = (
         default=1,
         space_key=True,
         low=1,
+    ),
+    StartOption(
+        "protocol",
+        "--protocol",
+        "choice",
+        PROTOCOL_HELP,
+        default="patient",
+        choices=PROTOCOLS,
+        noun="protocol",
+        show_default=True,
     ),
     StartOption("seed", "--seed", "int", "Random seed.", default=0, low=0, high=MAX_SEED),
     StartOption(

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dala_search.data import protocols
 from dala_search.data.breakhis import (
     BreakHisIndex,
     ImageRecord,
@@ -24,7 +25,7 @@ from dala_search.data.breakhis import (
     index_breakhis,
 )
 from dala_search.data.cache import ImageCache, build_cache
-from dala_search.data.splits import Split, official_fold_split, patient_split
+from dala_search.data.splits import Split, official_fold_split
 from dala_search.errors import DataError
 
 
@@ -60,6 +61,8 @@ class TrialData:
             "magnification": self.magnification,
             "synthetic": self.synthetic,
             "split": self.split.description,
+            "protocol": self.split.protocol,
+            "leaky": self.split.leaky,
             "n_train": len(self.split.train),
             "n_val": len(self.split.val),
             "n_test": len(self.split.test),
@@ -78,16 +81,20 @@ def prepare_data(
     test_fraction: float = 0.2,
     cache_dir: str | Path | None = None,
     progress: bool = False,
+    protocol: str = "patient",
 ) -> TrialData:
     """Index, cache (decode once) and split one magnification ("all" pools the four).
 
     ``data_dir`` may be an index already built, so a search indexes its folder once.
+    ``protocol``: the split protocol (``data.protocols``: patient, image (LEAKY), eva).
     """
+    protocols.check_fold_protocol(fold, protocol)
     if isinstance(data_dir, BreakHisIndex):
         index = data_dir
     else:
         index = index_breakhis(data_dir, progress=progress)
     mag = "all" if str(magnification).lower() == "all" else check_magnification(magnification)
+    protocols.check_magnifications(protocol, (mag,))
     records = index.select(None if mag == "all" else mag)
     if not records:
         raise DataError(f"{index.root}: no images at magnification {mag}")
@@ -101,8 +108,8 @@ def prepare_data(
     if fold is not None:
         split = official_fold_split(index, kept, fold, seed=seed, val_fraction=val_fraction)
     else:
-        split = patient_split(
-            kept, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction
+        split = protocols.make_split(
+            kept, protocol, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction
         )
     return TrialData(
         cache=cache,

@@ -10,9 +10,10 @@ from typing import Any
 
 import click
 
+from dala_search.config import PROTOCOLS
 from dala_search.errors import DalaError
 from dala_search.runs.plan import NAME_RULE, is_valid_name
-from dala_search.start_options import MAX_SEED, OPTIONS, StartOption
+from dala_search.start_options import MAX_SEED, OPTIONS, PROTOCOL_HELP, StartOption
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -67,6 +68,24 @@ def check_one_magnification(ctx: click.Context, param: click.Parameter, value: s
         return check_magnification(value)
     except DalaError as e:
         raise click.BadParameter(str(e)) from None
+
+
+PROTOCOL_OPT = click.option(
+    "--protocol",
+    "split_protocol",
+    type=click.Choice(PROTOCOLS),
+    default="patient",
+    show_default=True,
+    help=PROTOCOL_HELP,
+)
+
+
+def leaky_warning(protocol: str) -> None:
+    """One line on stderr for every command run under a leaky protocol."""
+    from dala_search.data.protocols import LEAKY_NOTE, is_leaky
+
+    if is_leaky(protocol):
+        click.echo(f"WARNING: --protocol {protocol} is {LEAKY_NOTE}", err=True)
 
 
 MAG_OPT = click.option(

@@ -11,6 +11,7 @@ from dala_search.cli._base import (
     DATA_DIR_ARG,
     JSON_OPT,
     MAG_OPT,
+    PROTOCOL_OPT,
     SEED_OPT,
     ErrorGroup,
     FiniteFloatRange,
@@ -108,6 +109,7 @@ def data_check(data_dir: Path, as_json: bool) -> None:
 @click.option(
     "--test-fraction", type=FiniteFloatRange(0, 1, min_open=True, max_open=True), default=0.2
 )
+@PROTOCOL_OPT
 @JSON_OPT
 def data_split(
     data_dir: Path,
@@ -116,26 +118,41 @@ def data_split(
     seed: int | None,
     val_fraction: float,
     test_fraction: float,
+    split_protocol: str,
     as_json: bool,
 ) -> None:
-    """Show the patient-disjoint train/val/test split of one magnification."""
+    """Show the train/val/test split of one magnification (patient-disjoint by default)."""
+    from dala_search.data import protocols
     from dala_search.data.breakhis import check_magnification, index_breakhis
-    from dala_search.data.splits import official_fold_split, patient_split
+    from dala_search.data.splits import official_fold_split
 
-    index = index_breakhis(data_dir, progress=not as_json)
+    protocols.check_fold_protocol(fold, split_protocol)
     mag = None if magnification.lower() == "all" else check_magnification(magnification)
+    protocols.check_magnifications(split_protocol, (mag or "all",))
+    index = index_breakhis(data_dir, progress=not as_json)
     records = index.select(mag)
     if fold is not None:
         split = official_fold_split(index, records, fold, seed=seed or 0, val_fraction=val_fraction)
     else:
-        split = patient_split(
-            records, seed=seed or 0, val_fraction=val_fraction, test_fraction=test_fraction
+        split = protocols.make_split(
+            records,
+            split_protocol,
+            seed=seed or 0,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
         )
     report = split.to_json(records)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
     click.echo(f"{index.root} {mag or 'all'}: {split.description}")
+    click.echo(f"protocol: {protocols.label(split.protocol)}")
+    shared = split.shared_slides(records)
+    if split.leaky:
+        click.echo(
+            f"LEAKY: {len(shared)} slide(s) have images on more than one side; "
+            "figures from this split are inflated"
+        )
     for side in ("train", "val", "test"):
         s = report[side]
         click.echo(

@@ -10,6 +10,7 @@ import click
 
 from dala_search.cli._base import (
     JSON_OPT,
+    PROTOCOL_OPT,
     RUNS_OPT,
     TRACKING_OPT,
     check_search_name,
@@ -66,6 +67,7 @@ def _protocol(folds: int | None, seeds: int | None) -> tuple[str, int]:
 @EVAL_MAG_OPT
 @EVAL_EPOCHS_OPT
 @DEVICE_OPT
+@PROTOCOL_OPT
 @TRACKING_OPT
 @RUNS_OPT
 @JSON_OPT
@@ -74,6 +76,7 @@ def evaluate_cmd(
     folds: int | None,
     seeds: int | None,
     nested: int | None,
+    split_protocol: str,
     magnification: str | None,
     epochs: int | None,
     device: str | None,
@@ -88,7 +91,13 @@ def evaluate_cmd(
         _refuse_with_nested(
             name,
             nested,
-            {"--folds": folds, "--seeds": seeds, "--epochs": epochs, "--device": device},
+            {
+                "--folds": folds,
+                "--seeds": seeds,
+                "--epochs": epochs,
+                "--device": device,
+                "--protocol": None if split_protocol == "patient" else split_protocol,
+            },
         )
         docs = _nested_run(name, nested, magnification, tracking_uri, runs_dir)
         if as_json:
@@ -107,6 +116,7 @@ def evaluate_cmd(
         device=device,
         runs_dir=runs_dir,
         tracking_uri=tracking_uri,
+        split_protocol=split_protocol,
     )
     if as_json:
         click.echo(json.dumps({"search": name, "magnifications": docs}, indent=2))
@@ -179,6 +189,7 @@ def _nested_run(
     "N times the shared recipe's training. Default: the shared recipe (DALAResNet50's "
     "lr/wd for every model).",
 )
+@PROTOCOL_OPT
 @TRACKING_OPT
 @RUNS_OPT
 @JSON_OPT
@@ -192,6 +203,7 @@ def baselines_cmd(
     device: str | None,
     pretrained: str | None,
     tune: int | None,
+    split_protocol: str,
     tracking_uri: str | None,
     runs_dir: Path | None,
     as_json: bool,
@@ -212,12 +224,27 @@ def baselines_cmd(
         runs_dir=runs_dir,
         tracking_uri=tracking_uri,
         tune=tune,
+        split_protocol=split_protocol,
     )
     if as_json:
-        click.echo(json.dumps({"search": name, "magnifications": docs}, indent=2))
+        out = {
+            "search": name,
+            "magnifications": docs,
+            "comparison": _comparison(name, docs, runs_dir),
+        }
+        click.echo(json.dumps(out, indent=2))
         return
     for doc in docs:
         click.echo("\n".join(baselines_table(doc)))
+
+
+def _comparison(name: str, docs: list[dict], runs_dir: Path | None) -> list[dict]:
+    """The report's comparison rows of the magnifications just run (every protocol's
+    documents in the search folder, the published figures, the leakage rows)."""
+    from dala_search.comparison_table import comparison_json
+    from dala_search.runs.plan import runs_folder
+
+    return comparison_json(runs_folder(runs_dir) / name, [d["magnification"] for d in docs])
 
 
 @main.command("ui")

@@ -13,10 +13,12 @@ from dala_search.cli._base import (
     JSON_OPT,
     MAG_OPT,
     MAX_IMAGE_SIZE,
+    PROTOCOL_OPT,
     RUNS_OPT,
     SEED_OPT,
     TRACKING_OPT,
     check_search_name,
+    leaky_warning,
     main,
     table_options,
 )
@@ -49,6 +51,7 @@ from dala_search.start_options import COMMAND_OPTIONS, MAX_EPOCHS
 @SEED_OPT
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N")
 @click.option("--fold", type=click.IntRange(1, 5), default=None, help="Official fold (Folds.csv).")
+@PROTOCOL_OPT
 @CACHE_OPT
 @JSON_OPT
 def train_cmd(
@@ -61,6 +64,7 @@ def train_cmd(
     seed: int | None,
     device: str | None,
     fold: int | None,
+    split_protocol: str,
     cache_dir: Path | None,
     as_json: bool,
 ) -> None:
@@ -68,7 +72,10 @@ def train_cmd(
     from dala_search.config import TrialConfig, load_trial_config
     from dala_search.data.breakhis import index_breakhis
     from dala_search.data.demo import ensure_demo_data
+    from dala_search.data.protocols import label
     from dala_search.train import prepare_data, train_trial
+
+    leaky_warning(split_protocol)
 
     overrides = {
         "epochs": epochs,
@@ -100,6 +107,7 @@ def train_cmd(
         fold=fold,
         cache_dir=cache_dir,
         progress=not as_json,
+        protocol=split_protocol,
     )
     if data.synthetic and not as_json:
         click.echo("note: training on SYNTHETIC demo data, not real BreakHis images", err=True)
@@ -115,6 +123,8 @@ def train_cmd(
 
     result = train_trial(config, data, show, progress=False)
     out = {
+        "protocol": data.split.protocol,
+        "leaky": data.split.leaky,
         "config": config.to_dict(),
         "data": data.describe(),
         "skipped_files": len(index.skipped),
@@ -127,7 +137,8 @@ def train_cmd(
         click.echo(json.dumps(out, indent=2, default=float))
         return
     click.echo(
-        f"best epoch {result.best_epoch} of {result.epochs_run} (by val {config.select_metric})"
+        f"best epoch {result.best_epoch} of {result.epochs_run} (by val {config.select_metric}); "
+        f"split protocol: {label(data.split.protocol)}"
     )
     click.echo(f"{'metric':28}{'val(best)':>12}{'test':>12}")
     for k, v in result.test.items():
@@ -165,6 +176,7 @@ def start_cmd(overwrite: bool, **options: Any) -> None:
 
     # Every option, the space, the stores, the data, the weights and the resources are
     # checked here; nothing (folder, study, MLflow record, Ray) exists before this returns.
+    leaky_warning(options["protocol"] or "patient")
     checked = check_search(**options, overwrite=overwrite)
     plan = checked.plan
     if overwrite and Path(plan.folder).exists():
@@ -176,6 +188,7 @@ def start_cmd(overwrite: bool, **options: Any) -> None:
         f"search {plan.name}: space {plan.space}, {plan.trials} trial(s) x "
         f"{', '.join(plan.magnifications)}"
         + (f", {plan.cv} inner folds per trial" if plan.cv > 1 else "")
+        + (f", {plan.protocol} protocol" if plan.protocol != "patient" else "")
         + f"; folder {plan.folder}",
         err=True,
     )

@@ -16,8 +16,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from dala_search.data import protocols
 from dala_search.data.breakhis import BreakHisIndex, check_magnification, index_breakhis
-from dala_search.data.splits import inner_folds, official_fold_split, patient_split
+from dala_search.data.splits import official_fold_split
 from dala_search.errors import DataError
 
 
@@ -29,6 +30,7 @@ def check_search_data(
     fold: int | None = None,
     cv: int = 1,
     progress: bool = False,
+    protocol: str = "patient",
 ) -> BreakHisIndex:
     """Index ``data_dir`` and make every magnification's split; return the index.
 
@@ -37,7 +39,9 @@ def check_search_data(
     The split arguments are ``prepare_data``'s defaults, so a split that passes here is the
     one the search will use. ``cv`` >= 2 also makes the inner folds of a cross-validated
     objective (a class with fewer non-test patients than folds is refused here).
+    ``protocol``: the split protocol (``data.protocols``); eva's missing patients fail here.
     """
+    protocols.check_magnifications(protocol, tuple(magnifications))
     index = index_breakhis(data_dir, progress=progress)
     for mag in magnifications:
         records = index.select(check_magnification(mag))
@@ -50,13 +54,13 @@ def check_search_data(
             if fold is not None:
                 split = official_fold_split(index, records, fold, seed=seed)
             else:
-                split = patient_split(records, seed=seed)
+                split = protocols.make_split(records, protocol, seed=seed)
         except DataError as e:
             option = f"--fold {fold}: " if fold is not None else ""
             raise DataError(f"{option}--data {index.root}, magnification {mag}: {e}") from None
         if cv > 1:
             try:
-                inner_folds(records, split, cv, seed=seed)
+                protocols.protocol_inner_folds(records, split, cv, seed=seed, protocol=protocol)
             except DataError as e:
                 raise DataError(
                     f"--cv {cv}: --data {index.root}, magnification {mag}: {e}"

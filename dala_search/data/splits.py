@@ -48,6 +48,10 @@ class Split:
     val: tuple[int, ...]
     test: tuple[int, ...]
     description: str  # e.g. "patient-disjoint, seed 0, val 0.15, test 0.2"
+    # How it was made (``data.protocols``): "patient" (every function here), "image"
+    # (image-level, LEAKY: a patient's images on several sides) or "eva".
+    protocol: str = "patient"
+    leaky: bool = False
 
     def indices(self, side: str) -> tuple[int, ...]:
         """The indices of one side; a ValueError lists the valid sides."""
@@ -69,7 +73,19 @@ class Split:
             for side in SIDES
         }
         out["description"] = self.description
+        out["protocol"] = self.protocol
+        out["leaky"] = self.leaky
+        # Patient-disjoint protocols keep this at 0 (check_disjoint); "image" does not.
+        out["slides_on_several_sides"] = len(self.shared_slides(records))
         return out
+
+    def shared_slides(self, records: Sequence[ImageRecord]) -> list[str]:
+        """Sorted slides with images on more than one side (always none but for "image")."""
+        seen: dict[str, int] = {}
+        for side in SIDES:
+            for slide in self.side_slides(records, side):
+                seen[slide] = seen.get(slide, 0) + 1
+        return sorted(s for s, n in seen.items() if n > 1)
 
 
 def patient_split(

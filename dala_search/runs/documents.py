@@ -30,6 +30,18 @@ from dala_search.errors import DalaError
 from dala_search.runs.json_files import Reader, write_json
 
 PROTOCOLS = ("folds", "seeds")
+# The split protocols (data/protocols.py); "image" is the leaky one.
+SPLIT_PROTOCOLS = ("patient", "image", "eva")
+
+
+def document_path(folder: Path, kind: str, magnification: str, split_protocol: str) -> Path:
+    """``<folder>/<kind>/<mag>.json`` for the patient protocol, ``<mag>.<protocol>.json``
+    for another (``evaluation/40X.image.json`` sits beside ``evaluation/40X.json``)."""
+    if split_protocol not in SPLIT_PROTOCOLS:
+        raise DalaError(f"unknown split protocol {split_protocol!r}; valid: {SPLIT_PROTOCOLS}")
+    suffix = "" if split_protocol == "patient" else f".{split_protocol}"
+    return Path(folder) / kind / f"{magnification}{suffix}.json"
+
 
 T = TypeVar("T")
 
@@ -130,6 +142,9 @@ class _FoldsRecord:
     n_images: int  # pooled test predictions (with "seeds", a patient tested by several
     # repetitions contributes each repetition's predictions)
     n_patients: int  # distinct test patients among them (the bootstrap's clusters)
+    split_protocol: str = "patient"  # how the folds were cut (data/protocols.py): "patient",
+    # "image" (image-level: LEAKY, figures inflated) or "eva"; absent in older files: patient
+    leaky: bool = False  # true exactly for "image"
 
     _COMMON = (
         "magnification",
@@ -143,6 +158,8 @@ class _FoldsRecord:
         "splits",
         "n_images",
         "n_patients",
+        "split_protocol",
+        "leaky",
     )
 
     def _common_json(self) -> dict[str, Any]:
@@ -162,7 +179,23 @@ class _FoldsRecord:
             "splits": r.get("splits", list),
             "n_images": r.get("n_images", int),
             "n_patients": r.get("n_patients", int),
+            # Files written before --protocol existed were all patient-level.
+            "split_protocol": r.get("split_protocol", str)
+            if "split_protocol" in r.data
+            else "patient",
+            "leaky": r.get("leaky", bool) if "leaky" in r.data else False,
         }
+        if out["split_protocol"] not in SPLIT_PROTOCOLS:
+            raise r.error(
+                f"expected one of {SPLIT_PROTOCOLS}, found {out['split_protocol']!r}",
+                "split_protocol",
+            )
+        if out["leaky"] != (out["split_protocol"] == "image"):
+            raise r.error(
+                f"must be {out['split_protocol'] == 'image'} for split_protocol "
+                f"{out['split_protocol']!r}",
+                "leaky",
+            )
         if out["protocol"] not in PROTOCOLS:
             raise r.error(f"expected one of {PROTOCOLS}, found {out['protocol']!r}", "protocol")
         if out["k"] < 2:

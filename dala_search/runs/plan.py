@@ -107,6 +107,9 @@ class SearchPlan:
     # patients; train/val, or the ``cv`` inner folds, from the others only) instead of
     # ``patient_split``. None (default): an ordinary search.
     outer: dict | None = None
+    # The split protocol (``data.protocols``, ``start --protocol``): "patient" (default),
+    # "image" (image-level, LEAKY: its figures are inflated) or "eva" (40X, eva's task).
+    protocol: str = "patient"
 
     @property
     def tune_metric(self) -> str:

@@ -42,6 +42,12 @@ TAG_ERROR = "dala.error"  # a failed trial's error (first 4000 characters)
 TAG_WORKERS = "dala.workers"  # a data-parallel trial: how many ranks trained it
 TAG_CV = "dala.cv"  # inner folds per trial (1: one validation split); parent and trial runs
 TAG_STUDY_SEED = "dala.study_seed"  # the Optuna sampler seed of the magnification's study
+# The split protocol (data/protocols.py) of a search (experiment and parent runs):
+# "patient" | "image" | "eva"; and "true" where the figures come from a leaky (image-level)
+# split. An `evaluate`/`baselines --protocol image` on a patient search tags its parent run
+# "dala.evaluation.image" / "dala.baselines.image" instead (its search stays patient-level).
+TAG_PROTOCOL = "dala.protocol"
+TAG_LEAKY = "dala.leaky"
 # Parent (magnification) runs: where its data came from, and the best trial.
 TAG_DATA_ROOT = "dala.data_root"
 TAG_SPLIT = "dala.split"  # the split's description

@@ -25,6 +25,7 @@ import ray
 import torch
 
 from dala_search import start_options
+from dala_search.data import protocols
 from dala_search.data.breakhis import BreakHisIndex
 from dala_search.data.demo import default_demo_dir, ensure_demo_data
 from dala_search.data.preflight import check_search_data
@@ -107,6 +108,9 @@ def _check_combinations(values: Mapping[str, Any], space: SearchSpace) -> None:
             f"--space: {space.path}: key 'image_size' must be fixed, not searched "
             "(the decoded-image cache is built once per size)"
         )
+    with _naming("--protocol"):
+        protocols.check_fold_protocol(values["fold"], values["protocol"])
+        protocols.check_magnifications(values["protocol"], values["magnifications"])
     cv, workers = values["cv"], values["workers_per_trial"]
     if cv > 1 and workers > 1:
         raise ConfigError(
@@ -163,6 +167,7 @@ def _make_plan(values: Mapping[str, Any], space: SearchSpace) -> SearchPlan:
         max_retries=values["max_retries"],
         prune_on=None if prune_on == values["metric"] else prune_on,  # None: the metric
         cv=values["cv"],
+        protocol=values["protocol"],
     )
 
 
@@ -234,7 +239,12 @@ def _check_data(plan: SearchPlan, label: str) -> BreakHisIndex:
     """Index the data and make every magnification's split (data/preflight.py)."""
     with _naming(label):
         return check_search_data(
-            plan.data_dir, plan.magnifications, seed=plan.seed, fold=plan.fold, cv=plan.cv
+            plan.data_dir,
+            plan.magnifications,
+            seed=plan.seed,
+            fold=plan.fold,
+            cv=plan.cv,
+            protocol=plan.protocol,
         )
 
 

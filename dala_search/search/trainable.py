@@ -93,7 +93,14 @@ def record_trial(
     """
     config = trial_config(params, ctx)
     gpu_ids = [str(g) for g in ray.get_gpu_ids()]
-    tracker = _open_run(params, config, ctx, trial_id, trial_name, gpu_ids, extra_tags)
+    # The split protocol on every trial run: an image-level (LEAKY) search is marked in
+    # the MLflow UI's trial lists, not only on its parent run.
+    tags = {
+        schema.TAG_PROTOCOL: data.split.protocol,
+        schema.TAG_LEAKY: str(data.split.leaky).lower(),
+        **(extra_tags or {}),
+    }
+    tracker = _open_run(params, config, ctx, trial_id, trial_name, gpu_ids, tags)
     report = _EpochReport(ctx.metric, config.epochs, tracker, send)
     try:
         check_gpu_visible(gpu_ids, config)

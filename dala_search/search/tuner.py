@@ -23,7 +23,7 @@ import optuna
 import ray
 from ray import tune
 
-from dala_search.data import breakhis
+from dala_search.data import breakhis, protocols
 from dala_search.data.breakhis import BreakHisIndex
 from dala_search.errors import ConfigError, DalaError
 from dala_search.faults import ENV_VAR
@@ -163,7 +163,7 @@ def _run_plan(
     folder = Path(plan.folder)
     stop.check()
     tracker = tracking.SearchTracker(plan.tracking_uri, plan.name, folder=plan.folder)
-    for key, value in _outer_tags(plan).items():
+    for key, value in {**_outer_tags(plan), **_protocol_tags(plan)}.items():
         tracker.client.set_experiment_tag(tracker.experiment_id, key, value)
     if index is None:
         index = breakhis.index_breakhis(plan.data_dir, progress=True)
@@ -179,7 +179,13 @@ def _run_plan(
     for i, mag in enumerate(plan.magnifications):
         stop.check()  # the stopping points of the driver outside Tuner.fit (stopping.py)
         data = prepare_data(
-            index, mag, image_size=image_size, seed=plan.seed, fold=plan.fold, progress=True
+            index,
+            mag,
+            image_size=image_size,
+            seed=plan.seed,
+            fold=plan.fold,
+            progress=True,
+            protocol=plan.protocol,
         )
         stop.check()
         if plan.outer is not None:  # an inner search of `evaluate --nested`: its outer fold
@@ -195,6 +201,14 @@ def _run_plan(
         outcomes.append(outcome)
         if outcome.interrupted or (stop.requested and i + 1 < len(plan.magnifications)):
             raise SearchInterrupted(plan.name, outcomes)
+
+
+def _protocol_tags(plan: SearchPlan) -> dict[str, str]:
+    """The split protocol, and whether it leaks, on the experiment and the parent runs."""
+    return {
+        schema.TAG_PROTOCOL: plan.protocol,
+        schema.TAG_LEAKY: str(protocols.is_leaky(plan.protocol)).lower(),
+    }
 
 
 def _outer_tags(plan: SearchPlan) -> dict[str, str]:
@@ -288,6 +302,7 @@ def _run_magnification(
             schema.TAG_CV: str(plan.cv),
             schema.TAG_STUDY_SEED: str(study_seed),
             **_outer_tags(plan),
+            **_protocol_tags(plan),
         },
     )
     tracker.client.update_run(parent, status="RUNNING")
@@ -392,12 +407,14 @@ def _inner_folds(
     same) and logged on the parent run as ``inner_folds.json`` (slides per side and fold),
     with the outer split as ``split.json``: the record shows no test patient in any fold.
     """
-    from dala_search.data.splits import inner_folds
-
     schema.retry(tracker.client.log_dict, parent, data.split.to_json(data.records), "split.json")
     if plan.cv < 2:
         return ()
-    folds = tuple(inner_folds(data.records, data.split, plan.cv, seed=plan.seed))
+    folds = tuple(
+        protocols.protocol_inner_folds(
+            data.records, data.split, plan.cv, seed=plan.seed, protocol=plan.protocol
+        )
+    )
     record = {"cv": plan.cv, "folds": [f.to_json(data.records) for f in folds]}
     schema.retry(tracker.client.log_dict, parent, record, "inner_folds.json")
     return folds

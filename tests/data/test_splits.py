@@ -144,7 +144,16 @@ def test_split_to_json(index30: BreakHisIndex) -> None:
     records = index30.select("100X")
     split = patient_split(records, seed=0)
     js = split.to_json(records)
-    assert set(js) == {"train", "val", "test", "description"}
+    assert set(js) == {
+        "train",
+        "val",
+        "test",
+        "description",
+        "protocol",
+        "leaky",
+        "slides_on_several_sides",
+    }
+    assert (js["protocol"], js["leaky"], js["slides_on_several_sides"]) == ("patient", False, 0)
     assert js["description"] == "patient-disjoint, stratified by label, seed 0, val 0.15, test 0.2"
     assert sum(js[side]["n_images"] for side in SIDES) == len(records)
     for side in SIDES:

@@ -59,3 +59,38 @@ def test_prune_on_is_checked_and_kept_in_the_saved_plan(
     assert SearchPlan.load(Path(p.folder)).prune_on == "roc_auc"
     same = plan("same", p.metric)  # the searched metric itself: nothing to switch
     assert same.prune_on is None and same.tune_prune_metric == same.tune_metric
+
+
+def test_protocol_is_checked_and_kept_in_the_saved_plan(
+    tmp_path: Path, demo_root: Path, tiny_space: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from dala_search.cli import main
+    from dala_search.errors import DataError
+
+    def plan(name: str, protocol: str, **kw: object) -> SearchPlan:
+        return tuner.plan_search(
+            space=str(tiny_space),
+            name=name,
+            data_dir=demo_root,
+            protocol=protocol,
+            tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+            runs_dir=tmp_path / "runs",
+            **kw,
+        )
+
+    p = plan("leaky", "image")
+    p.save(new=True)
+    assert SearchPlan.load(Path(p.folder)).protocol == "image"
+    # eva: 40X only, and the synthetic data lacks eva's patients (named, before anything).
+    with pytest.raises(ConfigError, match="40X only"):
+        plan("eva1", "eva", magnifications="40X,100X")
+    with pytest.raises(DataError, match="14 of eva's 14 validation patients"):
+        plan("eva2", "eva", magnifications="40X")
+    with pytest.raises(ConfigError, match="--fold 1 with --protocol image"):
+        plan("fold", "image", fold=1)
+    result = CliRunner().invoke(main, ["start", "--protocol", "nope"])
+    assert (
+        result.exit_code == 2 and "'nope' is not one of 'patient', 'image', 'eva'" in result.output
+    )
