@@ -298,12 +298,24 @@ def check_selection_record(rec: dict) -> None:
             assert len(got["selection"]) == len(got["truth"]) == rec["setup"]["configs"]
             pairs = zip(got["selection"], got["truth"], strict=True)
             again = selection.scores([R(v, t) for v, t in pairs])
-            assert again["chosen"] == got["chosen"]
-            for key in ("regret", "optimism", "spearman"):  # from 4-digit roundings
+            sel, truth, chosen = got["selection"], got["truth"], got["chosen"]
+            # The chosen one has the highest selection score; two scores apart by less than
+            # the 4-digit rounding may tie here, so regret and optimism use the recorded pick.
+            assert sel[chosen] == max(sel), (row["seed"], side)
+            again["regret"] = max(truth) - truth[chosen]
+            again["optimism"] = sel[chosen] - truth[chosen]
+            # From 4-digit roundings: two truth or selection scores apart by less than 1e-4
+            # tie after rounding, which moves rho over 16 configurations by a few hundredths.
+            tolerance = {"regret": 3e-4, "optimism": 3e-4, "spearman": 0.05}
+            for key in ("regret", "optimism", "spearman"):
                 if got[key] is None:  # every selection score tied
                     assert again[key] is None
                 else:
-                    assert again[key] == pytest.approx(got[key], abs=3e-4), (row["seed"], side)
+                    assert again[key] == pytest.approx(got[key], abs=tolerance[key]), (
+                        row["seed"],
+                        side,
+                        key,
+                    )
     for key in ("spearman", "regret", "optimism"):
         for side in ("single", "cv"):
             per_seed = [row[side][key] for row in rec["per_seed"]]

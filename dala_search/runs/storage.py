@@ -82,7 +82,7 @@ def _sqlite_studies(path: Path, shown: str, studies: Sequence[str]) -> list[str]
     try:  # read-only: checking must not create or change anything
         with sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True) as db:
             tables = {r[0] for r in db.execute("select name from sqlite_master")}
-            if "studies" not in tables:
+            if not studies or "studies" not in tables:
                 return []
             marks = ",".join("?" * len(studies))
             query = f"select study_name from studies where study_name in ({marks})"
@@ -99,7 +99,9 @@ def _server_studies(url: str, shown: str, studies: Sequence[str]) -> list[str]:
     engine = create_engine(url, poolclass=NullPool, connect_args=_timeout(url))
     try:
         with engine.connect() as conn:
-            if not inspect(conn).has_table("studies"):
+            # No names to look for (a resumed search): the connection was the check. An
+            # empty IN list also renders as an integer subquery PostgreSQL refuses.
+            if not studies or not inspect(conn).has_table("studies"):
                 return []
             rows = conn.execute(
                 text("select study_name from studies where study_name in :names").bindparams(

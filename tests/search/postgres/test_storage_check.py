@@ -23,6 +23,7 @@ def test_a_taken_study_name_is_refused_and_nothing_is_written(postgres, pg_db: s
         check_storage(pg_db, ["taken-40X", "taken-100X"], new=True)
     check_storage(pg_db, ["free-40X"], new=True)
     check_storage(pg_db, ["taken-40X"], new=False)  # a resumed search continues its own
+    check_storage(pg_db, [], new=False)  # resume checks the connection only (no names)
     assert postgres.query(db, tables) == before
 
 
