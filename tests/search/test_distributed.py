@@ -243,6 +243,13 @@ def test_ddp_search_prunes_then_completes(
 
     # The pruning scheduler runs in this (driver) process, so a registry entry reaches it.
     monkeypatch.setitem(PRUNERS, "trial0", lambda **kw: PruneTrialZero())
+    # ... and the start options' table accepts its name (the --pruner row's choices).
+    from dala_search import start_options as so
+
+    row = dataclasses.replace(so.OPTIONS["pruner"], choices=(*so.PRUNERS, "trial0"))
+    monkeypatch.setitem(so.OPTIONS, "pruner", row)
+    rows = tuple(row if o.name == "pruner" else o for o in so.START_OPTIONS)
+    monkeypatch.setattr(so, "START_OPTIONS", rows)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # "local": a Ray of our own even while a `ray start` cluster runs on this machine.
     ray.init(
