@@ -268,7 +268,8 @@ class Tuning:
         import optuna
         from optuna.trial import TrialState
 
-        from dala_search.train import NonFiniteLossError, train_trial
+        from dala_search.train import train_trial
+        from dala_search.train_steps import NonFiniteLossError
 
         mag = self.best.magnification
         number = len(study.trials)
