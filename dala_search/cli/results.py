@@ -180,14 +180,12 @@ def _nested_run(
 @click.option(
     "--tune",
     type=click.IntRange(min=1),
-    is_flag=False,
-    flag_value=TUNE_DEFAULT,
     default=None,
-    metavar="[N]",
+    metavar="N",
     help=f"Give every model (dalaresnet50 included) its own lr/weight-decay search: N trials "
-    f"per fold (--tune alone: {TUNE_DEFAULT}), chosen on each fold's validation patients; "
-    "N times the shared recipe's training. Default: the shared recipe (DALAResNet50's "
-    "lr/wd for every model).",
+    f"per fold (e.g. {TUNE_DEFAULT}), chosen on each fold's validation patients; N times "
+    "the shared recipe's training. Default: the shared recipe (DALAResNet50's lr/wd for "
+    "every model).",
 )
 @PROTOCOL_OPT
 @TRACKING_OPT
