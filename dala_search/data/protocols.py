@@ -30,6 +30,7 @@ from dala_search.data.splits import (
     SIDES,
     STRATIFY,
     Split,
+    _as_tuple,
     _carve,
     _require_patients,
     check_disjoint,
@@ -243,9 +244,9 @@ def _image(
     description: str,
 ) -> Split:
     split = Split(
-        train=_tuple(train),
-        val=_tuple(val),
-        test=_tuple(test),
+        train=_as_tuple(train),
+        val=_as_tuple(val),
+        test=_as_tuple(test),
         description=description,
         protocol="image",
         leaky=True,
@@ -301,9 +302,9 @@ def eva_split(
     train, val = _carve(records, rest, val_fraction, seed, STRATIFY["label"], "val", min_rest=1)
     left_out = len(records) - len(idx)
     split = Split(
-        train=_tuple(train),
-        val=_tuple(val),
-        test=_tuple(test),
+        train=_as_tuple(train),
+        val=_as_tuple(val),
+        test=_as_tuple(test),
         description=(
             f"eva ({EVA_MAGNIFICATION}, subtypes {', '.join(EVA_SUBTYPES)}; test = eva's "
             f"{len(EVA_VAL_PATIENTS)} validation patients), val {val_fraction} of the other "
@@ -327,7 +328,3 @@ def protocol_inner_folds(
         return image_inner_folds(records, split, k, seed=seed)
     folds = inner_folds(records, split, k, seed=seed)  # patient-grouped: patient and eva
     return [dataclasses.replace(f, protocol=protocol) for f in folds]
-
-
-def _tuple(idx: np.ndarray) -> tuple[int, ...]:
-    return tuple(sorted(int(i) for i in idx))
