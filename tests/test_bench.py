@@ -26,11 +26,13 @@ CASES = {
     "overhead": ["search_s_per_trial", "loop_s_per_trial"],
     "intervals": ["vectorised_s_binary", "vectorised_s_subtype", "loop_s_binary", "ratio"],
     "selection": ["cost_ratio", "wall_ratio"],
+    "protocol_gap": ["wall_s"],
 }
 # memory (five trial processes), search (two Ray searches) and overhead (a Ray search) take
 # ~100 s together at --tiny on 2 cores: marked slow (CI still runs them). selection (16
 # tiny trainings, a stand-in backbone pre-trained first) takes ~1-2 minutes.
-HEAVY = {"memory", "search", "overhead", "selection"}
+# protocol_gap: 4 one-epoch trainings of 8 images each, ~30 s.
+HEAVY = {"memory", "search", "overhead", "selection", "protocol_gap"}
 
 
 def _run(name: str, work: Path, *extra: str) -> dict:
@@ -66,6 +68,8 @@ def test_benchmark_runs_and_prints_its_json_last(name: str, tmp_path_factory) ->
     assert {"cpu", "cores", "torch"} <= set(result["machine"])
     if name == "selection":  # its figures follow from its per-seed scores, nested ones too
         check_selection_record(result)
+    if name == "protocol_gap":
+        check_protocol_gap_record(result)
 
 
 def test_record_rewrites_only_its_block(tmp_path, monkeypatch) -> None:
@@ -342,3 +346,42 @@ def check_selection_record(rec: dict) -> None:
         and rc > rs
     )
     assert rec["goal_met"] == met
+
+
+def test_recorded_protocol_gap_follows_from_its_seeds() -> None:
+    """bench/README.md's `bench:protocol_gap` block: several seeds, each gap the image-level
+    minus the patient-level figure of the same seed, and the summary from the seeds."""
+    text = (ROOT / "bench" / "README.md").read_text()
+    block = text.split("<!-- bench:protocol_gap -->", 1)[1]
+    block = block.split("<!-- /bench:protocol_gap -->", 1)[0]
+    if "```json" not in block:
+        pytest.skip(
+            "bench:protocol_gap is not recorded yet (python bench/protocol_gap.py --record)"
+        )
+    rec = json.loads(block.split("```json", 1)[1].split("```", 1)[0])
+    assert rec["size"] == "full" and rec["setup"]["seeds"] >= 3
+    check_protocol_gap_record(rec)
+
+
+def check_protocol_gap_record(rec: dict) -> None:
+    """The figures of a `bench/protocol_gap.py` JSON follow from its per-seed estimates."""
+    import statistics
+
+    assert [r["seed"] for r in rec["per_seed"]] == list(range(rec["setup"]["seeds"]))
+    for row in rec["per_seed"]:
+        assert row["patient"]["slides_on_several_sides"] == 0  # patient folds never leak
+        assert row["image"]["slides_on_several_sides"] > 0
+        for m in ("accuracy", "balanced_accuracy"):
+            p, i = row["patient"][m], row["image"][m]
+            assert 0 <= p <= 1 and 0 <= i <= 1
+            assert row["gap_points"][m] == pytest.approx((i - p) * 100, abs=0.02)
+    for m in ("accuracy", "balanced_accuracy"):
+        gaps = [row["gap_points"][m] for row in rec["per_seed"]]
+        got = rec["gap_points"][m]
+        assert got["mean"] == pytest.approx(statistics.fmean(gaps), abs=0.01)
+        assert (got["min"], got["max"]) == (min(gaps), max(gaps))
+        if len(gaps) > 1:
+            assert got["sd"] == pytest.approx(statistics.stdev(gaps), abs=0.01)
+    above = sum(row["gap_points"]["accuracy"] > 0 for row in rec["per_seed"])
+    assert rec["seeds_image_above_patient"] == above
+    assert rec["goal_met"] == (above == len(rec["per_seed"]))
