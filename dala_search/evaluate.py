@@ -44,23 +44,35 @@ Folds run one after the other in this process (on the GPU when there is one).
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from dala_search.config import TrialConfig
-from dala_search.data.breakhis import BreakHisIndex
-from dala_search.errors import ConfigError, DalaError, DataError
-from dala_search.folds import check_protocol, fold_splits
-from dala_search.intervals import N_RESAMPLES, cluster_bootstrap, method_name
+from dala_search.errors import DalaError
+from dala_search.evaluate_best import (
+    BestConfig,
+    best_config,
+    open_bests,
+    select_magnifications,
+    tracking_client,
+)
+from dala_search.evaluate_folds import (
+    Log,
+    data_index,
+    fold_data,
+    fold_record,
+    prepare_magnification,
+    stderr_log,
+    train_folds,
+)
+from dala_search.evaluate_summary import (
+    EVAL_METRICS,
+    FoldOutcome,
+    fold_figures,
+    pooled,
+    summarise,
+)
+from dala_search.evaluate_tables import evaluation_table, fold_cell, nested_table
 from dala_search.runs import schema
 from dala_search.runs.documents import (
     EvaluationDocument,
@@ -68,336 +80,36 @@ from dala_search.runs.documents import (
     NestedEstimate,
     document_path,
 )
-from dala_search.runs.plan import SearchRef, open_search, parse_magnifications
+from dala_search.runs.plan import SearchRef
 
-EVAL_METRICS: tuple[str, ...] = (
-    "accuracy",
-    "balanced_accuracy",
-    "f1",
-    "gmean",
-    "iba",
-    "roc_auc",
-    "patient_accuracy",
-)
-
-Log = Callable[[str], None]
-
-
-def stderr_log(line: str) -> None:
-    """The default progress log: one line to stderr, flushed."""
-    print(line, file=sys.stderr, flush=True)
-
-
-def tracking_client(uri: str) -> Any:
-    """An ``MlflowClient`` on ``uri``."""
-    return schema.client(uri)
-
-
-# ---- the search -------------------------------------------------------------------------
-
-
-def select_magnifications(ref: SearchRef, requested: str | None) -> tuple[str, ...]:
-    """The search's magnifications, or the requested subset of them (comma list or 'all')."""
-    if requested is None or requested.strip().lower() == "all":
-        return tuple(ref.plan.magnifications)
-    mags = parse_magnifications(requested)
-    missing = [m for m in mags if m not in ref.plan.magnifications]
-    if missing:
-        raise ConfigError(
-            f"--magnification: search {ref.name!r} has no {', '.join(missing)}; "
-            f"it searched {', '.join(ref.plan.magnifications)}"
-        )
-    return mags
-
-
-@dataclass(frozen=True)
-class BestConfig:
-    """The best trial of one magnification, as MLflow recorded it."""
-
-    magnification: str
-    parent_run_id: str
-    best_run_id: str
-    registered_model: str | None  # "dalaresnet50-40X/3"
-    config: TrialConfig
-
-
-def best_config(
-    ref: SearchRef,
-    magnification: str,
-    *,
-    epochs: int | None = None,
-    device: str | None = None,
-) -> BestConfig:
-    """Read the best configuration of ``magnification`` back from MLflow.
-
-    The parent run's ``dala.best_run_id`` names the trial; its ``trial_config.json``
-    artifact is the config it trained with (params are strings; the artifact is typed).
-    ``epochs`` and ``device`` (default ``auto``) override it; a warmup longer than the new
-    epochs is shortened to fit (the written config shows it); the search's CPU thread
-    count is dropped (torch's default for this process).
-    """
-    client = tracking_client(ref.tracking_uri)
-    exp = client.get_experiment_by_name(schema.experiment_name(ref.name))
-    if exp is None:
-        raise DalaError(f"no search named {ref.name!r} in the MLflow store {ref.tracking_uri}")
-    parents = client.search_runs(
-        [exp.experiment_id],
-        filter_string=(
-            f"tags.`{schema.TAG_ROLE}` = 'magnification' and "
-            f"tags.`{schema.TAG_MAG}` = '{magnification}'"
-        ),
-    )
-    if not parents:
-        raise DalaError(f"search {ref.name!r} has no MLflow run for {magnification} yet")
-    parent = parents[0]
-    best_run_id = parent.data.tags.get(schema.TAG_BEST_RUN)
-    if not best_run_id:
-        raise DalaError(
-            f"search {ref.name!r}, {magnification}: no completed trial yet (nothing to evaluate)"
-        )
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = client.download_artifacts(best_run_id, "trial_config.json", tmp)
-        except Exception as e:
-            raise DalaError(
-                f"search {ref.name!r}, {magnification}: cannot read trial_config.json of the "
-                f"best trial's run {best_run_id} in {ref.tracking_uri}: {e}"
-            ) from e
-        raw = json.loads(Path(path).read_text())
-    source = f"trial_config.json of run {best_run_id}"
-    config = TrialConfig.from_dict(raw, source=source)
-    changes: dict[str, Any] = {"num_threads": 0, "device": device or "auto"}
-    if epochs is not None:
-        changes["epochs"] = epochs
-        # A warmup as long as the shortened run would leave no decay: keep it shorter.
-        changes["warmup_epochs"] = min(config.warmup_epochs, epochs - 1)
-    try:
-        config = config.replace(**changes)
-    except ConfigError as e:
-        raise ConfigError(f"{source} with --epochs/--device: {e}") from None
-    return BestConfig(
-        magnification=magnification,
-        parent_run_id=parent.info.run_id,
-        best_run_id=best_run_id,
-        registered_model=parent.data.tags.get(schema.TAG_REGISTERED),
-        config=config,
-    )
-
-
-# ---- statistics ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FoldOutcome:
-    """One fold's test figures and the predictions they came from (pooled across folds)."""
-
-    test: dict[str, float]  # the fold's test metrics (train_trial's)
-    y_true: np.ndarray  # (n,) test labels, in the order of split.test
-    y_prob: np.ndarray  # (n, C) test probabilities
-    slides: list[str]  # the patient of each test image
-
-
-def fold_figures(values: Sequence[float | None]) -> dict[str, Any]:
-    """Per-fold ``values`` (NaN -> None), the ``mean`` and sample ``sd`` of the defined ones."""
-    kept = [None if v is None or not math.isfinite(v) else float(v) for v in values]
-    finite = np.array([v for v in kept if v is not None], dtype=np.float64)
-    mean = float(finite.mean()) if len(finite) else None
-    sd = float(finite.std(ddof=1)) if len(finite) >= 2 else None
-    return {"mean": mean, "sd": sd, "values": tuple(kept)}
-
-
-def pooled(folds: Sequence[FoldOutcome]) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
-    """All folds' test predictions: labels, probabilities, patients (the bootstrap's
-    clusters) and ``<fold>:<patient>`` (the patient-level units: a patient tested by several
-    folds/seeds is one prediction per fold's model)."""
-    y_true = np.concatenate([f.y_true for f in folds]).astype(np.int64)
-    y_prob = np.concatenate([f.y_prob for f in folds])
-    clusters = [s for f in folds for s in f.slides]
-    units = [f"{i}:{s}" for i, f in enumerate(folds) for s in f.slides]
-    return y_true, y_prob, clusters, units
-
-
-def summarise(
-    folds: Sequence[FoldOutcome], names: Sequence[str], *, seed: int
-) -> dict[str, MetricSummary]:
-    """Per metric: the pooled estimate with its cluster-bootstrap interval, and the fold
-    figures (module docstring)."""
-    y_true, y_prob, clusters, units = pooled(folds)
-    intervals = cluster_bootstrap(
-        y_true, y_prob, clusters, names, units=units, n_resamples=N_RESAMPLES, seed=seed
-    )
-    out = {}
-    for n in names:
-        iv = intervals[n]
-        out[n] = MetricSummary(
-            estimate=iv.estimate,
-            ci_low=iv.low,
-            ci_high=iv.high,
-            **fold_figures([f.test.get(n, math.nan) for f in folds]),
-            n_undefined=iv.n_undefined,
-            ci_note=iv.reason,
-        )
-    return out
-
-
-# ---- training over folds ----------------------------------------------------------------
-
-
-def _with_split(data: Any, split: Any) -> Any:
-    # The magnification's TrialData with another split: same records, cache rows and labels.
-    return dataclasses.replace(data, split=split)
-
-
-def train_folds(
-    config: TrialConfig,
-    data: Any,
-    splits: Sequence[Any],
-    protocol: str,
-    *,
-    label: str,
-    build_model: Callable[[TrialConfig], Any] | None = None,
-    log: Log = stderr_log,
-) -> list[FoldOutcome]:
-    """Train ``config`` once per split; each split's test metrics and predictions.
-
-    ``data`` is a ``train.TrialData`` of the magnification (its own split is ignored).
-    ``seeds`` trains split i with ``config.seed + i``; ``folds`` keeps the config's seed.
-    One progress line per fold goes to ``log``.
-    """
-    from dala_search.train import train_trial
-
-    kwargs = {} if build_model is None else {"build_model": build_model}
-    out = []
-    for i, split in enumerate(splits):
-        cfg = config.replace(seed=config.seed + i) if protocol == "seeds" else config
-        fold = _with_split(data, split)
-        start = time.perf_counter()
-        n = {side: len(split.indices(side)) for side in ("train", "val", "test")}
-        p = {side: len(split.side_slides(data.records, side)) for side in ("train", "val", "test")}
-        log(
-            f"[{label}] {protocol[:-1]} {i + 1}/{len(splits)}: train {n['train']} / val "
-            f"{n['val']} / test {n['test']} images ({p['train']}/{p['val']}/{p['test']} "
-            f"patients), {cfg.epochs} epoch(s) ..."
-        )
-        result = train_trial(cfg, fold, **kwargs)
-        out.append(
-            FoldOutcome(
-                test=result.test,
-                y_true=np.asarray(result.test_scores["y_true"], dtype=np.int64),
-                y_prob=np.asarray(result.test_scores["y_prob"], dtype=np.float64),
-                slides=data.slides(split.test),
-            )
-        )
-        t = result.test
-        log(
-            f"[{label}] {protocol[:-1]} {i + 1}/{len(splits)}: test acc "
-            f"{_fmt(t.get('accuracy'))}  bal.acc {_fmt(t.get('balanced_accuracy'))}  "
-            f"F1 {_fmt(t.get('f1'))}  AUC {_fmt(t.get('roc_auc'))}  "
-            f"(best epoch {result.best_epoch}, {time.perf_counter() - start:.1f} s)"
-        )
-    return out
-
-
-def _fmt(v: float | None, digits: int = 4) -> str:
-    return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
-
-
-def prepare_magnification(
-    ref: SearchRef, index: BreakHisIndex, mag: str, config: TrialConfig
-) -> Any:
-    """``train.prepare_data`` for one magnification at the config's image size."""
-    from dala_search.train import prepare_data
-
-    return prepare_data(index, mag, image_size=config.image_size, seed=ref.plan.seed)
-
-
-def data_index(ref: SearchRef, log: Log) -> BreakHisIndex:
-    """The index of the data the search ran on (DataError when that folder is gone)."""
-    from dala_search.data.breakhis import index_breakhis
-
-    data_dir = Path(ref.plan.data_dir)
-    if not data_dir.is_dir():
-        raise DataError(
-            f"search {ref.name!r} was run on {data_dir}, which is not there any more "
-            "(the evaluation retrains on the same data)"
-        )
-    log(f"indexing {data_dir} ...")
-    return index_breakhis(data_dir)
-
-
-def open_bests(
-    name: str,
-    *,
-    protocol: str,
-    k: int,
-    magnifications: str | None,
-    epochs: int | None,
-    device: str | None,
-    runs_dir: str | Path | None,
-    tracking_uri: str | None,
-) -> tuple[SearchRef, list[BestConfig]]:
-    """The search and each chosen magnification's best configuration, all read before any
-    training (a bad protocol, magnification or search fails at once)."""
-    check_protocol(protocol, k)
-    ref = open_search(name, runs_dir, tracking_uri)
-    mags = select_magnifications(ref, magnifications)
-    return ref, [best_config(ref, m, epochs=epochs, device=device) for m in mags]
-
-
-def fold_data(
-    ref: SearchRef,
-    bests: Sequence[BestConfig],
-    protocol: str,
-    k: int,
-    log: Log,
-    split_protocol: str = "patient",
-) -> Iterator[tuple[BestConfig, Any, list[Any]]]:
-    """Per best configuration, in turn: (best, its magnification's data, the fold splits),
-    the data indexed once; ``evaluate_search`` and ``comparison.run_baselines`` share it.
-    ``split_protocol``: patient, image (LEAKY) or eva (``data.protocols``)."""
-    from dala_search.data import protocols
-
-    protocols.check_magnifications(split_protocol, [b.magnification for b in bests])
-    if protocols.is_leaky(split_protocol):
-        log(f"WARNING: --protocol {split_protocol} is {protocols.LEAKY_NOTE}")
-    index = data_index(ref, log)
-    for best in bests:
-        data = prepare_magnification(ref, index, best.magnification, best.config)
-        splits = fold_splits(
-            index, data.records, protocol, k, seed=ref.plan.seed, split_protocol=split_protocol
-        )
-        yield best, data, splits
-
-
-def fold_record(
-    ref: SearchRef,
-    best: BestConfig,
-    data: Any,
-    splits: Sequence[Any],
-    protocol: str,
-    k: int,
-    folds: Sequence[FoldOutcome],
-) -> dict[str, Any]:
-    """The fields every per-magnification document records about how its figures were
-    made (``runs.documents._FoldsRecord``)."""
-    return {
-        "magnification": best.magnification,
-        "search": ref.name,
-        "protocol": protocol,
-        "k": k,
-        "config": best.config.to_dict(),
-        "synthetic": bool(data.synthetic),
-        "code_version": schema.code_version(),
-        "ci": method_name(N_RESAMPLES, ref.plan.seed),
-        "splits": [s.to_json(data.records) for s in splits],
-        "n_images": sum(len(f.y_true) for f in folds),
-        "n_patients": len({s for f in folds for s in f.slides}),
-        "split_protocol": splits[0].protocol,
-        "leaky": bool(splits[0].leaky),
-    }
-
-
-# ---- evaluate -----------------------------------------------------------------------------
+# The evaluation's helpers live in evaluate_*.py; comparison.py, nested.py, the CLI and the
+# tests import them from here, the evaluation's one entry point.
+__all__ = [
+    "EVAL_METRICS",
+    "SUMMARY_PARTS",
+    "BestConfig",
+    "FoldOutcome",
+    "Log",
+    "best_config",
+    "data_index",
+    "evaluate_search",
+    "evaluation_table",
+    "fold_cell",
+    "fold_data",
+    "fold_figures",
+    "fold_record",
+    "metric_batch",
+    "nested_table",
+    "open_bests",
+    "pooled",
+    "prepare_magnification",
+    "select_magnifications",
+    "stderr_log",
+    "summarise",
+    "tracking_client",
+    "train_folds",
+    "with_nested",
+]
 
 
 def evaluate_search(
@@ -545,57 +257,3 @@ def _log_evaluation(ref: SearchRef, best: BestConfig, doc: EvaluationDocument, l
     for key, value in tags.items():
         client.set_model_version_tag(model, version, key, value)
     log(f"[{mag}] tagged registered model {model} version {version} with the figures")
-
-
-# ---- files and tables ---------------------------------------------------------------------
-
-
-def fold_cell(s: MetricSummary) -> str:
-    """``0.8100 ± 0.0300``: the per-fold mean ± SD (the secondary figure)."""
-    if s.mean is None:
-        return "n/a"
-    return f"{s.mean:.4f}" + (f" ± {s.sd:.4f}" if s.sd is not None else "")
-
-
-def evaluation_table(doc: EvaluationDocument | dict[str, Any]) -> list[str]:
-    """Plain-text lines for one magnification's evaluation (the CLI prints them)."""
-    from dala_search.data.protocols import described
-
-    if not isinstance(doc, EvaluationDocument):
-        doc = EvaluationDocument.from_json(doc, "evaluation document")
-    tag = " (SYNTHETIC data)" if doc.synthetic else ""
-    if not doc.metrics:
-        lines = [f"{doc.magnification}  search {doc.search}, no non-nested evaluation yet{tag}"]
-    else:
-        lines = [
-            f"{doc.magnification}  search {doc.search}, {doc.protocol} k={doc.k}, "
-            f"{doc.n_images} test predictions of {doc.n_patients} patients{tag}; "
-            f"split protocol: {described(doc.split_protocol)}"
-        ]
-        lines.append(f"  {'metric':20}{'pooled [95% CI]':>26}  {'fold mean ± sd':>17}")
-        for name, s in doc.metrics.items():
-            lines.append(f"  {name:20}{s.cell():>26}  {fold_cell(s):>17}")
-        lines.append(f"  ({doc.ci})")
-    if doc.nested is not None:
-        lines += nested_table(doc)
-    return lines
-
-
-def nested_table(doc: EvaluationDocument) -> list[str]:
-    """The nested estimate next to the non-nested one and their difference, per metric."""
-    n = doc.nested
-    assert n is not None
-    lines = [
-        f"  nested, {n.k} outer folds ({n.n_images} test predictions of {n.n_patients} "
-        f"patients; inner searches {', '.join(n.searches)}):",
-        f"  {'metric':20}{'nested [95% CI]':>26}  {'non-nested':>10}  {'optimism':>9}",
-    ]
-    for name, s in n.metrics.items():
-        other = doc.metrics.get(name)
-        opt = (doc.selection_optimism or {}).get(name)
-        lines.append(
-            f"  {name:20}{s.cell():>26}  {_fmt(other.estimate if other else None):>10}  "
-            f"{'n/a' if opt is None else f'{opt:+.4f}':>9}"
-        )
-    lines.append(f"  (selection_optimism: {n.optimism_of or n.optimism_note})")
-    return lines

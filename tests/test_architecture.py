@@ -35,7 +35,7 @@ RECORD_READERS = sorted(
         "dala_search.baseline_tuning_runs",
         "dala_search.report",
     )
-    or m.startswith("dala_search.runs")
+    or m.startswith(("dala_search.runs", "dala_search.evaluate_", "dala_search.report_"))
 )
 FRAMEWORK_FREE_CORE = (
     "dala_search.train",
