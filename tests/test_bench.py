@@ -26,6 +26,7 @@ CASES = {
     "overhead": ["search_s_per_trial", "loop_s_per_trial"],
     "intervals": ["vectorised_s_binary", "vectorised_s_subtype", "loop_s_binary", "ratio"],
     "selection": ["cost_ratio", "wall_ratio"],
+    "fm_head": ["embed_s", "head_trials_per_min", "dala_trials_per_min", "ratio"],
 }
 # memory (five trial processes), search (two Ray searches) and overhead (a Ray search) take
 # ~100 s together at --tiny on 2 cores: marked slow (CI still runs them). selection (16

@@ -166,8 +166,8 @@ def weights_message(backbone: str, weights: str, error: BaseException) -> str:
         f"{repo}, then set HF_TOKEN to a token of that account (or `hf auth login`). "
         f"Offline: on a machine with internet run `hf download {repo}`, copy its cache folder "
         f"{cache} here (HF_HOME / HF_HUB_CACHE choose where) and set HF_HUB_OFFLINE=1; a "
-        "weights file of your own goes in with --pretrained /path/to/model.safetensors "
-        "(the config.json must still be in the cache for an hf-hub: name)"
+        "weights file of your own goes in as pretrained: /path/to/model.safetensors (the "
+        "space's or config's key; an hf-hub: name still needs its config.json in the cache)"
     )
 
 
@@ -269,3 +269,26 @@ def search_backbones(fixed: dict[str, Any], params: dict[str, Any]) -> tuple[str
     if spec is not None:
         return tuple(dict.fromkeys(str(v) for v in spec.choices))
     return (str(fixed.get("backbone", DEFAULT_BACKBONE)),)
+
+
+class LinearProbe:
+    """The ``baselines`` row of a foundation model (``--models timm:<name>``): a linear
+    probe on its frozen embeddings, as the eva leaderboard, trained with the search's best
+    recipe (loss weighting, sampling, optimiser, lr, weight decay, epochs) on the same folds.
+    ``evaluate.train_folds`` trains it with ``train_head.train_head_trial``; calling it
+    builds the backbone (the baselines command does so up front: missing weights fail then).
+    Weights: the search's ``none`` stays ``none``; anything else means the model's
+    published weights (a ResNet50 .pth means nothing to a timm model)."""
+
+    def __init__(self, backbone: str) -> None:
+        timm_name(backbone)
+        self.backbone = backbone
+
+    def config_for(self, config: TrialConfig) -> TrialConfig:
+        weights = "none" if config.pretrained == "none" else "imagenet"
+        return config.replace(
+            backbone=self.backbone, head="linear", embed_views=0, embed_size=0, pretrained=weights
+        )
+
+    def __call__(self, config: TrialConfig) -> FrozenBackbone:
+        return load_backbone(self.config_for(config))
