@@ -1,6 +1,7 @@
 """Foundation-model backbones (issue 24): a frozen timm model's embeddings cached once, heads
 searched on them, a gated model refused before any work. All offline: ``fm_tiny`` uses
-timm's randomly initialised 0.4M-parameter test ResNet at 32 px."""
+timm's randomly initialised 0.4M-parameter test ResNet at 32 px. The Ray searches, the
+CLI subprocess and the baselines run are marked slow (CI still runs them)."""
 
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ def fm_search(tmp_path_factory: pytest.TempPathFactory, demo_root: Path) -> dict
     return {"root": root, "cache": cache, "uri": uri, "outcomes": outcomes, "files": files}
 
 
+@pytest.mark.slow
 def test_fm_tiny_search_runs_end_to_end_and_registers_an_image_model(fm_search: dict):
     import mlflow
     from mlflow import MlflowClient
@@ -95,6 +97,7 @@ def test_fm_tiny_search_runs_end_to_end_and_registers_an_image_model(fm_search: 
     assert logits.shape == (3, 2) and torch.isfinite(logits).all()
 
 
+@pytest.mark.slow
 def test_a_second_search_reuses_the_embeddings(fm_search: dict, demo_root: Path):
     import ray
 
@@ -137,7 +140,7 @@ def test_head_trials_count_backbone_passes_and_the_model_matches_the_head(
     (another head, lr, loss) reads the cache; the kept model over images gives the test
     probabilities the head gave on the cached embeddings (the preprocessing contract)."""
     from dala_search.data import embeddings
-    from dala_search.train import prepare_data
+    from dala_search.train import prepare_data, train_trial
     from dala_search.train_head import train_head_trial
 
     data = prepare_data(demo_root, "40X", image_size=32, cache_dir=tmp_path)
@@ -159,8 +162,11 @@ def test_head_trials_count_backbone_passes_and_the_model_matches_the_head(
     with torch.no_grad():
         prob = torch.softmax(model.eval()(x), dim=1).numpy()
     np.testing.assert_allclose(prob, np.asarray(first.test_scores["y_prob"]), atol=1e-4)
+    with pytest.raises(ConfigError, match="train_head"):  # never DALAResNet50 in its place
+        train_trial(config, data)
 
 
+@pytest.mark.slow
 def test_gated_model_offline_fails_before_any_work_without_traceback(
     tmp_path: Path, demo_root: Path
 ):
@@ -212,6 +218,7 @@ def test_an_unknown_timm_model_is_named(tmp_path: Path):
         load_backbone(TrialConfig.from_dict({**TINY, "backbone": "timm:no_such_net"}))
 
 
+@pytest.mark.slow
 def test_baselines_lists_a_foundation_model_row(search_copy: dict):
     """``baselines --models timm:<name>``: a linear probe on the frozen model's embeddings,
     trained with the search's recipe on the same folds, in the table and the document."""

@@ -120,8 +120,26 @@ class FrozenBackbone(nn.Module):
         return hashlib.sha256(self.identity().encode()).hexdigest()[:16]
 
 
+# The last backbone this process loaded: a Ray trial process runs trial after trial
+# (reuse_actors), and loading UNI2-h's 2.5 GB of weights per trial would cost more than
+# the head trial itself. Frozen, so sharing it between trials changes nothing.
+_LAST: dict[tuple, FrozenBackbone] = {}
+
+
 def load_backbone(config: TrialConfig) -> FrozenBackbone:
-    """The frozen backbone of ``config`` (``backbone: timm:<name>``, weights ``pretrained``)."""
+    """The frozen backbone of ``config`` (``backbone: timm:<name>``, weights ``pretrained``);
+    the same object again while the arguments (and a weights file's mtime) are unchanged."""
+    stamp = None
+    if config.pretrained not in ("imagenet", "none") and os.path.isfile(config.pretrained):
+        stamp = os.stat(config.pretrained).st_mtime_ns
+    key = (config.backbone, config.pretrained, config.embed_size, stamp)
+    if key not in _LAST:
+        _LAST.clear()
+        _LAST[key] = _load_backbone(config)
+    return _LAST[key]
+
+
+def _load_backbone(config: TrialConfig) -> FrozenBackbone:
     import timm
 
     name = timm_name(config.backbone)
