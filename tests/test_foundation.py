@@ -239,3 +239,25 @@ def test_baselines_lists_a_foundation_model_row(search_copy: dict):
     assert row["model"] == name
     assert set(row["metrics"]) == set(BASELINE_METRICS)
     assert all(len(m["values"]) == 2 for m in row["metrics"].values())
+
+
+def test_augmented_views_are_their_own_cache_entries(demo_root: Path, tmp_path: Path):
+    """View 0 is the plain image whatever the augmentation; an augmented view is keyed by
+    the augmentation, so changing it computes that view again and nothing else."""
+    from dala_search.data import embeddings
+    from dala_search.model.foundation import load_backbone
+    from dala_search.train import prepare_data
+
+    data = prepare_data(demo_root, "40X", image_size=32, cache_dir=tmp_path)
+    config = TrialConfig.from_dict({**TINY, "embed_views": 1})
+    backbone = load_backbone(config)
+    cpu = torch.device("cpu")
+    plain, view = embeddings.embedding_views(data.cache, backbone, config, cpu, progress=False)
+    assert plain.shape == view.shape == (len(data.cache), backbone.num_features)
+    assert not np.allclose(plain, view)  # flips, crops, jitter: other features
+    before = embeddings.FORWARD_BATCHES
+    other = config.replace(crop_scale=0.5)
+    plain2, view2 = embeddings.embedding_views(data.cache, backbone, other, cpu, progress=False)
+    assert embeddings.FORWARD_BATCHES - before == -(-len(data.cache) // 32)  # view 1 only
+    np.testing.assert_array_equal(plain, plain2)
+    assert len(list(tmp_path.glob("embeddings-*.npy"))) == 3
