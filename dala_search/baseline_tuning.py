@@ -83,6 +83,10 @@ def split_models(text: str | Sequence[str] | None) -> tuple[str | Sequence[str] 
 
 def model_builder(name: str) -> Callable[[TrialConfig], Any]:
     """``build_model`` for ``train_trial``: ``dalaresnet50`` is the search's architecture."""
+    if name.startswith("timm:"):  # a foundation model's linear probe (train_folds knows it)
+        from dala_search.model.foundation import LinearProbe
+
+        return LinearProbe(name)
     if name == TUNED_DALARESNET:
         from dala_search.model.dalaresnet import build_dalaresnet
 

@@ -153,6 +153,9 @@ def _model_names(models: str | Sequence[str] | None, tune: int | None) -> tuple[
     if tune is None:
         return parse_models(models)
     bt.check_tune(tune)
+    raw = models.split(",") if isinstance(models, str) else list(models or ())
+    if any(str(m).strip().startswith("timm:") for m in raw):
+        raise ConfigError("--tune: a timm: model (linear probe) cannot be tuned yet; drop --tune")
     rest, only_ours = bt.split_models(models)
     return bt.tuning_models(() if only_ours else parse_models(rest))
 

@@ -26,6 +26,11 @@ SAMPLINGS = ("none", "oversample", "undersample", "weighted")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
 SELECT_METRICS = ("balanced_accuracy", "accuracy", "f1", "gmean", "iba", "roc_auc")
+# ``backbone``: our DALAResNet50, or a frozen timm model (``timm:<name>``, e.g.
+# ``timm:hf-hub:MahmoodLab/UNI2-h``) whose cached embeddings feed a searched head.
+DEFAULT_BACKBONE = "dalaresnet50"
+TIMM_PREFIX = "timm:"
+HEADS = ("dala", "linear")  # the DALAResNet50 head (FC-LeakyReLU-dropout-FC-ReLU-dropout-FC)
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,13 @@ class TrialConfig:
 
     # task and backbone
     task: str = "binary"
+    # "dalaresnet50", or "timm:<name>": a frozen timm backbone (foundation model) whose
+    # embeddings are computed once (data/embeddings.py) and a head trained on them
+    # (train_head.py); ``pretrained`` then names its weights (imagenet = the published ones)
+    backbone: str = DEFAULT_BACKBONE
+    head: str = "dala"  # timm backbones: "dala" (our two-layer head) or "linear" (a probe)
+    embed_views: int = 0  # timm backbones: augmented views per training image (0: plain only)
+    embed_size: int = 0  # timm backbones: input px; 0: the size of timm's pretrained config
     pretrained: str = "imagenet"  # "imagenet" | "none" | path to a torchvision ResNet50 state dict
     freeze_stages: int = 0  # 0 trains everything; k freezes the stem and stages 1..k
     # attention
@@ -179,7 +191,10 @@ def _validate(c: TrialConfig) -> None:
     from dala_search.model.attention import available_attention
 
     _choice("task", c.task, TASKS)
-    if c.pretrained not in ("imagenet", "none") and not c.pretrained.endswith((".pth", ".pt")):
+    _check_backbone(c)
+    if c.backbone.startswith(TIMM_PREFIX):
+        pass  # a weights file of a timm backbone may also be .safetensors / .bin
+    elif c.pretrained not in ("imagenet", "none") and not c.pretrained.endswith((".pth", ".pt")):
         raise ConfigError(
             f"key 'pretrained': {c.pretrained!r} is neither 'imagenet', 'none' "
             "nor a path to a .pth/.pt ResNet50 state dict"
@@ -223,6 +238,27 @@ def _validate(c: TrialConfig) -> None:
     if c.device not in ("auto", "cpu", "cuda") and not c.device.startswith("cuda:"):
         raise ConfigError(f"key 'device': {c.device!r}; valid: auto, cpu, cuda, cuda:N")
     _range("num_threads", c.num_threads, 0, 1024)
+
+
+def _check_backbone(c: TrialConfig) -> None:
+    if c.backbone != DEFAULT_BACKBONE and not (
+        c.backbone.startswith(TIMM_PREFIX) and c.backbone[len(TIMM_PREFIX) :].strip()
+    ):
+        raise ConfigError(
+            f"key 'backbone': {c.backbone!r}; valid: {DEFAULT_BACKBONE}, or timm:<model name> "
+            "(e.g. timm:hf-hub:MahmoodLab/UNI2-h)"
+        )
+    _choice("head", c.head, HEADS)
+    _range("embed_views", c.embed_views, 0, 64)
+    if c.embed_size:
+        _range("embed_size", c.embed_size, 16, 4096)
+    weights_file = c.pretrained.endswith((".pth", ".pt", ".safetensors", ".bin"))
+    named = c.pretrained in ("imagenet", "none")
+    if c.backbone.startswith(TIMM_PREFIX) and not named and not weights_file:
+        raise ConfigError(
+            f"key 'pretrained': {c.pretrained!r} is neither 'imagenet' (the model's "
+            "published weights), 'none' nor a .pth/.pt/.safetensors/.bin weights file"
+        )
 
 
 # Keep a field list handy for the search-space validator and the CLI.

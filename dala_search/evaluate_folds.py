@@ -53,6 +53,7 @@ def train_folds(
     ``seeds`` trains split i with ``config.seed + i``; ``folds`` keeps the config's seed.
     One progress line per fold goes to ``log``.
     """
+    from dala_search.model.foundation import LinearProbe, is_foundation
     from dala_search.train import train_trial
 
     kwargs = {} if build_model is None else {"build_model": build_model}
@@ -68,7 +69,13 @@ def train_folds(
             f"{n['val']} / test {n['test']} images ({p['train']}/{p['val']}/{p['test']} "
             f"patients), {cfg.epochs} epoch(s) ..."
         )
-        result = train_trial(cfg, fold, **kwargs)
+        if isinstance(build_model, LinearProbe) or (build_model is None and is_foundation(cfg)):
+            from dala_search.train_head import train_head_trial  # a head on embeddings
+
+            probe = isinstance(build_model, LinearProbe)
+            result = train_head_trial(build_model.config_for(cfg) if probe else cfg, fold)
+        else:
+            result = train_trial(cfg, fold, **kwargs)
         out.append(
             FoldOutcome(
                 test=result.test,

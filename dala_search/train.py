@@ -138,6 +138,11 @@ class FoldRun:
         sides: tuple[Batches, Batches | None] | None = None,
     ) -> None:
         check_image_size(config, data)
+        if build_model is build_dalaresnet and config.backbone != "dalaresnet50":
+            raise ConfigError(  # never DALAResNet50 silently in place of the named backbone
+                f"key 'backbone': {config.backbone!r} trains a head on cached embeddings "
+                "(train_head.train_head_trial), not with train_trial / --cv"
+            )
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         _seed_everything(config.seed)

@@ -27,6 +27,7 @@ CASES = {
     "intervals": ["vectorised_s_binary", "vectorised_s_subtype", "loop_s_binary", "ratio"],
     "selection": ["cost_ratio", "wall_ratio"],
     "protocol_gap": ["wall_s"],
+    "fm_head": ["embed_s", "head_trials_per_min", "dala_trials_per_min", "ratio"],
 }
 # memory (five trial processes), search (two Ray searches) and overhead (a Ray search) take
 # ~100 s together at --tiny on 2 cores: marked slow (CI still runs them). selection (16

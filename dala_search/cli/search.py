@@ -121,7 +121,12 @@ def train_cmd(
                 err=True,
             )
 
-    result = train_trial(config, data, show, progress=False)
+    if config.backbone.startswith("timm:"):  # a head on a frozen backbone's embeddings
+        from dala_search.train_head import train_head_trial
+
+        result = train_head_trial(config, data, show, progress=not as_json)
+    else:
+        result = train_trial(config, data, show, progress=False)
     out = {
         "protocol": data.split.protocol,
         "leaky": data.split.leaky,

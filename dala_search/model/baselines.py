@@ -85,10 +85,14 @@ def available_baselines() -> tuple[str, ...]:
 
 
 def check_baseline(name: str) -> str:
-    """``name`` if registered, else a ConfigError listing the valid names."""
+    """``name`` if registered (or ``timm:<name>``: a foundation model's linear probe,
+    ``foundation.LinearProbe``), else a ConfigError listing the valid names."""
+    if name.startswith("timm:") and name[len("timm:") :].strip():
+        return name
     if name not in _REGISTRY:
         raise ConfigError(
-            f"unknown baseline model {name!r}; valid: {', '.join(available_baselines())}"
+            f"unknown baseline model {name!r}; valid: {', '.join(available_baselines())}, "
+            "or timm:<model> (a foundation model's linear probe)"
         )
     return name
 

@@ -25,11 +25,13 @@ import ray
 import torch
 
 from dala_search import start_options
+from dala_search.config import TIMM_PREFIX
 from dala_search.data import protocols
 from dala_search.data.breakhis import BreakHisIndex
 from dala_search.data.demo import default_demo_dir, ensure_demo_data
 from dala_search.data.preflight import check_search_data
 from dala_search.errors import ConfigError, DalaError
+from dala_search.model import foundation
 from dala_search.model.dalaresnet import check_backbone_weights
 from dala_search.runs import rollback, schema
 from dala_search.runs.plan import PLAN_FILE, SearchPlan, parse_duration, runs_folder
@@ -112,6 +114,14 @@ def _check_combinations(values: Mapping[str, Any], space: SearchSpace) -> None:
         protocols.check_fold_protocol(values["fold"], values["protocol"])
         protocols.check_magnifications(values["protocol"], values["magnifications"])
     cv, workers = values["cv"], values["workers_per_trial"]
+    timm = [
+        b for b in foundation.search_backbones(space.fixed, space.params) if b != "dalaresnet50"
+    ]
+    if timm and (cv > 1 or workers > 1):
+        raise ConfigError(
+            f"--space: {space.path}: backbone {timm[0]!r} trains heads on cached embeddings: "
+            "--cv and --workers-per-trial are not supported with it (use 1)"
+        )
     if cv > 1 and workers > 1:
         raise ConfigError(
             f"--cv {cv} with --workers-per-trial {workers}: a cross-validated trial "
@@ -258,9 +268,14 @@ def check_weights(space: SearchSpace, label: str = "--space") -> None:
     spec = space.params.get("pretrained")
     values = spec.choices if spec is not None else (space.fixed["pretrained"],)
     where = "params" if spec is not None else "fixed"
+    backbones = foundation.search_backbones(space.fixed, space.params)
     for value in dict.fromkeys(values or ()):
         try:
-            check_backbone_weights(str(value))
+            for backbone in backbones:  # a timm: backbone's weights, or DALAResNet50's
+                if backbone.startswith(TIMM_PREFIX):
+                    foundation.check_weights(backbone, str(value))
+                else:
+                    check_backbone_weights(str(value))
         except ConfigError as e:
             raise ConfigError(
                 f"--space: {space.path}: {where}.pretrained: every trial needs these weights; {e}"

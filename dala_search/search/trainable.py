@@ -22,7 +22,7 @@ import torch
 from ray import tune
 
 from dala_search import faults
-from dala_search.config import TrialConfig
+from dala_search.config import TIMM_PREFIX, TrialConfig
 from dala_search.data.splits import Split
 from dala_search.epoch_loop import Reporter
 from dala_search.errors import ConfigError
@@ -189,7 +189,16 @@ def _train(
     report: Reporter,
     distributed: bool,
 ) -> TrialResult:
-    """``train_trial``, or ``train_cv_trial`` on the context's folds (``--cv``)."""
+    """``train_trial``, or ``train_cv_trial`` on the context's folds (``--cv``); a
+    ``timm:`` backbone trains a head on its cached embeddings (``train_head.py``)."""
+    if config.backbone.startswith(TIMM_PREFIX):
+        from dala_search.train_head import train_head_trial
+
+        if ctx.folds:
+            raise ConfigError(f"--cv with backbone {config.backbone!r} is not supported yet")
+        return train_head_trial(
+            config, data, report, keep_model=ctx.log_models, distributed=distributed
+        )
     if ctx.folds:  # the reported val_* are the folds' means: Optuna and pruner judge them
         if distributed:
             raise ConfigError("--cv with --workers-per-trial > 1 is not supported")
