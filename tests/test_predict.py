@@ -75,10 +75,14 @@ def test_pyfunc_on_png_bytes_matches_predict_and_a_broken_file_is_skipped(
     broken = folder / "SOB_M_DC-14-2523-40-002.png"
     broken.write_bytes(png[: len(png) // 3])  # truncated: PIL fails on the full decode
     preds, patients = tmp_path / "p.csv", tmp_path / "pt.csv"
+    cams = tmp_path / "cams"
     res = _predict_cli(
-        best, best["name"], str(folder), "--out", str(preds), "--patients-out", str(patients)
-    )
+        best, best["name"], str(folder), "--out", str(preds), "--patients-out", str(patients),
+        "--gradcam", str(cams),
+    )  # fmt: skip
     assert res.exit_code == 0, res.output
+    (cam,) = cams.iterdir()  # original | overlay, at least DISPLAY_SIZE wide each
+    assert cam.name == GOOD and Image.open(cam).size == (2 * 192, 192)
     assert f"skipped {broken}: unreadable image" in res.output and "skipped 2" in res.output
     table = pd.read_csv(preds, keep_default_na=False)
     assert list(table.columns) == [
@@ -139,7 +143,9 @@ def test_predict_fails_only_when_nothing_was_predicted(best: dict, tmp_path: Pat
 
 
 def test_mlflow_models_serve_answers_a_png(best: dict, unused_port: int) -> None:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": best["tracking_uri"]}
+    # The server execs `uvicorn` from PATH: the environment's bin, as in an activated venv.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": best["tracking_uri"], "PATH": path}
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", BEST]
     cmd += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(unused_port)]
     proc = subprocess.Popen(
@@ -171,7 +177,8 @@ def test_mlflow_models_serve_answers_a_png(best: dict, unused_port: int) -> None
         with urllib.request.urlopen(req, timeout=60) as r:
             (answer,) = json.loads(r.read())["predictions"]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
     local = best["pyfunc"].predict(pd.DataFrame({"image": [png]}))
     assert answer["predicted"] == local.loc[0, "predicted"]
