@@ -157,7 +157,8 @@ def predict_files(
             f"TTA: each image's probabilities are the mean over {TTA_VIEWS} views "
             "(4 quarter turns, each also mirrored)"
         )
-    frames = []
+    frames: list[pd.DataFrame] = []
+    cam_names: set[str] = set()  # Grad-CAM files written, so equal stems do not overwrite
     with tqdm(total=len(files), unit="img", desc="predict", file=sys.stderr) as bar:
         bar.update(len(skipped))
         for model_uri, positions in groups.items():
@@ -166,7 +167,9 @@ def predict_files(
                 _check_magnification(model_uri, loaded.meta, magnification)
             loaded.model.to(dev)
             part = [files[i] for i in positions]
-            frames.append(_predict_group(loaded, part, dev, batch_size, tta, gradcam, skipped, bar))
+            frames.append(
+                _predict_group(loaded, part, dev, batch_size, tta, gradcam, skipped, bar, cam_names)
+            )
     result = Outcome(predicted=sum(len(f) for f in frames), skipped=skipped)
     for path, why in skipped:
         log(f"skipped {path}: {why}")
@@ -203,6 +206,7 @@ def _predict_group(
     gradcam: Path | None,
     skipped: list[tuple[str, str]],
     bar: tqdm,
+    cam_names: set[str],
 ) -> pd.DataFrame:
     """One model's images, ``batch_size`` at a time: decoded, predicted, (Grad-CAM) drawn."""
     names = tuple(loaded.meta["class_names"])
@@ -229,7 +233,7 @@ def _predict_group(
             amp=bool(loaded.meta.get("amp", False)),
         )
         if gradcam is not None:
-            _draw_gradcam(loaded, batch, kept, gradcam, dev)
+            _draw_gradcam(loaded, batch, kept, gradcam, dev, cam_names)
         for f, p in zip(kept, probs, strict=True):
             slide, _ = name_fields(f)
             rows.append(
@@ -245,9 +249,10 @@ def _predict_group(
 
 
 def _draw_gradcam(
-    loaded: Any, batch: np.ndarray, files: list[Path], folder: Path, dev: Any
+    loaded: Any, batch: np.ndarray, files: list[Path], folder: Path, dev: Any, used: set[str]
 ) -> None:
-    """``<folder>/<file stem>.png``: original | Grad-CAM overlay, as the report draws them."""
+    """``<folder>/<file stem>.png``: original | Grad-CAM overlay, as the report draws them.
+    ``used``: the names this call wrote so far."""
     import torch
     from PIL import Image
 
@@ -260,7 +265,11 @@ def _draw_gradcam(
     finally:
         loaded.model.to(dev)  # cam_pairs explains on the CPU
     for f, pair in zip(files, pairs, strict=True):
-        Image.fromarray(pair).save(folder / f"{f.stem}.png")
+        name = f"{f.stem}.png"
+        if name in used:  # one stem in several folders: keep each, numbered
+            name = f"{f.stem}-{len(used)}.png"
+        used.add(name)
+        Image.fromarray(pair).save(folder / name)
 
 
 def patient_table(preds: pd.DataFrame) -> pd.DataFrame:
