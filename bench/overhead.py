@@ -104,7 +104,7 @@ def _record_costs(configs, data, uri: str) -> dict[str, float]:  # noqa: ANN001
         t2 = time.perf_counter()
         _log_figures(tracker, result)
         t3 = time.perf_counter()
-        tracker.log_model(result.model)  # a search logs it only for a new best
+        tracker.log_model(result.model, config.to_dict(), "40X")  # only for a new best
         tracker.finish("completed")
         t4 = time.perf_counter()
         for k, dt in zip(costs, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):

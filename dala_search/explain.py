@@ -102,11 +102,6 @@ def gradcam_overlays(
     ``data`` is a ``train.TrialData``. Returns (sample, RGB uint8 image: original | overlay).
     The map explains the predicted class of each image.
     """
-    from PIL import Image
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.image import show_cam_on_image
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
     if per_class < 1:
         raise DalaError(f"Grad-CAM: per_class {per_class} must be at least 1")
     labels = data.labels(task)
@@ -114,30 +109,13 @@ def gradcam_overlays(
     if len(test_idx) == 0:
         raise DalaError(f"Grad-CAM: the split of {data.root} has no test images")
     chosen = sample_test_indices(labels, test_idx, per_class, seed)
-    model = model.cpu().eval()
-    layers = target_layers(model)
     images = np.ascontiguousarray(data.cache.images[data.rows[chosen]])  # uint8 NHWC
-    x = normalize(to_float(torch.from_numpy(images)))
-    # Gradients must reach the target layer even when every backbone stage is frozen.
-    x.requires_grad_(True)
-    with torch.no_grad():
-        probs = torch.softmax(model(x), dim=1).numpy()
+    probs, pairs = cam_pairs(model, images, normalize(to_float(torch.from_numpy(images))))
     names = class_names(probs.shape[1])
-    # One batched pass: the map of each image explains its own predicted class.
     preds = probs.argmax(axis=1)
-    with GradCAM(model=model, target_layers=layers) as cam:
-        masks = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(p)) for p in preds])
     out: list[tuple[GradCamSample, np.ndarray]] = []
     for k, i in enumerate(chosen):
         pred = int(preds[k])
-        rgb = images[k].astype(np.float32) / 255.0
-        overlay = show_cam_on_image(rgb, masks[k], use_rgb=True)
-        side = max(DISPLAY_SIZE, rgb.shape[1])
-        h = round(rgb.shape[0] * side / rgb.shape[1])
-        pair = [
-            np.asarray(Image.fromarray(a).resize((side, h), Image.BILINEAR))
-            for a in (images[k], overlay)
-        ]
         rec = data.records[i]
         sample = GradCamSample(
             file=f"{names[labels[i]]}_{k:02d}.png",
@@ -148,8 +126,44 @@ def gradcam_overlays(
             explained_class=names[pred],
             probability=float(probs[k, pred]),
         )
-        out.append((sample, np.concatenate(pair, axis=1)))
+        out.append((sample, pairs[k]))
     return out
+
+
+def cam_pairs(
+    model: nn.Module, images: np.ndarray, x: torch.Tensor
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Softmax probabilities of ``x`` (the normalised ``images``, uint8 NHWC) and per image
+    the RGB uint8 picture ``original | Grad-CAM overlay`` of its predicted class, upscaled to
+    at least ``DISPLAY_SIZE`` wide. ``dala-search predict --gradcam`` draws the same."""
+    from PIL import Image
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = model.cpu().eval()
+    layers = target_layers(model)
+    x = x.detach().cpu().clone()
+    # Gradients must reach the target layer even when every backbone stage is frozen.
+    x.requires_grad_(True)
+    with torch.no_grad():
+        probs = torch.softmax(model(x).float(), dim=1).numpy()
+    # One batched pass: the map of each image explains its own predicted class.
+    preds = probs.argmax(axis=1)
+    with GradCAM(model=model, target_layers=layers) as cam:
+        masks = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(p)) for p in preds])
+    pairs = []
+    for k in range(len(images)):
+        rgb = images[k].astype(np.float32) / 255.0
+        overlay = show_cam_on_image(rgb, masks[k], use_rgb=True)
+        side = max(DISPLAY_SIZE, rgb.shape[1])
+        h = round(rgb.shape[0] * side / rgb.shape[1])
+        pair = [
+            np.asarray(Image.fromarray(a).resize((side, h), Image.BILINEAR))
+            for a in (images[k], overlay)
+        ]
+        pairs.append(np.concatenate(pair, axis=1))
+    return probs, pairs
 
 
 def write_overlays(items: list[tuple[GradCamSample, np.ndarray]], out_dir: Path) -> list[dict]:
@@ -189,8 +203,8 @@ def gradcam_for_best(
     artifacts ``gradcam/<mag>/``.
     """
     import mlflow
-    import mlflow.pytorch
 
+    from dala_search.pyfunc_model import load_torch_model
     from dala_search.train import prepare_data
 
     for key in ("image_size", "task"):
@@ -205,7 +219,7 @@ def gradcam_for_best(
         progress=progress,
     )
     mlflow.set_tracking_uri(tracking_uri)
-    model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    model = load_torch_model(model_uri)
     items = gradcam_overlays(
         model,
         data,

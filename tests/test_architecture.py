@@ -34,6 +34,10 @@ RECORD_READERS = sorted(
         "dala_search.baseline_tuning",
         "dala_search.baseline_tuning_runs",
         "dala_search.report",
+        # the registered pyfunc is loaded by `mlflow models serve`: no Ray there either
+        "dala_search.predict",
+        "dala_search.pyfunc_model",
+        "dala_search.predict_images",
     )
     or m.startswith(("dala_search.runs", "dala_search.evaluate_", "dala_search.report_"))
 )

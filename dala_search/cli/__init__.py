@@ -4,7 +4,7 @@ Any ``DalaError`` (bad file, key or value) is printed as one clear line and exit
 ``_base`` holds the group and the shared options; each module below adds its commands.
 """
 
-from dala_search.cli import data, results, search  # noqa: F401  (registers the commands)
+from dala_search.cli import data, predict, results, search  # noqa: F401  (registers the commands)
 from dala_search.cli._base import main
 
 __all__ = ["main"]

@@ -32,6 +32,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager, suppress
 from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -157,12 +158,19 @@ def _decode(path: str, image_size: int) -> np.ndarray | str:
     never stops the build.
     """
     try:
-        with Image.open(path) as im:
-            rgb = im.convert("RGB")  # forces the full decode: truncation fails here
-        small = rgb.resize((image_size, image_size), _RESAMPLE, reducing_gap=_REDUCING_GAP)
-        return np.asarray(small, dtype=np.uint8)
+        return decode_image(path, image_size)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError...
         return f"unreadable image ({type(e).__name__}: {e})"
+
+
+def decode_image(source: str | Path | BinaryIO, image_size: int) -> np.ndarray:
+    """One image (a path or an open binary file) decoded and squashed to uint8 ``(S, S, 3)``,
+    exactly as the cache stores it; ``predict.py`` applies models to new images through it.
+    Raises what PIL raises for an unreadable image."""
+    with Image.open(source) as im:
+        rgb = im.convert("RGB")  # forces the full decode: truncation fails here
+    small = rgb.resize((image_size, image_size), _RESAMPLE, reducing_gap=_REDUCING_GAP)
+    return np.asarray(small, dtype=np.uint8)
 
 
 @contextmanager

@@ -8,7 +8,6 @@ other nodes, and a global "active run" would be one more piece of hidden state.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -289,27 +288,17 @@ class TrialTracker:
     def log_figure(self, fig: Any, path: str) -> None:
         retry(self.client.log_figure, self.run_id, fig, path)
 
-    def log_model(self, model: Any) -> None:
-        """Log the model (pickle format: pt2 would need a traced example). Ends the run as
-        FINISHED (``start_run`` as a context does), so call it just before ``finish``."""
+    def log_model(self, model: Any, config: Mapping[str, Any], magnification: str) -> None:
+        """Log the model as the image pyfunc (``pyfunc_model.py``; ``config`` and
+        ``magnification`` travel with it). Ends the run as FINISHED (``start_run`` as a
+        context does), so call it just before ``finish``."""
         import mlflow
-        import mlflow.pytorch
+
+        from dala_search.pyfunc_model import log_image_model
 
         mlflow.set_tracking_uri(self.client.tracking_uri)
-        # mlflow.pytorch warns about pickle on every call; our own models are what it loads.
-        quiet = logging.getLogger("mlflow.pytorch")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)
-        try:
-            with mlflow.start_run(run_id=self.run_id):
-                info = mlflow.pytorch.log_model(
-                    model,
-                    name="model",
-                    serialization_format="pickle",
-                    pip_requirements=["torch", "torchvision", "dala-search"],
-                )
-        finally:
-            quiet.setLevel(level)
+        with mlflow.start_run(run_id=self.run_id):
+            info = log_image_model(model, config, magnification)
         # MLflow 3 stores it as a LoggedModel (models:/m-...), not under the run's artifacts.
         retry(self.client.set_tag, self.run_id, TAG_MODEL_URI, info.model_uri)
         retry(self.client.set_tag, self.run_id, TAG_HAS_MODEL, "true")

@@ -117,7 +117,7 @@ def record_trial(
         tracker.log_dict(test_predictions(data, result), schema.TEST_PREDICTIONS)
     _log_figures(tracker, result)
     if ctx.log_models and result.model is not None and _beats_completed(ctx, result):
-        tracker.log_model(result.model)
+        tracker.log_model(result.model, config.to_dict(), ctx.magnification)
     tracker.finish("completed")
 
 

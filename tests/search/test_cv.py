@@ -185,12 +185,16 @@ def test_start_cv3_end_to_end(tmp_path, demo_root, tiny_space, monkeypatch, chec
     assert study.user_attrs["cv"] == 3
 
     # the best trial's registered model is the ensemble of its three fold models
-    import mlflow.pytorch
+    import mlflow
 
     from dala_search.model.ensemble import ProbabilityEnsemble
+    from dala_search.pyfunc_model import load_image_model
 
     best_id = parent.data.tags[schema.TAG_BEST_RUN]
     best = client.get_run(best_id)
     mlflow.set_tracking_uri(uri)
-    model = mlflow.pytorch.load_model(best.data.tags[schema.TAG_MODEL_URI], map_location="cpu")
+    image_model = load_image_model(best.data.tags[schema.TAG_MODEL_URI])
+    model = image_model.model
     assert isinstance(model, ProbabilityEnsemble) and len(model.members) == 3
+    # the ensemble is what the pyfunc applies; the config it travels with is the trial's
+    assert image_model.meta["config"]["fc1"] == int(best.data.params["fc1"])

@@ -112,7 +112,9 @@ def test_best_is_on_the_parent_and_registered(records) -> None:
     import torch
 
     mlflow.set_tracking_uri(records["tracking_uri"])
-    model = mlflow.pytorch.load_model(f"models:/{schema.model_name('40X')}@best")
+    from dala_search.pyfunc_model import load_torch_model
+
+    model = load_torch_model(f"models:/{schema.model_name('40X')}@best")
     with torch.no_grad():
         out = model.eval()(torch.zeros(2, 3, 32, 32))
     assert out.shape == (2, 2)
