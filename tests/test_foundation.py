@@ -73,6 +73,7 @@ def test_fm_tiny_search_runs_end_to_end_and_registers_an_image_model(fm_search: 
     from mlflow import MlflowClient
 
     from dala_search.model.foundation import FoundationClassifier
+    from dala_search.pyfunc_model import load_torch_model
     from dala_search.runs import schema
 
     (outcome,) = fm_search["outcomes"]
@@ -88,13 +89,39 @@ def test_fm_tiny_search_runs_end_to_end_and_registers_an_image_model(fm_search: 
     )
     assert runs, "the best trial logs its model"
     mlflow.set_tracking_uri(fm_search["uri"])
-    model = mlflow.pytorch.load_model(runs[0].data.tags[schema.TAG_MODEL_URI])
+    model = load_torch_model(runs[0].data.tags[schema.TAG_MODEL_URI])
     assert isinstance(model, FoundationClassifier)
     assert runs[0].data.params["backbone"] == "timm:test_resnet.r160_in1k"
     pre = model.preprocess  # the contract `predict` reads: squash, [0, 1], normalise
     assert pre["size"] == 32 and len(pre["mean"]) == len(pre["std"]) == 3
     logits = model.eval()(torch.rand(3, 3, pre["size"], pre["size"]))
     assert logits.shape == (3, 2) and torch.isfinite(logits).all()
+
+
+@pytest.mark.slow
+def test_predict_applies_the_registered_foundation_model_head(
+    fm_search: dict, demo_root: Path, tmp_path: Path
+):
+    """``predict NAME`` on the fm search: the registered pyfunc (frozen backbone + head over
+    images, the backbone's own preprocessing) gives each 40X image two probabilities."""
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from dala_search.cli import main
+
+    images = sorted(demo_root.rglob("*-40-*.png"))[:4]
+    assert images, "the demo tree has 40X images"
+    out = tmp_path / "preds.csv"
+    args = ["predict", "fm", *map(str, images), "--out", str(out), "--device", "cpu"]
+    args += ["--runs-dir", str(fm_search["root"] / "r"), "--tracking-uri", fm_search["uri"]]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    preds = pd.read_csv(out)
+    assert len(preds) == len(images)
+    assert set(preds["magnification"]) == {"40X"}
+    total = preds["prob_benign"] + preds["prob_malignant"]
+    assert np.allclose(total, 1.0, atol=1e-5)
+    assert set(preds["predicted"]) <= {"benign", "malignant"}
 
 
 @pytest.mark.slow
