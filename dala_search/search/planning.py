@@ -31,6 +31,7 @@ from dala_search.data.demo import default_demo_dir, ensure_demo_data
 from dala_search.data.preflight import check_search_data
 from dala_search.errors import ConfigError, DalaError
 from dala_search.model.dalaresnet import check_backbone_weights
+from dala_search.objectives import plan_objectives
 from dala_search.runs import rollback, schema
 from dala_search.runs.plan import PLAN_FILE, SearchPlan, parse_duration, runs_folder
 from dala_search.runs.storage import check_storage
@@ -60,6 +61,12 @@ def check_search(*, overwrite: bool = False, **options: Any) -> CheckedSearch:
     with _naming("--space"):
         space = load_space(options.get("space") or start_options.OPTIONS["space"].default)
     values = start_options.resolve(options, space.settings)
+    with _naming("--objective"):
+        values.update(
+            plan_objectives(
+                values, options.get("sampler") is not None, start_options.OPTIONS["sampler"].default
+            )
+        )
     _check_combinations(values, space)
     plan = _make_plan(values, space)
     _check_search_algorithms(plan)
@@ -166,6 +173,8 @@ def _make_plan(values: Mapping[str, Any], space: SearchSpace) -> SearchPlan:
         fold=values["fold"],
         max_retries=values["max_retries"],
         prune_on=None if prune_on == values["metric"] else prune_on,  # None: the metric
+        objectives=values["objectives"],
+        constraints=values["constraints"],
         cv=values["cv"],
         protocol=values["protocol"],
     )

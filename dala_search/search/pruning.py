@@ -101,6 +101,8 @@ SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
     "random": lambda seed, **kw: optuna.samplers.RandomSampler(seed=seed, **kw),
     "cmaes": _cmaes,
     "gp": _gp,
+    # Several objectives: NSGA-II (Optuna's default for them); also seeded.
+    "nsga2": lambda seed, **kw: optuna.samplers.NSGAIISampler(seed=seed, **kw),
 }
 
 

@@ -27,10 +27,12 @@ from dala_search.data import breakhis, protocols
 from dala_search.data.breakhis import BreakHisIndex
 from dala_search.errors import ConfigError, DalaError
 from dala_search.faults import ENV_VAR
+from dala_search.objectives import cost_metrics_needed
 from dala_search.runs import rollback, schema
 from dala_search.runs.plan import SearchPlan
 from dala_search.search import distributed, ray_internals, stopping, tracking
 from dala_search.search.callbacks import SearchCallback
+from dala_search.search.multiobjective import MultiObjectiveMixin
 from dala_search.search.optuna_search import PruningOptunaSearch
 from dala_search.search.planning import CheckedSearch, check_resume, check_search, plan_search
 from dala_search.search.pruning import (
@@ -67,6 +69,10 @@ class DalaOptunaSearch(PruningOptunaSearch):
         return config
 
 
+class DalaMultiObjectiveSearch(MultiObjectiveMixin, DalaOptunaSearch):
+    """``DalaOptunaSearch`` with several objectives (``--objective``, ``--constraint``)."""
+
+
 def make_searcher(plan: SearchPlan, space: Any, mag: str) -> Any:
     """The searcher of one magnification's study, its sampler seeded with the study seed.
 
@@ -75,7 +81,11 @@ def make_searcher(plan: SearchPlan, space: Any, mag: str) -> Any:
     restores its searcher, sampler state included).
     """
     seed = plan.study_seed(mag)
-    searcher = DalaOptunaSearch(
+    # Several objectives or constraints: the multi-objective bridge (multiobjective.py).
+    cls: Any = DalaMultiObjectiveSearch if plan.objectives else DalaOptunaSearch
+    extra = {"objectives": plan.objectives, "constraints": plan.constraints}
+    searcher = cls(
+        **(extra if plan.objectives else {}),
         space=space.suggest,
         metric=plan.tune_metric,
         mode="max",
@@ -324,6 +334,7 @@ def _run_magnification(
         code_version=schema.code_version(),
         log_models=plan.log_models,
         folds=folds,
+        costs=cost_metrics_needed(plan.objectives, plan.constraints),
     )
     if plan.workers_per_trial > 1:  # data parallel: Ray Train workers (distributed.py)
         layout = distributed.WorkerLayout(plan.workers_per_trial, res["cpu"], res["gpu"])
