@@ -115,3 +115,17 @@ def test_successive_halving_rungs_are_written_back_to_the_study() -> None:
     judge_primary(study, number, "maximize")
     attrs = study.trials[number].system_attrs
     assert attrs["completed_rung_0"] == 0.7
+
+
+def test_every_sampler_survives_rays_pickling() -> None:
+    """Ray pickles the searcher, sampler included (Optuna 5.1's NSGA-II holds a lock)."""
+    import pickle
+
+    from ray import cloudpickle
+
+    from dala_search.search.pruning import SAMPLERS, make_sampler
+
+    for name in SAMPLERS:
+        again = pickle.loads(cloudpickle.dumps(make_sampler(name, seed=1)))
+        assert isinstance(again, optuna.samplers.BaseSampler)
+    assert again.sample_independent  # a working sampler object, lock or not

@@ -23,6 +23,7 @@ import optuna
 import ray
 from ray import tune
 
+from dala_search import pareto
 from dala_search.data import breakhis, protocols
 from dala_search.data.breakhis import BreakHisIndex
 from dala_search.errors import ConfigError, DalaError
@@ -455,6 +456,10 @@ def _summarise(
         current = tracker.client.get_run(parent).data.tags.get(schema.TAG_BEST_RUN)
         if current != best.info.run_id:
             version = tracker.record_best(parent, mag, best)
+    if plan.objectives:  # several objectives: the front on the parent run and its trials
+        pareto.record_front(
+            tracker.client, tracker.experiment_id, parent, plan.storage, plan.study_name(mag), mag
+        )
     if interrupted:
         # Trials cut by the interrupt: KILLED, state "interrupted"; `resume` reopens them.
         tracker.close_interrupted(parent)
