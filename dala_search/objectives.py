@@ -156,7 +156,7 @@ def cost_metrics_needed(
 
 
 def plan_objectives(
-    values: dict[str, Any], sampler_given: bool, default_sampler: str
+    values: dict[str, Any], sampler_given: bool, default_sampler: str, cuda_here: bool = True
 ) -> dict[str, Any]:
     """The plan's ``metric``, ``objectives``, ``constraints`` and ``sampler`` from the
     resolved start options.
@@ -175,11 +175,13 @@ def plan_objectives(
         return {"metric": metric, "objectives": (), "constraints": (), "sampler": sampler}
     if not objectives:  # constraints on the space's metric alone
         objectives = (f"val_{metric}:max",)
-    if "peak_mem_mb" in cost_metrics_needed(objectives, constraints) and (
-        values.get("gpus_per_trial") == 0
-    ):
+    gpus = values.get("gpus_per_trial")
+    # Auto GPUs on a Ray of our own (no --address) train where the driver runs.
+    on_cpu = gpus == 0 or (gpus is None and values.get("address") is None and not cuda_here)
+    if "peak_mem_mb" in cost_metrics_needed(objectives, constraints) and on_cpu:
         raise ConfigError(
-            "peak_mem_mb is CUDA memory (costs.py): not measurable with --gpus-per-trial 0"
+            "--objective/--constraint peak_mem_mb: CUDA memory (costs.py), and the trials "
+            "would run on CPU (--gpus-per-trial 0, or no CUDA on this machine)"
         )
     if len(objectives) > 1 and not sampler_given and sampler == default_sampler:
         sampler = "nsga2"

@@ -24,6 +24,7 @@ from dala_search.errors import ConfigError, DalaError
 from dala_search.objectives import check_constraints, check_objectives
 from dala_search.runs.plan import NAME_RULE, is_valid_name, parse_duration, parse_magnifications
 from dala_search.runs.storage import check_storage_url
+from dala_search.warm_points import check_enqueue, check_warm_start
 
 # Names only: the search package maps them to Optuna samplers and pruners (its registries
 # in search/pruning.py; tests/test_space.py and tests/search/test_pruning.py pin both).
@@ -312,6 +313,24 @@ START_OPTIONS: tuple[StartOption, ...] = (
         space_key=True,
         parse=check_constraints,
         multiple=True,
+    ),
+    StartOption(
+        "enqueue",
+        "--enqueue",
+        "text",
+        "Points tried first in every study, repeatable: 'paper' (the paper space's point) "
+        "or a YAML file listing points (searched parameter: value).",
+        default=(),
+        parse=check_enqueue,
+        multiple=True,
+    ),
+    StartOption(
+        "warm_start",
+        "--warm-start",
+        "text",
+        "SEARCH[:MAG]: the 3 best configurations of that search's study (of the same "
+        "magnification unless MAG) are tried first.",
+        parse=check_warm_start,
     ),
     # A space key with no flag: the metric a search maximises belongs to its space.
     StartOption(

@@ -60,7 +60,7 @@ def test_one_objective_is_todays_search_and_several_default_to_nsga2() -> None:
     with pytest.raises(ConfigError, match="hyperband"):
         plan_objectives(_values(constraints=("gflops<=1",), pruner="hyperband"), False, "tpe")
     with pytest.raises(ConfigError, match="CUDA"):
-        plan_objectives(_values(constraints=("peak_mem_mb<=1",), gpus_per_trial=0), 0, "")
+        plan_objectives(_values(constraints=("peak_mem_mb<=1",), gpus_per_trial=0), 0, "", True)
 
 
 def test_costs_of_a_small_model(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -35,7 +35,7 @@ from dala_search.objectives import plan_objectives
 from dala_search.runs import rollback, schema
 from dala_search.runs.plan import PLAN_FILE, SearchPlan, parse_duration, runs_folder
 from dala_search.runs.storage import check_storage
-from dala_search.search import distributed, ray_internals, tracking
+from dala_search.search import distributed, ray_internals, tracking, warm_start
 from dala_search.search.pruning import make_pruner, make_sampler
 from dala_search.space import SearchSpace
 from dala_search.space_file import load_space
@@ -64,12 +64,16 @@ def check_search(*, overwrite: bool = False, **options: Any) -> CheckedSearch:
     with _naming("--objective"):
         values.update(
             plan_objectives(
-                values, options.get("sampler") is not None, start_options.OPTIONS["sampler"].default
+                values,
+                options.get("sampler") is not None,
+                start_options.OPTIONS["sampler"].default,
+                cuda_here=torch.cuda.is_available(),
             )
         )
     _check_combinations(values, space)
     plan = _make_plan(values, space)
     _check_search_algorithms(plan)
+    warm_start.check_plan(plan, space)
     folder = Path(plan.folder)
     if (folder / PLAN_FILE).exists() and not overwrite:
         raise DalaError(rollback.existing_search_message(folder, plan.name))
@@ -175,6 +179,8 @@ def _make_plan(values: Mapping[str, Any], space: SearchSpace) -> SearchPlan:
         prune_on=None if prune_on == values["metric"] else prune_on,  # None: the metric
         objectives=values["objectives"],
         constraints=values["constraints"],
+        enqueue=values["enqueue"],
+        warm_start=values["warm_start"],
         cv=values["cv"],
         protocol=values["protocol"],
     )

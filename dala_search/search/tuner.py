@@ -31,7 +31,7 @@ from dala_search.faults import ENV_VAR
 from dala_search.objectives import cost_metrics_needed
 from dala_search.runs import rollback, schema
 from dala_search.runs.plan import SearchPlan
-from dala_search.search import distributed, ray_internals, stopping, tracking
+from dala_search.search import distributed, ray_internals, stopping, tracking, warm_start
 from dala_search.search.callbacks import SearchCallback
 from dala_search.search.multiobjective import MultiObjectiveMixin
 from dala_search.search.optuna_search import PruningOptunaSearch
@@ -358,6 +358,9 @@ def _run_magnification(
     else:
         epochs = plan.epochs or int(space.fixed.get("epochs", 10))
         searcher = make_searcher(plan, space, mag)
+        enqueued = warm_start.enqueue_for(plan, space, mag, searcher.study)
+        if enqueued:  # what was tried first, on the parent run (also the study's user attr)
+            schema.retry(tracker.client.log_dict, parent, {"enqueued": enqueued}, "enqueued.json")
         if plan.pruner == "asha":
             scheduler = PrunedMarkingASHAScheduler(
                 time_attr="training_iteration",

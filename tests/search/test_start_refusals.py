@@ -60,6 +60,8 @@ TEXT_BAD: dict[str, list[str]] = {
     ],
     "--time-budget": ["2x", "0", "-5m"],
     "--runs-dir": ["/dev/null/runs"],
+    "--objective": ["latency_ms:min", "val_f1:up", "speed:max"],  # a cost cannot be primary
+    "--constraint": ["params_m<25", "speed<=1"],
 }
 # Values the command line accepts and the checks before anything is created refuse.
 DEEP_BAD: list[tuple[str, str]] = [
@@ -71,6 +73,7 @@ DEEP_BAD: list[tuple[str, str]] = [
     ("--workers-per-trial", "100000"),
     ("--cv", "1000"),  # more inner folds than patients
     ("--fold", "1"),  # the data has no Folds.csv
+    ("--constraint", "peak_mem_mb<=100"),  # CUDA memory, and the world searches on CPU
 ]
 
 
