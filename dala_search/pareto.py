@@ -77,9 +77,25 @@ def read_front(
     return front_rows(study, _trial_runs(client, experiment_id, magnification))
 
 
-def front_figure(study: optuna.Study, rows: list[dict[str, Any]]) -> Any:
+def paper_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The completed trial that ran the ``paper`` point (``--enqueue paper``), if any: the
+    one whose enqueued parameters (Optuna's ``fixed_params``) are that point's."""
+    point = next(
+        (p for p in study.user_attrs.get("enqueued", []) if p.get("source") == "paper"), None
+    )
+    if point is None:
+        return None
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return next((t for t in done if t.system_attrs.get("fixed_params") == point["params"]), None)
+
+
+def front_figure(
+    study: optuna.Study,
+    rows: list[dict[str, Any]],
+    marked: optuna.trial.FrozenTrial | None = None,
+) -> Any:
     """Primary objective against each other objective: completed trials grey, the front
-    in colour, the primary's best ringed."""
+    in colour, the primary's best ringed, ``marked`` (the paper's point) as a star."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,6 +116,9 @@ def front_figure(study: optuna.Study, rows: list[dict[str, Any]]) -> Any:
         if best is not None:
             ax.scatter([best["values"][other]], [best["values"][names[0]]], s=140,
                        facecolors="none", edgecolors="k", label="best primary")  # fmt: skip
+        if marked is not None:
+            ax.scatter([marked.values[j]], [marked.values[0]], marker="*", s=160, c="tab:blue",
+                       label="paper's configuration")  # fmt: skip
         ax.set_xlabel(other)
         ax.set_ylabel(names[0])
         ax.legend(fontsize=7)
@@ -132,7 +151,7 @@ def record_front(
     if rows:
         import matplotlib.pyplot as plt
 
-        fig = front_figure(study, rows)
+        fig = front_figure(study, rows, paper_trial(study))
         schema.retry(client.log_figure, parent_run_id, fig, FRONT_PLOT)
         plt.close(fig)
     return rows

@@ -139,3 +139,20 @@ def _run_of(client: MlflowClient, plan: SearchPlan, number: int):
         filter_string=f"tags.`{schema.TAG_OPTUNA_NUMBER}` = '{number}'",
     )
     return run
+
+
+def test_the_report_shows_the_front_with_the_papers_point(mo_search, tmp_path) -> None:
+    from dala_search.report import build_report
+
+    assert pareto.paper_trial(mo_search["study"]).number == 0  # trial 0 ran the paper point
+    html = build_report(
+        "mo",
+        runs_dir=mo_search["runs"],
+        out=tmp_path / "r.html",
+        gradcam_per_class=0,
+        log_gradcam=False,
+        progress=False,
+    )
+    page = html.read_text()
+    assert "Pareto front" in page
+    assert (tmp_path / "r_figures" / "40X_optuna_pareto.png").stat().st_size > 1000
