@@ -129,3 +129,16 @@ def test_every_sampler_survives_rays_pickling() -> None:
         again = pickle.loads(cloudpickle.dumps(make_sampler(name, seed=1)))
         assert isinstance(again, optuna.samplers.BaseSampler)
     assert again.sample_independent  # a working sampler object, lock or not
+
+
+@pytest.mark.parametrize("name", ["nsga2", "tpe", "gp", "random"])
+def test_the_samplers_offered_for_several_objectives_take_two_directions(name: str) -> None:
+    from dala_search.search.pruning import make_sampler
+
+    sampler = make_sampler(name, seed=0)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    for _ in range(3):
+        trial = study.ask()
+        x = trial.suggest_float("x", 0.0, 1.0)
+        study.tell(trial, [x, x * x])
+    assert study.best_trials  # a front, read through Optuna's own API

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -149,7 +150,9 @@ class MultiObjectiveMixin:
         self.study.set_user_attr("prune_metric", self.prune_metric)
         self.study.set_user_attr("objectives", [str(o) for o in self._objective_list])
         self.study.set_user_attr("constraints", [str(c) for c in self._constraint_list])
-        self.study.set_metric_names([o.metric for o in self._objective_list])
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.2, still in 5.1
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.study.set_metric_names([o.metric for o in self._objective_list])
 
     def _record(self, trial_id: str, result: Mapping[str, Any]) -> None:
         super()._record(trial_id, result)
