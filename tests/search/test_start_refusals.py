@@ -62,6 +62,8 @@ TEXT_BAD: dict[str, list[str]] = {
     "--runs-dir": ["/dev/null/runs"],
     "--objective": ["latency_ms:min", "val_f1:up", "speed:max"],  # a cost cannot be primary
     "--constraint": ["params_m<25", "speed<=1"],
+    "--enqueue": ["nope.yaml", "{not_a_space}"],  # no such file; a file that is not points
+    "--warm-start": ["a/b", "old:50X", "nosuch"],  # bad name, bad magnification, no search
 }
 # Values the command line accepts and the checks before anything is created refuse.
 DEEP_BAD: list[tuple[str, str]] = [
@@ -73,7 +75,6 @@ DEEP_BAD: list[tuple[str, str]] = [
     ("--workers-per-trial", "100000"),
     ("--cv", "1000"),  # more inner folds than patients
     ("--fold", "1"),  # the data has no Folds.csv
-    ("--constraint", "peak_mem_mb<=100"),  # CUDA memory, and the world searches on CPU
 ]
 
 
