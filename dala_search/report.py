@@ -283,6 +283,16 @@ def _optuna_section(sec: MagSection, plan: Any, mag: str, fig_dir: Path, page_di
     sec.trial_counts = {k: v for k, v in sec.trial_counts.items() if v}
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     stem = f"{mag}_optuna"
+    if len(study.directions) > 1:  # several objectives: the front (pareto.py) instead
+        from dala_search import pareto
+
+        rows = pareto.front_rows(study) or []
+        if not rows:
+            sec.optuna.append(Figure("Pareto front", missing="no completed feasible trial"))
+        else:
+            fig = pareto.front_figure(study, rows, pareto.paper_trial(study))
+            sec.optuna.append(_save(fig, fig_dir, f"{stem}_pareto.png", page_dir, "Pareto front"))
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if not complete:

@@ -21,12 +21,14 @@ from typing import Any
 from dala_search.config import PROTOCOLS, SELECT_METRICS
 from dala_search.data.breakhis import MAGNIFICATIONS
 from dala_search.errors import ConfigError, DalaError
+from dala_search.objectives import check_constraints, check_objectives
 from dala_search.runs.plan import NAME_RULE, is_valid_name, parse_duration, parse_magnifications
 from dala_search.runs.storage import check_storage_url
+from dala_search.warm_points import check_enqueue, check_warm_start
 
 # Names only: the search package maps them to Optuna samplers and pruners (its registries
 # in search/pruning.py; tests/test_space.py and tests/search/test_pruning.py pin both).
-SAMPLERS: tuple[str, ...] = ("tpe", "random", "cmaes", "gp")
+SAMPLERS: tuple[str, ...] = ("tpe", "random", "cmaes", "gp", "nsga2")
 PRUNERS: tuple[str, ...] = ("median", "percentile", "sha", "hyperband", "asha", "none")
 
 # The upper bounds are TrialConfig's (config.py): a value let through here must not be
@@ -59,6 +61,7 @@ class StartOption:
     parse: Callable[[Any], Any] | None = None
     short: str | None = None
     show_default: bool = False
+    multiple: bool = False  # repeatable flag / a YAML list; () (not given) counts as None
 
     @property
     def label(self) -> str:
@@ -288,6 +291,47 @@ START_OPTIONS: tuple[StartOption, ...] = (
         "path",
         "Where search folders live (default: $DALA_RUNS_DIR or ./dala_runs).",
     ),
+    StartOption(
+        "objectives",
+        "--objective",
+        "text",
+        "METRIC:max|min, repeatable; the first (a val_* metric, max) is the primary, "
+        "pruned on; costs: params_m, gflops, latency_ms, peak_mem_mb (default: the space's "
+        "search.metric alone). Several give a Pareto front (NSGA-II unless --sampler).",
+        default=(),
+        space_key=True,
+        parse=check_objectives,
+        multiple=True,
+    ),
+    StartOption(
+        "constraints",
+        "--constraint",
+        "text",
+        "METRIC<=N or METRIC>=N, repeatable (e.g. params_m<=25): violating trials are "
+        "recorded infeasible and kept out of the front.",
+        default=(),
+        space_key=True,
+        parse=check_constraints,
+        multiple=True,
+    ),
+    StartOption(
+        "enqueue",
+        "--enqueue",
+        "text",
+        "Points tried first in every study, repeatable: 'paper' (the paper space's point) "
+        "or a YAML file listing points (searched parameter: value).",
+        default=(),
+        parse=check_enqueue,
+        multiple=True,
+    ),
+    StartOption(
+        "warm_start",
+        "--warm-start",
+        "text",
+        "SEARCH[:MAG]: the 3 best configurations of that search's study (of the same "
+        "magnification unless MAG) are tried first.",
+        parse=check_warm_start,
+    ),
     # A space key with no flag: the metric a search maximises belongs to its space.
     StartOption(
         "metric",
@@ -317,6 +361,8 @@ def resolve(given: Mapping[str, Any], space_settings: Any) -> dict[str, Any]:
     values = {}
     for o in START_OPTIONS:
         value = given.get(o.name)
+        if o.multiple and not value:  # click's () for a repeatable flag not given
+            value = None
         if value is None and o.space_key:
             value = getattr(space_settings, o.name)
         if value is None:

@@ -277,7 +277,7 @@ def test_space_module_imports_without_optuna():
 
 
 def test_sampler_and_pruner_names_are_the_search_package_contract():
-    assert SAMPLERS == ("tpe", "random", "cmaes", "gp")
+    assert SAMPLERS == ("tpe", "random", "cmaes", "gp", "nsga2")
     assert PRUNERS == ("median", "percentile", "sha", "hyperband", "asha", "none")
 
 

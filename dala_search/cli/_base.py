@@ -153,6 +153,7 @@ def table_option(option: StartOption) -> Callable[[Callable[..., Any]], Callable
         show_default=option.show_default,
         help=option.help or None,
         callback=check if option.parse is not None else None,
+        multiple=option.multiple,
     )
 
 

@@ -257,6 +257,9 @@ def best_cmd(
     # MLflow's HTTP client retries an unreachable server for minutes: say so at once.
     check_tracking_uri(uri)
     rows = best_table(uri, name)
+    from dala_search.pareto import add_fronts, front_lines
+
+    add_fronts(rows, name, runs_dir, uri)  # several objectives: each row's "pareto"
     if as_json:
         click.echo(json.dumps({"search": name, "magnifications": rows}, indent=2))
         return
@@ -289,3 +292,5 @@ def best_cmd(
             "lr",
         )
         click.echo("       " + "  ".join(f"{k}={cfg[k]}" for k in keys if k in cfg))
+        for line in front_lines(r):
+            click.echo(line)

@@ -110,6 +110,15 @@ class SearchPlan:
     # The split protocol (``data.protocols``, ``start --protocol``): "patient" (default),
     # "image" (image-level, LEAKY: its figures are inflated) or "eva" (40X, eva's task).
     protocol: str = "patient"
+    # Several objectives (``--objective``, "metric:max|min", the first the primary) or
+    # constraints (``--constraint``, "metric<=N"): a multi-objective study (objectives.py,
+    # search/multiobjective.py). Both empty: one objective, ``metric`` (today's search).
+    objectives: tuple[str, ...] = ()
+    constraints: tuple[str, ...] = ()
+    # Warm starts (search/warm_start.py): "paper" or absolute YAML paths (``--enqueue``),
+    # and "SEARCH[:MAG]" (``--warm-start``); enqueued when each magnification's study starts.
+    enqueue: tuple[str, ...] = ()
+    warm_start: str | None = None
 
     @property
     def tune_metric(self) -> str:
@@ -158,6 +167,8 @@ class SearchPlan:
             raise DalaError(f"{folder}: no {PLAN_FILE}; is this a dala-search search folder?")
         raw = json.loads(path.read_text())
         raw["magnifications"] = tuple(raw["magnifications"])
+        for key in ("objectives", "constraints", "enqueue"):
+            raw[key] = tuple(raw.get(key, ()))
         return cls(**raw)
 
 

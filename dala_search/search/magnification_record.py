@@ -9,6 +9,7 @@ from typing import Any
 
 import optuna
 
+from dala_search import pareto
 from dala_search.data import protocols
 from dala_search.runs import schema
 from dala_search.runs.plan import SearchPlan
@@ -107,6 +108,10 @@ def summarise(
         current = tracker.client.get_run(parent).data.tags.get(schema.TAG_BEST_RUN)
         if current != best.info.run_id:
             version = tracker.record_best(parent, mag, best)
+    if plan.objectives:  # several objectives: the front on the parent run and its trials
+        pareto.record_front(
+            tracker.client, tracker.experiment_id, parent, plan.storage, plan.study_name(mag), mag
+        )
     if interrupted:
         # Trials cut by the interrupt: KILLED, state "interrupted"; `resume` reopens them.
         tracker.close_interrupted(parent)

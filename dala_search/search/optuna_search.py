@@ -213,7 +213,7 @@ class PruningOptunaSearch(OptunaSearch):
         if step <= self._last_step.get(trial_id, -1):
             return
         try:
-            ray_internals.trials(self)[trial_id].report(value, step)
+            self._report_intermediate(trial_id, value, step)
         except optuna.exceptions.UpdateFinishedTrialError:
             # Finished in the study but not here: a restored searcher whose checkpoint is
             # older than the study (driver killed). Keep the study's record; ignore the rerun.
@@ -222,6 +222,19 @@ class PruningOptunaSearch(OptunaSearch):
             self._live.discard(trial_id)
             return
         self._last_step[trial_id] = step
+
+    def _report_intermediate(self, trial_id: str, value: float, step: int) -> None:
+        """Give the study one intermediate value (the multi-objective bridge keeps it as a
+        user attribute instead: ``multiobjective.py``)."""
+        ray_internals.trials(self)[trial_id].report(value, step)
+
+    def _ask_pruner(self, trial_id: str) -> bool:
+        """Whether the study's pruner stops ``trial_id`` now (its values reported)."""
+        return ray_internals.trials(self)[trial_id].should_prune()
+
+    def _completed_value(self, trial_id: str, values: list[float]) -> float | list[float]:
+        """What a completed trial is told: its metric's best (or last) value."""
+        return OBJECTIVES[self._objective](values, ray_internals.mode(self))
 
     def _reopen_if_retried(self, trial_id: str) -> None:
         """Give a trial that Tune runs again after an error a fresh Optuna trial.
@@ -276,7 +289,7 @@ class PruningOptunaSearch(OptunaSearch):
         self._record(trial_id, result)
         if trial_id not in self._last_step:  # nothing reported yet: nothing to judge
             return False
-        if ray_internals.trials(self)[trial_id].should_prune():
+        if self._ask_pruner(trial_id):
             self._pruned.add(trial_id)
             return True
         return False
@@ -325,7 +338,7 @@ class PruningOptunaSearch(OptunaSearch):
             state, value = TrialState.FAIL, None
         else:
             # state=None lets Optuna turn a NaN into FAIL instead of raising.
-            state, value = None, OBJECTIVES[self._objective](values, ray_internals.mode(self))
+            state, value = None, self._completed_value(trial_id, values)
         try:
             self.study.tell(ot_trial, value, state=state)
         except ValueError as err:  # e.g. the trial was finished by another process

@@ -26,6 +26,9 @@ RETRY_OF_ATTR = "ray_retry_of_trial"
 #: User attribute naming the Ray Tune trial id behind an Optuna trial (links the two, and
 #: MLflow runs tagged with the same id).
 RAY_TRIAL_ID_ATTR = "ray_trial_id"
+#: User attribute of a multi-objective study's trial: the primary objective's (the pruned-on
+#: metric's) value per epoch, {"step": value}; Optuna refuses `report` on such a trial.
+PRIMARY_INTERMEDIATE_ATTR = "primary_intermediate"
 
 
 def _best(values: list[float], mode: str) -> float:
@@ -109,7 +112,10 @@ class CloseStoppedOptunaTrials(Callback):
             return
         for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             tune_status = status.get(frozen.user_attrs.get(RAY_TRIAL_ID_ATTR))
-            if tune_status == "TERMINATED" and frozen.intermediate_values:
+            reported = frozen.intermediate_values or frozen.user_attrs.get(
+                PRIMARY_INTERMEDIATE_ATTR
+            )
+            if tune_status == "TERMINATED" and reported:
                 study.tell(frozen.number, state=TrialState.PRUNED)
             elif tune_status in ("TERMINATED", "ERROR"):
                 # Errored, or stopped before its first result: says nothing about its

@@ -33,10 +33,11 @@ from dala_search.data.preflight import check_search_data
 from dala_search.errors import ConfigError, DalaError
 from dala_search.model import foundation
 from dala_search.model.dalaresnet import check_backbone_weights
+from dala_search.objectives import plan_objectives
 from dala_search.runs import rollback, schema
 from dala_search.runs.plan import PLAN_FILE, SearchPlan, parse_duration, runs_folder
 from dala_search.runs.storage import check_storage
-from dala_search.search import distributed, ray_internals, tracking
+from dala_search.search import distributed, ray_internals, tracking, warm_start
 from dala_search.search.pruning import make_pruner, make_sampler
 from dala_search.space import SearchSpace
 from dala_search.space_file import load_space
@@ -62,9 +63,19 @@ def check_search(*, overwrite: bool = False, **options: Any) -> CheckedSearch:
     with _naming("--space"):
         space = load_space(options.get("space") or start_options.OPTIONS["space"].default)
     values = start_options.resolve(options, space.settings)
+    with _naming("--objective"):
+        values.update(
+            plan_objectives(
+                values,
+                options.get("sampler") is not None,
+                start_options.OPTIONS["sampler"].default,
+                cuda_here=torch.cuda.is_available(),
+            )
+        )
     _check_combinations(values, space)
     plan = _make_plan(values, space)
     _check_search_algorithms(plan)
+    warm_start.check_plan(plan, space)
     folder = Path(plan.folder)
     if (folder / PLAN_FILE).exists() and not overwrite:
         raise DalaError(rollback.existing_search_message(folder, plan.name))
@@ -176,6 +187,10 @@ def _make_plan(values: Mapping[str, Any], space: SearchSpace) -> SearchPlan:
         fold=values["fold"],
         max_retries=values["max_retries"],
         prune_on=None if prune_on == values["metric"] else prune_on,  # None: the metric
+        objectives=values["objectives"],
+        constraints=values["constraints"],
+        enqueue=values["enqueue"],
+        warm_start=values["warm_start"],
         cv=values["cv"],
         protocol=values["protocol"],
     )

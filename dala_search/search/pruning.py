@@ -96,11 +96,33 @@ def _gp(seed: int, **kw: Any) -> optuna.samplers.BaseSampler:
     return optuna.samplers.GPSampler(**{"seed": seed, **kw})
 
 
+class _PicklableNSGAII(optuna.samplers.NSGAIISampler):
+    """NSGA-II whose thread lock is left out of a pickle and made anew on unpickling.
+
+    Optuna 5.1's genetic samplers hold a ``threading.Lock``, which cannot be pickled; Ray
+    pickles the searcher (and its sampler) when the Tuner is made and at every experiment
+    checkpoint, so the plain sampler ends a search before its first trial (checked).
+    """
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_thread_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        import threading
+
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()
+
+
 SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
     "tpe": _tpe,
     "random": lambda seed, **kw: optuna.samplers.RandomSampler(seed=seed, **kw),
     "cmaes": _cmaes,
     "gp": _gp,
+    # Several objectives: NSGA-II (Optuna's default for them); also seeded.
+    "nsga2": lambda seed, **kw: _PicklableNSGAII(seed=seed, **kw),
 }
 
 

@@ -23,6 +23,7 @@ from ray import tune
 
 from dala_search import faults
 from dala_search.config import TIMM_PREFIX, TrialConfig
+from dala_search.costs import measure_config_costs
 from dala_search.data.splits import Split
 from dala_search.epoch_loop import Reporter
 from dala_search.errors import ConfigError
@@ -52,6 +53,9 @@ class TrialContext:
     # ``--cv K``: the K inner folds every trial trains on (``data.splits.inner_folds``); empty
     # for one validation split. Same folds for every trial, so their means compare.
     folds: tuple[Split, ...] = ()
+    # Costs the objectives or constraints name (objectives.COST_METRICS): measured once,
+    # before training, and sent with every epoch's result.
+    costs: tuple[str, ...] = ()
 
 
 def run_trial(params: dict[str, Any], *, data: TrialData, ctx: TrialContext) -> None:
@@ -104,6 +108,9 @@ def record_trial(
     report = _EpochReport(ctx.metric, config.epochs, tracker, send)
     try:
         check_gpu_visible(gpu_ids, config)
+        if ctx.costs:
+            report.constant = measure_config_costs(config, ctx.costs)
+            tracker.log_metrics(report.constant, step=0)
         result = _train(config, data, ctx, report, distributed)
     except Exception as e:
         # A raised error (a bug, a NaN loss, out of memory) would repeat: the run is marked
@@ -168,6 +175,7 @@ class _EpochReport:
     ) -> None:
         self.metric, self.epochs, self.tracker, self.send = metric, epochs, tracker, send
         self.best_so_far = -math.inf
+        self.constant: dict[str, float] = {}  # measured costs, in every result to Tune
 
     def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
         value = metrics.get(self.metric, float("nan"))
@@ -178,7 +186,7 @@ class _EpochReport:
         self.tracker.log_metrics(out, step=epoch)
         # Tune (not MLflow) is told which epoch is the last: no pruner judges it. A trial
         # that early-stops (patience) is not flagged: its end is decided after the report.
-        self.send({**out, FINAL_EPOCH_KEY: float(epoch >= self.epochs)})
+        self.send({**out, **self.constant, FINAL_EPOCH_KEY: float(epoch >= self.epochs)})
         faults.after_epoch(epoch)  # no-op unless a reliability test injects a fault
 
 

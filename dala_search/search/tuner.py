@@ -25,9 +25,17 @@ from dala_search.data import breakhis
 from dala_search.data.breakhis import BreakHisIndex
 from dala_search.errors import DalaError
 from dala_search.folds import outer_split
+from dala_search.objectives import cost_metrics_needed
 from dala_search.runs import rollback, schema
 from dala_search.runs.plan import SearchPlan
-from dala_search.search import distributed, ray_internals, ray_session, stopping, tracking
+from dala_search.search import (
+    distributed,
+    ray_internals,
+    ray_session,
+    stopping,
+    tracking,
+    warm_start,
+)
 from dala_search.search.callbacks import SearchCallback
 from dala_search.search.magnification_record import (
     MagnificationOutcome,
@@ -37,6 +45,7 @@ from dala_search.search.magnification_record import (
     protocol_tags,
     summarise,
 )
+from dala_search.search.multiobjective import MultiObjectiveMixin
 from dala_search.search.optuna_search import PruningOptunaSearch
 from dala_search.search.planning import CheckedSearch, check_resume, check_search, plan_search
 from dala_search.search.pruning import (
@@ -74,6 +83,10 @@ class DalaOptunaSearch(PruningOptunaSearch):
         return config
 
 
+class DalaMultiObjectiveSearch(MultiObjectiveMixin, DalaOptunaSearch):
+    """``DalaOptunaSearch`` with several objectives (``--objective``, ``--constraint``)."""
+
+
 def make_searcher(plan: SearchPlan, space: Any, mag: str) -> Any:
     """The searcher of one magnification's study, its sampler seeded with the study seed.
 
@@ -82,7 +95,11 @@ def make_searcher(plan: SearchPlan, space: Any, mag: str) -> Any:
     restores its searcher, sampler state included).
     """
     seed = plan.study_seed(mag)
-    searcher = DalaOptunaSearch(
+    # Several objectives or constraints: the multi-objective bridge (multiobjective.py).
+    cls: Any = DalaMultiObjectiveSearch if plan.objectives else DalaOptunaSearch
+    extra = {"objectives": plan.objectives, "constraints": plan.constraints}
+    searcher = cls(
+        **(extra if plan.objectives else {}),
         space=space.suggest,
         metric=plan.tune_metric,
         mode="max",
@@ -214,8 +231,12 @@ def _run_magnification(
             str(exp_dir), trainable, resume_unfinished=True, resume_errored=False
         )
     else:
+        searcher = make_searcher(plan, space, mag)
+        enqueued = warm_start.enqueue_for(plan, space, mag, searcher.study)
+        if enqueued:  # what was tried first, on the parent run (also the study's user attr)
+            schema.retry(tracker.client.log_dict, parent, {"enqueued": enqueued}, "enqueued.json")
         tuner = _new_tuner(
-            plan, space, mag, folder, trainable, max_concurrent, first_callbacks, budget_s
+            plan, space, mag, folder, trainable, max_concurrent, first_callbacks, budget_s, searcher
         )
     with stop.fit():
         tuner.fit()
@@ -249,6 +270,7 @@ def _trial_context(
         code_version=schema.code_version(),
         log_models=plan.log_models,
         folds=folds,
+        costs=cost_metrics_needed(plan.objectives, plan.constraints),
     )
 
 
@@ -294,9 +316,10 @@ def _new_tuner(
     max_concurrent: int,
     first_callbacks: list[Any],
     budget_s: float | None,
+    searcher: Any,
 ) -> tune.Tuner:
-    """A new Tune experiment for the magnification, in ``<folder>/ray/<mag>/``."""
-    searcher = make_searcher(plan, space, mag)
+    """A new Tune experiment for the magnification, in ``<folder>/ray/<mag>/``, asking
+    ``searcher`` (``make_searcher``, warm-start points already enqueued)."""
     scheduler = _scheduler(plan, space)
     return tune.Tuner(
         trainable,

@@ -245,7 +245,7 @@ def test_cmaes_without_its_package_is_refused_up_front(monkeypatch):
 def test_make_sampler_tpe_is_multivariate_with_constant_liar():
     sampler = make_sampler("tpe", seed=0)
     assert sampler._multivariate is True and sampler._constant_liar is True
-    with pytest.raises(ConfigError, match="bayes.*cmaes, gp, random, tpe"):
+    with pytest.raises(ConfigError, match="bayes.*cmaes, gp, nsga2, random, tpe"):
         make_sampler("bayes", seed=0)
     with pytest.raises(ConfigError, match="random"):
         make_sampler("random", seed=0, multivariate=True)

@@ -60,6 +60,10 @@ TEXT_BAD: dict[str, list[str]] = {
     ],
     "--time-budget": ["2x", "0", "-5m"],
     "--runs-dir": ["/dev/null/runs"],
+    "--objective": ["latency_ms:min", "val_f1:up", "speed:max"],  # a cost cannot be primary
+    "--constraint": ["params_m<25", "speed<=1"],
+    "--enqueue": ["nope.yaml", "{not_a_space}"],  # no such file; a file that is not points
+    "--warm-start": ["a/b", "old:50X", "nosuch"],  # bad name, bad magnification, no search
 }
 # Values the command line accepts and the checks before anything is created refuse.
 DEEP_BAD: list[tuple[str, str]] = [
