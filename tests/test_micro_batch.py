@@ -53,9 +53,9 @@ def test_below_the_floor_the_trial_fails_with_the_message(
     _room_for(monkeypatch, 3)  # 16 -> 8 -> 4 still too many; 2 is below the floor of 4
     with pytest.raises(MicroBatchFloorError, match=r"micro-batch of 4 .* min_micro_batch 4"):
         train_trial(TrialConfig(epochs=1, **TINY), data32)
-    _room_for(monkeypatch, 2)  # a lower floor lets it train at 2 images a pass
-    result = train_trial(TrialConfig(epochs=1, min_micro_batch=2, **TINY), data32)
-    assert result.history[0]["micro_batch"] == 2.0
+    _room_for(monkeypatch, 1)  # a lower floor tries 2 images a pass before it gives up
+    with pytest.raises(MicroBatchFloorError, match=r"micro-batch of 2 .* min_micro_batch 2"):
+        train_trial(TrialConfig(epochs=1, min_micro_batch=2, **TINY), data32)
 
 
 def test_accumulated_micro_batches_step_like_the_whole_batch(data32) -> None:
