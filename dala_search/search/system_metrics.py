@@ -75,6 +75,8 @@ def start(
     warning says why)."""
     global _current
     stop(_current)
+    # MLflow says at INFO that it starts, stops and skips GPUs, per trial: not console news.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     try:
         from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor

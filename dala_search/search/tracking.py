@@ -137,7 +137,6 @@ class SearchTracker:
             [self.experiment_id], filter_string=f"tags.`{TAG_RAY_ID}` = '{ray_trial_id}'"
         )
         status = {"completed": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}[state]
-        system_metrics.stop(self.system)  # its last samples, while the run is open
         for run in runs:
             if run.info.status == "RUNNING" or run.data.tags.get(TAG_STATE) != state:
                 retry(self.client.set_tag, run.info.run_id, TAG_STATE, state)

@@ -29,7 +29,7 @@ from dala_search.errors import ConfigError, DalaError
 from dala_search.faults import ENV_VAR
 from dala_search.runs import rollback, schema
 from dala_search.runs.plan import SearchPlan
-from dala_search.search import distributed, ray_internals, stopping, tracking
+from dala_search.search import console, distributed, ray_internals, stopping, tracking
 from dala_search.search.callbacks import SearchCallback
 from dala_search.search.optuna_search import PruningOptunaSearch
 from dala_search.search.planning import CheckedSearch, check_resume, check_search, plan_search
@@ -104,13 +104,19 @@ class MagnificationOutcome:
 
 
 def run_search(
-    plan: SearchPlan, *, resume: bool = False, index: BreakHisIndex | None = None
+    plan: SearchPlan,
+    *,
+    resume: bool = False,
+    index: BreakHisIndex | None = None,
+    verbose: bool = False,
 ) -> list[MagnificationOutcome]:
     """Run (or continue) every magnification of ``plan``; returns one outcome each.
 
     ``index``: the data's index when the caller holds it already (``check_search`` or
     ``check_resume`` read it; a nested evaluation runs K searches on one data set), else
     the data folder is indexed here.
+
+    ``verbose``: Ray Tune's own banners too (``console.py``).
 
     Raises ``SearchInterrupted`` when the driver was interrupted before the plan finished.
     """
@@ -139,7 +145,8 @@ def run_search(
         else:
             plan.save(new=True)
             created = True
-        _run_plan(plan, space, index, stop, outcomes)
+        with console.quiet_tune(verbose):
+            _run_plan(plan, space, index, stop, outcomes)
     except (SearchInterrupted, KeyboardInterrupt):
         stopping.end_interrupted(plan, stop, started_ray)
         raise SearchInterrupted(plan.name, outcomes) from None
