@@ -76,6 +76,9 @@ class TrialConfig:
     lr_schedule: str = "cosine"
     warmup_epochs: int = 0
     batch_size: int = 32
+    # Out of memory: the batch is trained in halved micro-batches (gradient accumulation,
+    # micro_batch.py) down to this many images; below it the trial fails.
+    min_micro_batch: int = 4
     epochs: int = 10
     label_smoothing: float = 0.0
     select_metric: str = "balanced_accuracy"
@@ -226,6 +229,7 @@ def _validate(c: TrialConfig) -> None:
     _range("epochs", c.epochs, 1, 10000)
     _range("warmup_epochs", c.warmup_epochs, 0, c.epochs - 1)
     _range("batch_size", c.batch_size, 2, 4096)
+    _range("min_micro_batch", c.min_micro_batch, 2, 4096)
     _range("label_smoothing", c.label_smoothing, 0.0, 0.5)
     _choice("select_metric", c.select_metric, SELECT_METRICS)
     _range("early_stop_patience", c.early_stop_patience, 0, 10000)

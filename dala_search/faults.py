@@ -3,12 +3,17 @@
 Off unless ``$DALA_FAULTS`` is set (the search forwards it to every trial process). Its
 value is a JSON list of faults, each::
 
-    {"kind": "raise" | "oom" | "nan" | "sigkill" | "barrier", "epoch": 1, "once": "/tmp/token",
-     "delay_s": 0.5, "dir": "/tmp/arrivals", "count": 4, "timeout_s": 120}
+    {"kind": "raise" | "oom" | "oom_batch" | "nan" | "sigkill" | "barrier", "epoch": 1,
+     "once": "/tmp/token", "delay_s": 0.5, "dir": "/tmp/arrivals", "count": 4,
+     "timeout_s": 120, "above": 8}
 
 - ``raise``: a RuntimeError after epoch ``epoch`` is reported (a bug in a trial);
 - ``oom``: ``torch.cuda.OutOfMemoryError`` after epoch ``epoch`` (what a GPU that is full
   raises; the class exists on CPU builds too);
+- ``oom_batch``: every training forward pass of more than ``above`` images raises
+  ``torch.OutOfMemoryError``, as a GPU with room for ``above`` images would (the first
+  attempt at the full batch fails, a micro-batch of ``above`` or fewer succeeds:
+  ``micro_batch.py``); in every trial process (``once`` is ignored);
 - ``nan``: the training loss becomes NaN from the first batch (``train_trial``'s own
   non-finite check must end the trial);
 - ``sigkill``: the trial process SIGKILLs itself ``delay_s`` seconds after epoch
@@ -32,7 +37,7 @@ import time
 from typing import Any
 
 ENV_VAR = "DALA_FAULTS"
-KINDS = ("raise", "oom", "nan", "sigkill", "barrier")
+KINDS = ("raise", "oom", "oom_batch", "nan", "sigkill", "barrier")
 
 
 def _faults() -> list[dict[str, Any]]:
@@ -60,10 +65,23 @@ def _claim(fault: dict[str, Any]) -> bool:
     return True
 
 
+def before_forward(images: int) -> None:
+    """Before a training forward pass of ``images`` images: the oom_batch fault."""
+    if not os.environ.get(ENV_VAR):  # the common case: no JSON parsed per micro-batch
+        return
+    for f in _faults():
+        if f["kind"] == "oom_batch" and images > int(f["above"]):
+            import torch
+
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory (injected fault: {images} images, room for {f['above']})"
+            )
+
+
 def after_epoch(epoch: int) -> None:
     """After a trial's epoch is reported: the raise, oom, sigkill and barrier faults."""
     for f in _faults():
-        if f["kind"] == "nan" or int(f.get("epoch", 1)) != epoch or not _claim(f):
+        if f["kind"] in ("nan", "oom_batch") or int(f.get("epoch", 1)) != epoch or not _claim(f):
             continue
         if f["kind"] == "raise":
             raise RuntimeError(f"injected fault: a bug after epoch {epoch}")

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from dala_search.errors import DalaError
+from dala_search.report_config import ConfigRows, split_config
 from dala_search.runs import schema
 from dala_search.runs.documents import EvaluationDocument, MetricSummary
 from dala_search.runs.plan import open_search
@@ -65,6 +66,7 @@ class MagSection:
     best: dict[str, Any] | None = None  # best_table row
     trial_counts: dict[str, int] = field(default_factory=dict)
     metric_rows: list[tuple[str, str, str]] = field(default_factory=list)  # name, val, test
+    config: ConfigRows | None = None  # the best configuration: searched, then fixed
     evaluation: dict[str, Any] | None = None  # the document's JSON and its "source" path
     evaluation_doc: EvaluationDocument | None = None
     evaluation_rows: list[tuple[str, str, str, str, str]] = field(default_factory=list)
@@ -124,6 +126,8 @@ def build_report(
     for mag in steps:
         sec = MagSection(mag, best=rows.get(mag))
         _best_section(sec)
+        if sec.best is not None:
+            sec.config = split_config(sec.best["config"], plan.space)
         _evaluation_section(sec, folder / "evaluation" / f"{mag}.json")
         _comparison_section(sec, folder)
         _optuna_section(sec, plan, mag, fig_dir, html_path.parent)

@@ -33,6 +33,7 @@ from dala_search.epoch_loop import BestEpoch, Reporter, progress_bar, run_epochs
 from dala_search.errors import ConfigError
 from dala_search.losses import create_loss
 from dala_search.metrics import confusion
+from dala_search.micro_batch import MicroBatch
 from dala_search.model.dalaresnet import NUM_CLASSES, build_dalaresnet
 from dala_search.parallel import from_rank0, rank_and_world
 from dala_search.precise_bn import recalibrate_batchnorm
@@ -189,6 +190,8 @@ class FoldRun:
         self.train_b, self.val_b = sides
         self.train_labels = torch.from_numpy(self.train_labels_np).to(device)
         self.best_state: dict[str, torch.Tensor] | None = None
+        # Halved on out-of-memory and kept for the rest of the run (micro_batch.py).
+        self.micro = MicroBatch(config.batch_size, config.min_micro_batch)
 
     def epoch(self, epoch: int) -> dict[str, float]:
         """Train epoch ``epoch`` (1-based), recompute BatchNorm statistics, validate.
@@ -212,6 +215,7 @@ class FoldRun:
             device=device,
             rank=self.rank,
             world_size=self.world,
+            micro=self.micro,
         )
         self.scheduler.step()
         bn_start = time.perf_counter()
@@ -239,6 +243,7 @@ class FoldRun:
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         metrics["epoch_time_s"] = time.perf_counter() - start
         metrics["precise_bn_s"] = bn_s
+        metrics["micro_batch"] = float(self.micro.size)  # < batch_size after an out-of-memory
         metrics["epoch"] = float(epoch)
         return metrics
 

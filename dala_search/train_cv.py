@@ -71,6 +71,8 @@ def combine_folds(per_fold: Sequence[dict[str, float]]) -> dict[str, float]:
             out[name] = float(np.mean(values))
         elif name == "precise_bn_s":
             out[name] = float(np.sum(values))
+        elif name == "micro_batch":  # the smallest any fold had to fall back to
+            out[name] = float(np.min(values))
     out["lr"] = per_fold[0]["lr"]  # one schedule for all folds
     return out
 

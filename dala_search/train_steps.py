@@ -16,9 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from dala_search import faults
 from dala_search.config import TrialConfig
 from dala_search.data.augment import AugmentSpec, augment_normalized, to_normalized
 from dala_search.metrics import classification_metrics
+from dala_search.micro_batch import MicroBatch, train_batch
 from dala_search.model.dalaresnet import NUM_CLASSES
 from dala_search.parallel import sum_across_processes
 from dala_search.trial_data import Batches, TrialData, device_positions
@@ -54,6 +56,7 @@ def train_one_epoch(
     device: torch.device,
     rank: int = 0,
     world_size: int = 1,
+    micro: MicroBatch | None = None,
 ) -> dict[str, float]:
     """One pass over ``order`` (positions into the train side); returns loss and speed.
 
@@ -61,6 +64,10 @@ def train_one_epoch(
     rank with a DDP-wrapped model): every rank walks the same ``order`` in global batches
     of ``batch_size`` and trains on its strided share of each, so the global batch (and the
     lr that suits it) does not depend on the number of workers.
+
+    ``micro`` (``micro_batch.py``): each batch is trained in micro-batches of at most
+    ``micro.size`` images, halved on out-of-memory down to ``min_micro_batch``; ``micro``
+    keeps the size it reached for the caller's next epoch.
     """
     model.train()
     spec = AugmentSpec(
@@ -71,6 +78,29 @@ def train_one_epoch(
         stain_jitter=config.stain_jitter,
     )
     use_amp, memory_format = cuda_modes(config, device)
+    if micro is None:
+        micro = MicroBatch(config.batch_size, config.min_micro_batch)
+
+    def step(pieces: list[np.ndarray], n_global: int) -> tuple[torch.Tensor, int]:
+        """One optimiser step on the batch ``pieces`` make up (gradients accumulated)."""
+        optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=device)
+        for pos in pieces:
+            faults.before_forward(len(pos))  # no-op unless a test injects an out-of-memory
+            idx = device_positions(pos, device)  # images and labels both index with it
+            x = augment_normalized(batches.get(idx).to(device, non_blocking=True), spec, generator)
+            if memory_format is not None:
+                x = x.contiguous(memory_format=memory_format)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = model(x)
+            loss = loss_fn(logits.float(), labels[idx])
+            # Each piece's mean loss weighted by its share of the global batch: the gradient
+            # of the global batch's mean loss (DDP averages over ranks, hence world_size).
+            (loss * (len(pos) * world_size / n_global)).backward()
+            total += loss.detach() * len(pos)
+        optimizer.step()
+        return total, sum(len(pos) for pos in pieces)
+
     # Accumulate on the device; read once at the end (no host sync in the inner loop).
     loss_sum = torch.zeros((), device=device)
     seen = 0
@@ -81,25 +111,15 @@ def train_one_epoch(
         if len(pos) < 2 * world_size:  # BatchNorm cannot train on a single sample (per rank)
             continue
         n_global = len(pos)
-        pos = pos[rank::world_size]
-        idx = device_positions(pos, device)  # images and labels both index with it
-        x = augment_normalized(batches.get(idx).to(device, non_blocking=True), spec, generator)
-        if memory_format is not None:
-            x = x.contiguous(memory_format=memory_format)
-        y = labels[idx]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits = model(x)
-        loss = loss_fn(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        if world_size > 1:
-            # DDP averages gradients over ranks; weighting each rank's mean loss by its share
-            # makes that the gradient of the global batch's mean loss when shares differ.
-            (loss * (len(pos) * world_size / n_global)).backward()
-        else:
-            loss.backward()
-        optimizer.step()
-        loss_sum += loss.detach() * len(pos)
-        seen += len(pos)
+        total, n = train_batch(
+            lambda pieces, n_global=n_global: step(pieces, n_global),
+            pos[rank::world_size],
+            micro,
+            device,
+            world_size,
+        )
+        loss_sum += total
+        seen += n
     loss_sum, seen = sum_across_processes(loss_sum, seen, world_size)  # the epoch's, all ranks
     mean_loss = float(loss_sum.item()) / max(seen, 1)
     if not math.isfinite(mean_loss):

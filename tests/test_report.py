@@ -84,6 +84,37 @@ def test_every_section_is_filled_from_its_source(full_report: dict, finished_sea
     assert "SYNTHETIC data" in full_report["html"].split('<section id="best">')[0]
 
 
+def test_best_configuration_shows_the_searched_parameters_first(
+    full_report: dict, finished_search: dict, tiny_space: Path
+):
+    from dala_search.report_config import split_config
+    from dala_search.runs.schema import best_table
+
+    (row,) = best_table(finished_search["tracking_uri"], finished_search["name"])
+    best = sections_of(full_report["html"])["best"]
+    searched, fixed = best.split('<details class="fixed">')
+    searched = searched.split('<table class="config searched">')[1]
+    # the tiny space's params, in its order, highlighted; nothing fixed among them
+    names = re.findall(r"<tr><td>([a-z_0-9]+)</td>", searched.split("</table>")[0])
+    assert names == ["attention", "fc1", "lr", "loss_weighting", "focal_gamma"]
+    # the fixed rest (the space's fixed:, the options, defaults) folded away, not lost
+    fixed = fixed.split("</details>")[0]
+    assert "fixed settings" in fixed and "<summary>" in fixed
+    for key in ("image_size", "batch_size", "epochs", "pretrained", "seed"):
+        assert f"<tr><td>{key}</td><td>{row['config'][key]}</td></tr>" in fixed
+    assert "<td>lr</td>" not in fixed
+    assert len(re.findall("<tr><td>", fixed)) == len(row["config"]) - len(names)
+    # focal_gamma only counts when the loss is focal: said so when it is not
+    inactive = "not sampled for this trial" in searched
+    assert inactive == (row["config"]["loss_weighting"] != "focal")
+    # the table of all metrics stays after it
+    assert best.index("</details>") < best.index('<table class="metrics">')
+    # a space that cannot be read: everything in one table, and the page says why
+    rows = split_config(row["config"], str(tiny_space.parent / "moved.yaml"))
+    assert not rows.searched and len(rows.fixed) == len(row["config"])
+    assert "moved.yaml" in rows.note and "cannot be read" in rows.note
+
+
 def test_figures_are_files_beside_the_page_and_inlined(full_report: dict, finished_search: dict):
     from mlflow import MlflowClient
 

@@ -166,6 +166,15 @@ def spaces_cmd(verbose: bool) -> None:
                 click.echo(f"    {line}")
 
 
+# A console setting, not a setting of the search: not a row of the start options' table.
+VERBOSE_OPT = click.option(
+    "--verbose",
+    is_flag=True,
+    help="Also show Ray Tune's own banners (experiment box, results folder); by default "
+    "a search prints dala-search's progress lines and Ray's warnings only.",
+)
+
+
 @main.command("start")
 @table_options(COMMAND_OPTIONS)
 # Not a row of the table: what to do with an existing name, not a setting of the search.
@@ -175,7 +184,8 @@ def spaces_cmd(verbose: bool) -> None:
     help="Replace the search of this --name (its folder, MLflow experiment and Optuna "
     "studies), e.g. one whose start failed; only after every other option passed its checks.",
 )
-def start_cmd(overwrite: bool, **options: Any) -> None:
+@VERBOSE_OPT
+def start_cmd(overwrite: bool, verbose: bool, **options: Any) -> None:
     """Start a search: one Optuna study per magnification, trials on Ray, records in MLflow."""
     from dala_search.search.tuner import check_search
 
@@ -198,25 +208,26 @@ def start_cmd(overwrite: bool, **options: Any) -> None:
         err=True,
     )
     click.echo(f"tracking: {plan.tracking_uri}   study: {plan.storage}", err=True)
-    _run(plan, resume=False, index=checked.index)
+    _run(plan, resume=False, index=checked.index, verbose=verbose)
 
 
 @main.command("resume")
 @click.argument("name", callback=check_search_name)
 @RUNS_OPT
-def resume_cmd(name: str, runs_dir: Path | None) -> None:
+@VERBOSE_OPT
+def resume_cmd(name: str, runs_dir: Path | None, verbose: bool) -> None:
     """Continue an interrupted search to its requested number of trials."""
     from dala_search.search.tuner import check_resume
 
     plan = open_search(name, runs_dir).plan
-    _run(plan, resume=True, index=check_resume(plan))
+    _run(plan, resume=True, index=check_resume(plan), verbose=verbose)
 
 
-def _run(plan: Any, *, resume: bool, index: Any = None) -> None:
+def _run(plan: Any, *, resume: bool, index: Any = None, verbose: bool = False) -> None:
     from dala_search.search.tuner import SearchFailed, SearchInterrupted, exit_process, run_search
 
     try:
-        outcomes = run_search(plan, resume=resume, index=index)
+        outcomes = run_search(plan, resume=resume, index=index, verbose=verbose)
     except SearchInterrupted as e:
         _print_outcomes(e.outcomes)
         click.echo(f"Interrupted: continue with `dala-search resume {plan.name}`", err=True)

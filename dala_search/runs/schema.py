@@ -40,6 +40,7 @@ TAG_FAILURE = "dala.failure"  # "exception": the trial raised; it is not retried
 TAG_ATTEMPT = "dala.attempt"  # 1, then 2.. when Tune restarted a dead trial process
 TAG_ERROR = "dala.error"  # a failed trial's error (first 4000 characters)
 TAG_WORKERS = "dala.workers"  # a data-parallel trial: how many ranks trained it
+TAG_MICRO_BATCH = "dala.micro_batch"  # images per forward pass; < batch_size after an OOM
 TAG_CV = "dala.cv"  # inner folds per trial (1: one validation split); parent and trial runs
 TAG_STUDY_SEED = "dala.study_seed"  # the Optuna sampler seed of the magnification's study
 # The split protocol (data/protocols.py) of a search (experiment and parent runs):

@@ -104,6 +104,15 @@ class SearchCallback(Callback):
         self.tracker.close_trial(trial.trial_id, "failed", error=message)
         self._finished(trials, trial, "failed")
 
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        # Tune restarts a failed trial (FailureConfig: its process or node died, or it
+        # raised): say so, Ray's own console output being hidden (console.py).
+        self._echo(
+            f"[{self.magnification}] trial {trial.trial_id} ended with an error (failure "
+            f"{trial.num_failures}); Tune restarts it (one that raised in its own code "
+            "does not train again)"
+        )
+
     # -- progress -------------------------------------------------------------------------
 
     def status(self, trials: list, ended: Any = None) -> str:

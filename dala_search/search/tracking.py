@@ -43,6 +43,7 @@ from dala_search.runs.schema import (
     model_name,
     retry,
 )
+from dala_search.search import system_metrics
 
 
 def artifact_location(uri: str, search: str) -> str | None:
@@ -197,6 +198,11 @@ class SearchTracker:
         return version.version
 
 
+def _gpu_ids(tags: Mapping[str, str]) -> list[str]:
+    """The GPU ids Ray gave the trial, from its ``dala.gpu_ids`` tag ("none": none)."""
+    return [g for g in tags.get(TAG_GPUS, "none").split(",") if g not in ("", "none")]
+
+
 class TrialFailedBefore(RuntimeError):
     """Tune restarted a trial that had raised: a bug or NaN repeats, so it is not rerun."""
 
@@ -236,6 +242,7 @@ class TrialTracker:
                 if tags.get(key):
                     retry(self.client.set_tag, self.run_id, f"{key}.{attempt}", tags[key])
             retry(self.client.set_tag, self.run_id, TAG_STATE, "running")
+            self.system = system_metrics.start(uri, self.run_id, _gpu_ids(tags), resume=True)
             return
         run = retry(
             self.client.create_run,
@@ -256,6 +263,8 @@ class TrialTracker:
         ]
         for i in range(0, len(items), 100):
             retry(self.client.log_batch, self.run_id, params=items[i : i + 100])
+        # CPU, memory and the trial's GPUs, sampled while it trains (system_metrics.py)
+        self.system = system_metrics.start(uri, self.run_id, _gpu_ids(tags))
 
     def _previous_run(
         self, experiment_id: str, parent_run_id: str, ray_trial_id: str | None
@@ -282,6 +291,9 @@ class TrialTracker:
         ]
         retry(self.client.log_batch, self.run_id, metrics=batch)
 
+    def set_tag(self, key: str, value: str) -> None:
+        retry(self.client.set_tag, self.run_id, key, value)
+
     def log_dict(self, d: Mapping[str, Any], path: str) -> None:
         retry(self.client.log_dict, self.run_id, dict(d), path)
 
@@ -306,6 +318,7 @@ class TrialTracker:
     def finish(self, state: str, error: str | None = None, raised: bool = False) -> None:
         """Close the run. ``raised``: the trial raised (not retried if Tune restarts it)."""
         status = {"completed": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}[state]
+        system_metrics.stop(self.system)  # its last samples, while the run is open
         retry(self.client.set_tag, self.run_id, TAG_STATE, state)
         if raised:
             retry(self.client.set_tag, self.run_id, TAG_FAILURE, "exception")

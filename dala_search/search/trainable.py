@@ -176,6 +176,7 @@ class _EpochReport:
         self.metric, self.epochs, self.tracker, self.send = metric, epochs, tracker, send
         self.best_so_far = -math.inf
         self.constant: dict[str, float] = {}  # measured costs, in every result to Tune
+        self.micro_batch: float | None = None
 
     def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
         value = metrics.get(self.metric, float("nan"))
@@ -184,6 +185,10 @@ class _EpochReport:
         best = self.best_so_far if math.isfinite(self.best_so_far) else float("nan")
         out = {**metrics, f"best_{self.metric}": best}
         self.tracker.log_metrics(out, step=epoch)
+        micro = metrics.get("micro_batch")
+        if micro is not None and micro != self.micro_batch:  # halved after an out-of-memory
+            self.tracker.set_tag(schema.TAG_MICRO_BATCH, str(int(micro)))
+            self.micro_batch = micro
         # Tune (not MLflow) is told which epoch is the last: no pruner judges it. A trial
         # that early-stops (patience) is not flagged: its end is decided after the report.
         self.send({**out, **self.constant, FINAL_EPOCH_KEY: float(epoch >= self.epochs)})

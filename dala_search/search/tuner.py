@@ -29,6 +29,7 @@ from dala_search.objectives import cost_metrics_needed
 from dala_search.runs import rollback, schema
 from dala_search.runs.plan import SearchPlan
 from dala_search.search import (
+    console,
     distributed,
     ray_internals,
     ray_session,
@@ -115,13 +116,19 @@ def make_searcher(plan: SearchPlan, space: Any, mag: str) -> Any:
 
 
 def run_search(
-    plan: SearchPlan, *, resume: bool = False, index: BreakHisIndex | None = None
+    plan: SearchPlan,
+    *,
+    resume: bool = False,
+    index: BreakHisIndex | None = None,
+    verbose: bool = False,
 ) -> list[MagnificationOutcome]:
     """Run (or continue) every magnification of ``plan``; returns one outcome each.
 
     ``index``: the data's index when the caller holds it already (``check_search`` or
     ``check_resume`` read it; a nested evaluation runs K searches on one data set), else
     the data folder is indexed here.
+
+    ``verbose``: Ray Tune's own banners too (``console.py``).
 
     Raises ``SearchInterrupted`` when the driver was interrupted before the plan finished.
     """
@@ -138,7 +145,8 @@ def run_search(
         else:
             plan.save(new=True)
             created = True
-        _run_plan(plan, space, index, stop, outcomes)
+        with console.quiet_tune(verbose):
+            _run_plan(plan, space, index, stop, outcomes)
     except (SearchInterrupted, KeyboardInterrupt):
         stopping.end_interrupted(plan, stop, started_ray)
         raise SearchInterrupted(plan.name, outcomes) from None

@@ -130,6 +130,10 @@ def test_start_cv3_end_to_end(tmp_path, demo_root, tiny_space, monkeypatch, chec
     finally:
         ray.shutdown()
     assert out.exit_code == 0, out.output + repr(out.exception)
+    # A console that is ours (search/console.py): our lines, no Ray Tune banner
+    assert "[40X] 3/3 trials done" in out.output
+    for banner in ("Configuration for experiment", "View detailed results here", "tensorboard"):
+        assert banner not in out.output, out.output
     plan = SearchPlan.load(tmp_path / "runs" / "cv3")
     assert plan.cv == 3
     trials, runs = checked_records(plan)
