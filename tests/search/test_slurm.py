@@ -141,7 +141,7 @@ def test_sbatch_job_runs_a_search_on_two_loopback_nodes(
         start_new_session=True,
     )
     try:
-        output, _ = job.communicate(timeout=900)
+        output, _ = job.communicate(timeout=700)
     except subprocess.TimeoutExpired:
         job.send_signal(signal.SIGTERM)  # the job's own cleanup, as Slurm's time limit
         output, _ = job.communicate(timeout=120)
