@@ -15,6 +15,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -92,6 +93,23 @@ def _stand_ins(folder: Path) -> Path:
     return folder
 
 
+def _processes_with(marker: str) -> list[int]:
+    """Living processes whose environment holds ``marker`` (every process the job started
+    inherits the token)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if (
+                entry.name.isdigit()
+                and marker.encode() in (entry / "environ").read_bytes()
+                and (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # zombie
+            ):
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -103,6 +121,7 @@ def test_sbatch_job_runs_a_search_on_two_loopback_nodes(
 ) -> None:
     ray_port, mlflow_port, *ports = _ports(5)
     shared = tmp_path / "shared"
+    token = uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "SLURM_"))}
     env.update(
         PATH=f"{_stand_ins(tmp_path / 'bin')}:{Path(sys.executable).parent}:{env['PATH']}",
@@ -115,7 +134,7 @@ def test_sbatch_job_runs_a_search_on_two_loopback_nodes(
         DALA_HEAD_IP="127.0.0.1",
         RAY_PORT=str(ray_port),
         MLFLOW_PORT=str(mlflow_port),
-        RAY_AUTH_TOKEN=uuid.uuid4().hex,  # the token of both nodes and the driver
+        RAY_AUTH_TOKEN=token,  # the token of both nodes and the driver
         DALA_NODE_CPUS="1",  # one trial per node: two concurrent trials need both
         DALA_NODE_GPUS="0",
         # A node's registration may take long on a loaded 2-core machine (Ray's own knob:
@@ -146,8 +165,13 @@ def test_sbatch_job_runs_a_search_on_two_loopback_nodes(
     assert "2 of 2 Ray nodes up" in output, output[-3000:]
     assert "Ray runtime started" in (logs / "ray-workers.log").read_text()
 
-    # Everything the job started is stopped: the Ray head's GCS and the MLflow server.
+    # Everything the job started is stopped: the Ray nodes' processes (the head's GCS
+    # with them) and the MLflow server.
     assert not _port_open(ray_port) and not _port_open(mlflow_port)
+    deadline = time.monotonic() + 30
+    while (left := _processes_with(f"RAY_AUTH_TOKEN={token}")) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in left]
 
     # The server's store: both trials completed, one on each node (their Ray node ids).
     con = sqlite3.connect(shared / "mlflow" / "mlflow.db")
