@@ -256,21 +256,43 @@ def _comparison(name: str, docs: list[dict], runs_dir: Path | None) -> list[dict
     help="Bind address (keep 127.0.0.1 unless you mean to share it).",
 )
 @click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
+@click.option(
+    "--open", "open_browser", is_flag=True, help="Open the search's runs page in a browser."
+)
 def ui_cmd(
-    name: str | None, tracking_uri: str | None, runs_dir: Path | None, host: str, port: int
+    name: str | None,
+    tracking_uri: str | None,
+    runs_dir: Path | None,
+    host: str,
+    port: int,
+    open_browser: bool,
 ) -> None:
-    """Start the MLflow UI against the search's tracking store."""
+    """Start the MLflow UI against the search's tracking store; print the search's page."""
+    import webbrowser
+
+    from dala_search import ui_links
     from dala_search.runs.plan import SearchPlan, runs_folder
     from dala_search.runs.schema import resolve_tracking_uri
 
-    uri = tracking_uri
-    if uri is None and name:
-        uri = SearchPlan.load(runs_folder(runs_dir) / name).tracking_uri
-    uri = resolve_tracking_uri(uri)
-    if uri.startswith(("http://", "https://")):
-        click.echo(f"{uri} is a tracking server already: open it in a browser")
+    plan = SearchPlan.load(runs_folder(runs_dir) / name) if name else None
+    uri = resolve_tracking_uri(tracking_uri or (plan.tracking_uri if plan else None))
+    remote = uri.startswith(("http://", "https://"))
+    server = uri if remote else f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+    url = server
+    if plan is not None:
+        metric = ui_links.sort_metric(plan.tune_metric)
+        url = ui_links.runs_page_url(server, ui_links.search_experiment_id(uri, plan.name), metric)
+        click.echo(f"search {plan.name}: {url}")
+        click.echo(f"sort by {metric}, highest first (the link does): best trials on top")
+    if remote:
+        if open_browser:
+            webbrowser.open(url)
+        elif plan is None:
+            click.echo(f"{uri} is a tracking server already: open it in a browser")
         return
     click.echo(f"MLflow UI on http://{host}:{port} for {uri} (Ctrl-C stops it)")
+    if open_browser:
+        ui_links.open_when_up(server, url)
     cmd = [
         sys.executable,
         "-m",

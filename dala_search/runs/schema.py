@@ -43,6 +43,10 @@ TAG_WORKERS = "dala.workers"  # a data-parallel trial: how many ranks trained it
 TAG_MICRO_BATCH = "dala.micro_batch"  # images per forward pass; < batch_size after an OOM
 TAG_CV = "dala.cv"  # inner folds per trial (1: one validation split); parent and trial runs
 TAG_STUDY_SEED = "dala.study_seed"  # the Optuna sampler seed of the magnification's study
+# MLflow 3's UI reads this experiment tag to open a model-training view (runs table and
+# metrics) instead of the GenAI overview (traces); value from mlflow/server/js.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 # The split protocol (data/protocols.py) of a search (experiment and parent runs):
 # "patient" | "image" | "eva"; and "true" where the figures come from a leaky (image-level)
 # split. An `evaluate`/`baselines --protocol image` on a patient search tags its parent run
@@ -80,6 +84,14 @@ TEST_PREDICTIONS = "test_predictions.json"
 
 def experiment_name(search: str) -> str:
     return f"dala-search/{search}"
+
+
+def trial_run_name(magnification: str, optuna_number: object, ray_trial_id: str) -> str:
+    """A trial run's name in MLflow's table: ``40X-007`` by its Optuna number (the Ray id
+    is the ``dala.ray_trial_id`` tag); ``40X-<ray id>`` for a trial with no number."""
+    if optuna_number is None or optuna_number == "":
+        return f"{magnification}-{ray_trial_id}"
+    return f"{magnification}-{int(optuna_number):03d}"
 
 
 def model_name(magnification: str) -> str:

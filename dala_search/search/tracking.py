@@ -17,12 +17,14 @@ from dala_search.errors import DalaError
 from dala_search.runs.schema import (
     BEST_METRIC_PREFIX,
     BEST_PARAM_PREFIX,
+    EXPERIMENT_KIND,
     PARENT_TAG,
     TAG_ATTEMPT,
     TAG_BEST_OPTUNA,
     TAG_BEST_RUN,
     TAG_CODE,
     TAG_ERROR,
+    TAG_EXPERIMENT_KIND,
     TAG_FAILURE,
     TAG_FOLDER,
     TAG_GPUS,
@@ -92,8 +94,16 @@ class SearchTracker:
             if folder is not None:
                 check_experiment_free(uri, search, folder)
             self.experiment_id = exp.experiment_id
+            if exp.tags.get(TAG_EXPERIMENT_KIND) != EXPERIMENT_KIND:  # made by an older version
+                self.client.set_experiment_tag(
+                    self.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND
+                )
         else:
-            tags = {TAG_SEARCH: search, **({TAG_FOLDER: str(folder)} if folder else {})}
+            tags = {
+                TAG_SEARCH: search,
+                TAG_EXPERIMENT_KIND: EXPERIMENT_KIND,
+                **({TAG_FOLDER: str(folder)} if folder else {}),
+            }
             self.experiment_id = self.client.create_experiment(
                 name, artifact_location=artifact_location(uri, search), tags=tags
             )
@@ -110,7 +120,7 @@ class SearchTracker:
             return found[0].info.run_id
         run = self.client.create_run(
             self.experiment_id,
-            run_name=f"{self.search}-{magnification}",
+            run_name=magnification,  # the experiment is named by the search
             tags={
                 TAG_ROLE: "magnification",
                 TAG_MAG: magnification,

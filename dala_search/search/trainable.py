@@ -66,7 +66,6 @@ def run_trial(params: dict[str, Any], *, data: TrialData, ctx: TrialContext) -> 
         data=data,
         ctx=ctx,
         trial_id=tune_ctx.get_trial_id(),
-        trial_name=tune_ctx.get_trial_name(),
         send=tune.report,
     )
 
@@ -83,7 +82,6 @@ def record_trial(
     data: TrialData,
     ctx: TrialContext,
     trial_id: str,
-    trial_name: str,
     send: Callable[[dict[str, float]], None],
     distributed: bool = False,
     extra_tags: dict[str, str] | None = None,
@@ -104,7 +102,7 @@ def record_trial(
         schema.TAG_LEAKY: str(data.split.leaky).lower(),
         **(extra_tags or {}),
     }
-    tracker = _open_run(params, config, ctx, trial_id, trial_name, gpu_ids, tags)
+    tracker = _open_run(params, config, ctx, trial_id, gpu_ids, tags)
     report = _EpochReport(ctx.metric, config.epochs, tracker, send)
     try:
         check_gpu_visible(gpu_ids, config)
@@ -133,7 +131,6 @@ def _open_run(
     config: TrialConfig,
     ctx: TrialContext,
     trial_id: str,
-    trial_name: str,
     gpu_ids: list[str],
     extra_tags: dict[str, str] | None,
 ) -> tracking.TrialTracker:
@@ -142,7 +139,7 @@ def _open_run(
         ctx.tracking_uri,
         ctx.experiment_id,
         ctx.parent_run_id,
-        run_name=f"{ctx.magnification}-{trial_name}",
+        run_name=schema.trial_run_name(ctx.magnification, params.get("_optuna_number"), trial_id),
         tags={
             schema.TAG_MAG: ctx.magnification,
             schema.TAG_RAY_ID: trial_id,

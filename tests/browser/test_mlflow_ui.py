@@ -95,3 +95,60 @@ def test_report_opens_with_every_section_filled(
     assert all(filled.values()), filled
     assert n_images >= 6 and title == f"dala-search report: {server_search['name']}"
     assert shot.stat().st_size > 10_000
+
+
+def test_ui_link_opens_the_runs_table_with_readable_names(
+    browser, server_search: dict, screenshot, monkeypatch
+):
+    """Issue 22: `dala-search ui NAME --open` opens the search's runs table (MLflow's model
+    training view, not its GenAI overview), sorted by the metric that picks the best trial;
+    the parent run is named by magnification, trial runs by their Optuna number."""
+    import webbrowser
+
+    from click.testing import CliRunner
+    from mlflow import MlflowClient
+
+    from dala_search.cli import main
+    from dala_search.runs import schema
+
+    client = MlflowClient(server_search["uri"])
+    exp = client.get_experiment_by_name(schema.experiment_name(server_search["name"]))
+    assert exp.tags[schema.TAG_EXPERIMENT_KIND] == "custom_model_development"
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags[schema.TAG_ROLE] == "magnification"]
+    trials = [r for r in runs if r.data.tags[schema.TAG_ROLE] == "trial"]
+    assert parent.info.run_name == "40X"
+    names = sorted(r.info.run_name for r in trials)
+    numbers = sorted(int(r.data.tags[schema.TAG_OPTUNA_NUMBER]) for r in trials)
+    assert names == [f"40X-{n:03d}" for n in numbers] == ["40X-000", "40X-001"]
+    for r in trials:  # the Ray id is kept, as a tag
+        assert r.data.tags[schema.TAG_RAY_ID] not in r.info.run_name
+
+    opened: list[str] = []
+    monkeypatch.setattr(webbrowser, "open", lambda url, *a, **k: opened.append(url))
+    args = ["ui", server_search["name"], "--runs-dir", str(server_search["runs_dir"]), "--open"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    (url,) = opened
+    assert url in result.output and url.startswith(server_search["uri"])
+    assert "sort by best_val_balanced_accuracy, highest first" in result.output
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(url, wait_until="domcontentloaded", timeout=60_000)
+        # The runs table renders after its API calls: wait for a trial's row.
+        page.get_by_role("link", name="40X-000", exact=True).wait_for(timeout=60_000)
+        rows = {
+            name: page.get_by_role("link", name=name, exact=True).count()
+            for name in ("40X", "40X-000", "40X-001")
+        }
+        text = page.inner_text("body")
+        shot = screenshot(page, "mlflow_runs_table.png")
+    finally:
+        page.close()
+    assert rows == {"40X": 1, "40X-000": 1, "40X-001": 1}, rows
+    assert "Run Name" in text and "Sort: best_val_balanced_accuracy" in text
+    # Not the GenAI overview (what the experiment's plain URL opens in MLflow 3.17).
+    for genai in ("Token Usage", "Tokens per Trace", "Cost Breakdown"):
+        assert genai not in text, genai
+    assert shot.stat().st_size > 10_000
