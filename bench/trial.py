@@ -144,8 +144,9 @@ def _compile_summary(r: dict) -> str:
         f"compiled/eager: trial {r['compile_gain_trial']:.3f}x, bare resnet50 "
         f"{r['compile_gain_bare']:.3f}x (steady-state epochs)\n"
         f"the process's first compiled trial spent {first[0]:.1f} s in its first epoch "
-        f"(compile included), later compiled trials {max(first[1:], default=first[0]):.1f} s "
-        f"at most; eager first epochs {max(r['eager_first_epoch_s']):.1f} s at most"
+        "(compile included)"
+        + (f", later compiled trials {max(first[1:]):.1f} s at most" if first[1:] else "")
+        + f"; eager first epochs {max(r['eager_first_epoch_s']):.1f} s at most"
     )
 
 
