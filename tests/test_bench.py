@@ -88,7 +88,8 @@ def check_gpu_search_tiny(result: dict) -> None:
     assert search["gpu_busy"] is None and "CPU run" in search["gpu_busy_note"]
     assert search["trials"] == 2 and search["epochs_trained"] >= search["trials"]
     assert search["images_trained"] >= search["epochs_trained"]
-    assert search["img_s"] == pytest.approx(search["images_trained"] / search["wall_s"], rel=0.01)
+    # img_s is rounded to 0.1 img/s in the JSON
+    assert search["img_s"] == pytest.approx(search["images_trained"] / search["wall_s"], abs=0.06)
     assert [r["at_once"] for r in result["packing"]] == [1, 2, 4]
     assert result["packing"][0]["gain_vs_whole"] == 1.0
     assert len(result["cv"]["train_images_per_fold"]) == 3
