@@ -41,6 +41,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     size.add_argument("--tiny", action="store_true", help="seconds; for the tests, no figures")
     p.add_argument("--record", action="store_true", help="write the figures to bench/README.md")
     p.add_argument("--work-dir", default=None, help="data and scratch (default: a cache dir)")
+    p.add_argument("--note", default="", help="a sentence the record adds (e.g. the load)")
     # One intra-op thread by default: on a machine shared with other jobs, OpenMP threads
     # that wait at barriers for a descheduled sibling run 10-20x slower than one thread
     # (measured here at load ~16 on 2 cores). Pass --threads 2 on an idle machine.
@@ -179,7 +180,7 @@ def record(
     if start not in text or end not in text:
         raise SystemExit(f"{README}: markers {start} ... {end} not found")
     m = result["machine"]
-    argv = " ".join(a for a in sys.argv[1:] if a != "--record")
+    argv = " ".join(_argv_without_record_and_note())
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
     block = "\n".join(
         [
@@ -187,7 +188,8 @@ def record(
             f"Recorded {time.strftime('%Y-%m-%d %H:%M %Z')} by `python bench/{script or name}.py"
             f"{' ' + argv if argv else ''} --record` on {m['cpu']}, {m['cores']} cores{gpu}, "
             f"torch {m['torch']}; 1-minute load average {m.get('load_1m_at_start')} at the "
-            f"start and {m['load_1m']} at the end (the machine is shared: other jobs ran).",
+            f"start and {m['load_1m']} at the end (the machine is shared: other jobs ran)."
+            + (f" Note: {args.note}" if getattr(args, "note", "") else ""),
             "",
             "```text",
             summary.rstrip(),
@@ -207,6 +209,20 @@ def record(
     _, tail = rest.split(end, 1)
     README.write_text(head + block + tail)
     log(f"recorded in {README}")
+
+
+def _argv_without_record_and_note() -> list[str]:
+    """The command line as recorded: ``--record`` and ``--note TEXT`` left out (the note
+    is written out in full beside it)."""
+    out, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--note":
+            skip = True
+        elif a != "--record" and not a.startswith("--note="):
+            out.append(a)
+    return out
 
 
 def load_start() -> float:

@@ -19,21 +19,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # name -> the keys its goal's ratio and figures live under
 CASES = {
-    "pipeline": ["ours_img_s", "naive_img_s", "ratio", "serve_only_img_s", "cache_build_s"],
+    "pipeline": [
+        "ours_img_s",
+        "naive_img_s",
+        "ratio",
+        "naive_cached_img_s",
+        "serve_only_img_s",
+        "cache_build_s",
+    ],
     "trial": ["trial_img_s", "bare_img_s", "ratio", "dala_fixed_batch_img_s"],
     "memory": ["data_pss_1_mib", "data_pss_4_mib", "ratio", "total_pss_1_mib"],
     "search": ["epochs_pruned", "epochs_unpruned", "ratio"],
-    "overhead": ["search_s_per_trial", "loop_s_per_trial"],
+    "overhead": ["search_s_per_trial", "loop_s_per_trial", "ray_init_s"],
     "intervals": ["vectorised_s_binary", "vectorised_s_subtype", "loop_s_binary", "ratio"],
     "selection": ["cost_ratio", "wall_ratio"],
     "protocol_gap": ["wall_s"],
     "fm_head": ["embed_s", "head_trials_per_min", "dala_trials_per_min", "ratio"],
+    "gpu_search": ["search_img_s", "bare_img_s", "ratio", "cv_ratio"],
 }
 # memory (five trial processes), search (two Ray searches) and overhead (a Ray search) take
 # ~100 s together at --tiny on 2 cores: marked slow (CI still runs them). selection (16
 # tiny trainings, a stand-in backbone pre-trained first) takes ~1-2 minutes.
 # protocol_gap: 4 one-epoch trainings of 8 images each, ~30 s.
-HEAVY = {"memory", "search", "overhead", "selection", "protocol_gap"}
+# gpu_search (four tiny Ray searches and a --cv 3 trial on the CPU) likewise.
+HEAVY = {"memory", "search", "overhead", "selection", "protocol_gap", "gpu_search"}
 
 
 def _run(name: str, work: Path, *extra: str) -> dict:
@@ -59,6 +68,8 @@ def test_benchmark_runs_and_prints_its_json_last(name: str, tmp_path_factory) ->
     work = tmp_path_factory.getbasetemp() / "bench-work"  # data shared between benchmarks
     # search also keeps its studies, which test_search_keep_then_replay... replays
     extra = ("--keep", str(_kept_search(tmp_path_factory))) if name == "search" else ()
+    if name == "gpu_search":  # its figures are a GPU's; on the CPU only the code path runs
+        extra = ("--device", "cpu")
     result = _run(name, work, *extra)
     assert result["benchmark"] == name
     assert result["size"] == "tiny"
@@ -71,6 +82,23 @@ def test_benchmark_runs_and_prints_its_json_last(name: str, tmp_path_factory) ->
         check_selection_record(result)
     if name == "protocol_gap":
         check_protocol_gap_record(result)
+    if name == "gpu_search":
+        check_gpu_search_tiny(result)
+
+
+def check_gpu_search_tiny(result: dict) -> None:
+    """A CPU run samples no GPU and says so; the packing runs 1, 2, 4 trials at once; the
+    images trained follow from epochs x epoch length; the cv trial trains 3 folds."""
+    search = result["search"]
+    assert search["gpu_busy"] is None and "CPU run" in search["gpu_busy_note"]
+    assert search["trials"] == 2 and search["epochs_trained"] >= search["trials"]
+    assert search["images_trained"] >= search["epochs_trained"]
+    # img_s is rounded to 0.1 img/s in the JSON
+    assert search["img_s"] == pytest.approx(search["images_trained"] / search["wall_s"], abs=0.06)
+    assert [r["at_once"] for r in result["packing"]] == [1, 2, 4]
+    assert result["packing"][0]["gain_vs_whole"] == 1.0
+    assert len(result["cv"]["train_images_per_fold"]) == 3
+    assert result["meets_ratio"] == (result["ratio"] >= 0.8)
 
 
 def test_record_rewrites_only_its_block(tmp_path, monkeypatch) -> None:
@@ -95,18 +123,27 @@ def test_record_rewrites_only_its_block(tmp_path, monkeypatch) -> None:
         _common.record("z", Args(), result, "")
 
 
-def test_trial_compile_record_on_cpu_is_refused_before_running() -> None:
-    """The compiled figures have a GPU block only: asking to record them from a CPU run
-    fails at once, naming the flags, instead of after minutes of compiling."""
+def test_gpu_search_record_on_cpu_is_refused_before_running() -> None:
+    """gpu_search's block holds GPU figures only: recording a CPU run fails at once,
+    naming the flags, instead of after four searches."""
     proc = subprocess.run(
-        [sys.executable, "bench/trial.py", "--tiny", "--compile", "--record"],
+        [sys.executable, "bench/gpu_search.py", "--tiny", "--device", "cpu", "--record"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 2
-    assert "--compile --record" in proc.stderr
+    assert "--record" in proc.stderr and "--device cuda" in proc.stderr
+
+
+def test_gpu_busy_without_nvidia_ml_py_says_why(monkeypatch) -> None:
+    """No nvidia-ml-py: the busy fraction is None and the reason names the package."""
+    gpu_search = _bench_module("gpu_search")
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml -> ImportError
+    with gpu_search.GpuBusy() as busy:
+        pass
+    assert busy.fraction is None and "nvidia-ml-py" in busy.why
 
 
 def _bench_module(name: str):  # noqa: ANN202
