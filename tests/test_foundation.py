@@ -113,6 +113,7 @@ def test_predict_applies_the_registered_foundation_model_head(
     assert images, "the demo tree has 40X images"
     out = tmp_path / "preds.csv"
     args = ["predict", "fm", *map(str, images), "--out", str(out), "--device", "cpu"]
+    args += ["--patients-out", str(tmp_path / "patients.csv")]
     args += ["--runs-dir", str(fm_search["root"] / "r"), "--tracking-uri", fm_search["uri"]]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
