@@ -46,15 +46,28 @@ def _read(cls: Any, path: Path, mag: str) -> Any:
     return cls.read(path, mag) if path.is_file() else None
 
 
-def _docs(folder: Path, mag: str) -> dict[str, dict[str, tuple[Any, dict[str, MetricSummary]]]]:
+# split protocol -> (its evaluation document, its baselines document), None where absent
+Documents = dict[str, tuple[EvaluationDocument | None, BaselineDocument | None]]
+
+
+def _documents(folder: Path, mag: str) -> Documents:
+    """Every evaluation and baselines document of ``mag``, read once."""
+    return {
+        sp: (
+            _read(EvaluationDocument, document_path(folder, "evaluation", mag, sp), mag),
+            _read(BaselineDocument, document_path(folder, "baselines", mag, sp), mag),
+        )
+        for sp in SPLIT_PROTOCOLS
+    }
+
+
+def _docs(documents: Documents) -> dict[str, dict[str, tuple[Any, dict[str, MetricSummary]]]]:
     """split protocol -> model -> (its document, its metrics); the models present only."""
     out: dict[str, dict[str, tuple[Any, dict[str, MetricSummary]]]] = {}
-    for sp in SPLIT_PROTOCOLS:
+    for sp, (ev, base) in documents.items():
         models: dict[str, tuple[Any, dict[str, MetricSummary]]] = {}
-        ev = _read(EvaluationDocument, document_path(folder, "evaluation", mag, sp), mag)
         if ev is not None and ev.metrics:
             models[OURS] = (ev, ev.metrics)
-        base = _read(BaselineDocument, document_path(folder, "baselines", mag, sp), mag)
         if base is not None:
             # A tuned dalaresnet50 row is not the searched best's: its own name.
             own = " (own lr/wd)" if base.recipe == "tuned" else ""
@@ -118,7 +131,11 @@ def leakage_rows(
 
 def magnification_comparison(folder: Path, mag: str) -> dict[str, Any]:
     """The comparison of one magnification as JSON (module docstring)."""
-    docs = _docs(Path(folder), mag)
+    return _comparison(_documents(Path(folder), mag), mag)
+
+
+def _comparison(documents: Documents, mag: str) -> dict[str, Any]:
+    docs = _docs(documents)
     rows = []
     for sp, models in docs.items():
         for model, (doc, metrics) in models.items():
@@ -162,7 +179,8 @@ def report_view(folder: Path, mag: str) -> dict[str, Any] | None:
     ``has_ours`` and ``any_leaky``."""
     from dala_search.data.protocols import label
 
-    cmp = magnification_comparison(folder, mag)
+    documents = _documents(Path(folder), mag)
+    cmp = _comparison(documents, mag)
     if not cmp["rows"]:
         return None
     rows = [
@@ -189,18 +207,17 @@ def report_view(folder: Path, mag: str) -> dict[str, Any] | None:
         **cmp,
         "has_ours": any(r["searched_best"] for r in cmp["rows"]),
         "any_leaky": any(r["leaky"] for r in cmp["rows"]),
-        "recipe_lines": _recipe_lines(folder, mag),
+        "recipe_lines": _recipe_lines(documents),
     }
     return {"metrics": list(TABLE_METRICS), "rows": rows, "leakage": leakage, "comparison": summary}
 
 
-def _recipe_lines(folder: Path, mag: str) -> list[str]:
+def _recipe_lines(documents: Documents) -> list[str]:
     """How each protocol's baselines were trained: the shared recipe or each model's own."""
     from dala_search.comparison import recipe_lines
 
     out = []
-    for sp in SPLIT_PROTOCOLS:
-        base = _read(BaselineDocument, document_path(folder, "baselines", mag, sp), mag)
+    for sp, (_, base) in documents.items():
         if base is not None:
             head = "" if sp == "patient" else f"{sp} protocol: "
             out += [head + line.strip() for line in recipe_lines(base)]

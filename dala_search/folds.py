@@ -57,7 +57,7 @@ def fold_splits(
     ``split_protocol`` (``data.protocols``): "image" makes K image-level (LEAKY) folds or
     seeded splits instead; "eva" repeats eva's fixed split with seeds (``seeds`` only).
     """
-    from dala_search.data.splits import check_disjoint, official_fold_split, patient_split
+    from dala_search.data.splits import carve_val_split, official_fold_split, patient_split
 
     check_protocol(protocol, k)
     if split_protocol != "patient":
@@ -70,7 +70,7 @@ def fold_splits(
             for i in range(k)
         ]
     if index.folds_csv is not None:
-        from dala_search.data.splits import read_folds_csv
+        from dala_search.data.folds_csv import read_folds_csv
 
         available = sorted({row.fold for row in read_folds_csv(index.folds_csv)})
         if k > len(available):
@@ -82,19 +82,20 @@ def fold_splits(
             official_fold_split(index, records, fold, seed=seed, val_fraction=VAL_FRACTION)
             for fold in available[:k]
         ]
-    splits = []
-    for i, (rest, test) in enumerate(_grouped_kfold(records, k, seed)):
-        train, val = _carve_val(records, rest, seed)
-        split = _make_split(
-            train,
-            val,
+    return [
+        carve_val_split(
+            records,
+            rest,
             test,
-            f"patient-disjoint fold {i + 1} of {k} (StratifiedGroupKFold by slide, seed "
-            f"{seed}), val {VAL_FRACTION} of its train patients",
+            val_fraction=VAL_FRACTION,
+            seed=seed,
+            description=(
+                f"patient-disjoint fold {i + 1} of {k} (StratifiedGroupKFold by slide, seed "
+                f"{seed}), val {VAL_FRACTION} of its train patients"
+            ),
         )
-        check_disjoint(records, split)
-        splits.append(split)
-    return splits
+        for i, (rest, test) in enumerate(_grouped_kfold(records, k, seed))
+    ]
 
 
 def _other_protocol(
@@ -165,25 +166,3 @@ def _grouped_kfold(
                 "class only; use fewer folds"
             )
     return folds
-
-
-def _carve_val(
-    records: Sequence[ImageRecord], rest: np.ndarray, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Validation patients out of a fold's training patients, grouped and stratified.
-
-    ``splits._carve`` is the search's own carve (same rules: both classes on each side,
-    a DataError saying which class is short otherwise); reused, not re-implemented.
-    """
-    from dala_search.data.splits import STRATIFY, _carve
-
-    return _carve(records, rest, VAL_FRACTION, seed, STRATIFY["label"], "val", min_rest=1)
-
-
-def _make_split(train: np.ndarray, val: np.ndarray, test: np.ndarray, description: str) -> Any:
-    from dala_search.data.splits import Split
-
-    def as_tuple(a: np.ndarray) -> tuple[int, ...]:
-        return tuple(sorted(int(i) for i in a))
-
-    return Split(as_tuple(train), as_tuple(val), as_tuple(test), description)

@@ -313,7 +313,7 @@ def test_cache_files_are_named_by_hash_not_by_data_file_names(tmp_path: Path) ->
 
 
 def test_folds_csv_file_names_are_reduced_to_base_names(tmp_path: Path) -> None:
-    from dala_search.data.splits import read_folds_csv
+    from dala_search.data.folds_csv import read_folds_csv
 
     path = tmp_path / "Folds.csv"
     path.write_text(

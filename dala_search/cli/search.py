@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -25,6 +25,9 @@ from dala_search.cli._base import (
 from dala_search.runs.plan import latest_search, open_search, search_tracking_uri
 from dala_search.runs.schema import best_table, check_tracking_uri
 from dala_search.start_options import COMMAND_OPTIONS, MAX_EPOCHS
+
+if TYPE_CHECKING:
+    from dala_search.config import TrialConfig
 
 # ----------------------------------------------------------------------------- train
 
@@ -69,13 +72,42 @@ def train_cmd(
     as_json: bool,
 ) -> None:
     """Train one configuration on one magnification and print its metrics."""
-    from dala_search.config import TrialConfig, load_trial_config
-    from dala_search.data.breakhis import index_breakhis
-    from dala_search.data.demo import ensure_demo_data
-    from dala_search.data.protocols import label
-    from dala_search.train import prepare_data, train_trial
+    from dala_search.train import train_trial
 
     leaky_warning(split_protocol)
+    config = _train_config(config_path, epochs, image_size, pretrained, seed, device)
+    index, data = _train_data(
+        data_dir, magnification, config, fold, split_protocol, cache_dir, as_json
+    )
+
+    def show(epoch: int, m: dict[str, float]) -> None:
+        if not as_json:
+            click.echo(
+                f"epoch {epoch:3d}  loss {m['train_loss']:.4f}  "
+                f"val bal.acc {m['val_balanced_accuracy']:.4f}  "
+                f"val acc {m['val_accuracy']:.4f}  ({m['epoch_time_s']:.1f}s)",
+                err=True,
+            )
+
+    if config.backbone.startswith("timm:"):  # a head on a frozen backbone's embeddings
+        from dala_search.train_head import train_head_trial
+
+        result = train_head_trial(config, data, show, progress=not as_json)
+    else:
+        result = train_trial(config, data, show, progress=False)
+    _print_train_result(result, config, data, len(index.skipped), as_json)
+
+
+def _train_config(
+    config_path: Path | None,
+    epochs: int | None,
+    image_size: int | None,
+    pretrained: str | None,
+    seed: int | None,
+    device: str | None,
+) -> TrialConfig:
+    """The ``TrialConfig`` of ``train``: the YAML's (or the defaults) with the options over it."""
+    from dala_search.config import TrialConfig, load_trial_config
 
     overrides = {
         "epochs": epochs,
@@ -85,11 +117,27 @@ def train_cmd(
         "device": device,
     }
     if config_path is not None:
-        config = load_trial_config(config_path, **overrides)
-    else:
-        config = TrialConfig.from_dict(
-            {k: v for k, v in overrides.items() if v is not None}, source="command line"
-        )
+        return load_trial_config(config_path, **overrides)
+    return TrialConfig.from_dict(
+        {k: v for k, v in overrides.items() if v is not None}, source="command line"
+    )
+
+
+def _train_data(
+    data_dir: Path | None,
+    magnification: str,
+    config: TrialConfig,
+    fold: int | None,
+    split_protocol: str,
+    cache_dir: Path | None,
+    as_json: bool,
+) -> tuple[Any, Any]:
+    """The data folder's index (the demo set without ``--data``) and the magnification's
+    prepared data (split, decoded-image cache)."""
+    from dala_search.data.breakhis import index_breakhis
+    from dala_search.data.demo import ensure_demo_data
+    from dala_search.train import prepare_data
+
     root = data_dir if data_dir is not None else ensure_demo_data()
     index = index_breakhis(root, progress=not as_json)
     if index.skipped and not as_json:
@@ -111,28 +159,21 @@ def train_cmd(
     )
     if data.synthetic and not as_json:
         click.echo("note: training on SYNTHETIC demo data, not real BreakHis images", err=True)
+    return index, data
 
-    def show(epoch: int, m: dict[str, float]) -> None:
-        if not as_json:
-            click.echo(
-                f"epoch {epoch:3d}  loss {m['train_loss']:.4f}  "
-                f"val bal.acc {m['val_balanced_accuracy']:.4f}  "
-                f"val acc {m['val_accuracy']:.4f}  ({m['epoch_time_s']:.1f}s)",
-                err=True,
-            )
 
-    if config.backbone.startswith("timm:"):  # a head on a frozen backbone's embeddings
-        from dala_search.train_head import train_head_trial
+def _print_train_result(
+    result: Any, config: TrialConfig, data: Any, skipped: int, as_json: bool
+) -> None:
+    """The trial's best epoch and metrics: a table, or the JSON of ``--json``."""
+    from dala_search.data.protocols import label
 
-        result = train_head_trial(config, data, show, progress=not as_json)
-    else:
-        result = train_trial(config, data, show, progress=False)
     out = {
         "protocol": data.split.protocol,
         "leaky": data.split.leaky,
         "config": config.to_dict(),
         "data": data.describe(),
-        "skipped_files": len(index.skipped),
+        "skipped_files": skipped,
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
         "best_val": result.best,

@@ -28,12 +28,9 @@ from dala_search.config import PROTOCOLS
 from dala_search.data.breakhis import ImageRecord
 from dala_search.data.splits import (
     SIDES,
-    STRATIFY,
     Split,
     _as_tuple,
-    _carve,
-    _require_patients,
-    check_disjoint,
+    carve_val_split,
     inner_folds,
     patient_split,
 )
@@ -298,13 +295,13 @@ def eva_split(
     wanted = set(EVA_VAL_PATIENTS)
     in_test = np.array([eva_patient(records[i].slide) in wanted for i in idx], dtype=bool)
     rest, test = idx[~in_test], idx[in_test]
-    _require_patients(records, rest, 2, "--protocol eva's training patients")
-    train, val = _carve(records, rest, val_fraction, seed, STRATIFY["label"], "val", min_rest=1)
     left_out = len(records) - len(idx)
-    split = Split(
-        train=_as_tuple(train),
-        val=_as_tuple(val),
-        test=_as_tuple(test),
+    return carve_val_split(
+        records,
+        rest,
+        test,
+        val_fraction=val_fraction,
+        seed=seed,
         description=(
             f"eva ({EVA_MAGNIFICATION}, subtypes {', '.join(EVA_SUBTYPES)}; test = eva's "
             f"{len(EVA_VAL_PATIENTS)} validation patients), val {val_fraction} of the other "
@@ -312,9 +309,8 @@ def eva_split(
             + (f", {left_out} image(s) of other subtypes left out" if left_out else "")
         ),
         protocol="eva",
+        rest_needs="--protocol eva's training patients",
     )
-    check_disjoint(records, split)
-    return split
 
 
 # ---- inner folds (--cv) ------------------------------------------------------------------

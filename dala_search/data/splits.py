@@ -9,22 +9,16 @@ chooses the fold and checks the result.
 
 from __future__ import annotations
 
-import csv
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from dala_search.data.breakhis import (
-    CLASSES,
-    MAGNIFICATIONS,
-    BreakHisIndex,
-    ImageRecord,
-    parse_filename,
-)
+from dala_search.data.breakhis import CLASSES, BreakHisIndex, ImageRecord
+from dala_search.data.folds_csv import read_folds_csv
 from dala_search.errors import DataError
 
 SIDES: tuple[str, ...] = ("train", "val", "test")
@@ -35,9 +29,6 @@ STRATIFY: dict[str, Callable[[ImageRecord], int]] = {
     "label": lambda r: r.label_index,
     "subtype": lambda r: r.subtype_index,
 }
-
-FOLDS_COLUMNS: tuple[str, ...] = ("fold", "mag", "grp", "filename")
-FOLDS_GROUPS: tuple[str, ...] = ("train", "test")
 
 
 @dataclass(frozen=True)
@@ -185,20 +176,46 @@ def official_fold_split(
     train_all = np.array(sorted(i for i, g in grp_of.items() if g == "train"), dtype=np.int64)
     test = np.array(sorted(i for i, g in grp_of.items() if g == "test"), dtype=np.int64)
     _require_patients(records, test, 1, f"the test side of fold {fold} in {csv_path}")
-    _require_patients(records, train_all, 2, f"the train side of fold {fold} in {csv_path}")
-    train, val = _carve(
-        records, train_all, val_fraction, seed, STRATIFY["label"], "val", min_rest=1
-    )
     left_out = len(records) - len(grp_of)
-    split = Split(
-        train=_as_tuple(train),
-        val=_as_tuple(val),
-        test=_as_tuple(test),
+    return carve_val_split(
+        records,
+        train_all,
+        test,
+        val_fraction=val_fraction,
+        seed=seed,
         description=(
             f"official fold {fold} ({csv_path.name}), val {val_fraction} of its train "
             f"patients, seed {seed}"
             + (f", {left_out} image(s) not in the fold left out" if left_out else "")
         ),
+        rest_needs=f"the train side of fold {fold} in {csv_path}",
+    )
+
+
+def carve_val_split(
+    records: Sequence[ImageRecord],
+    rest: np.ndarray,
+    test: np.ndarray,
+    *,
+    val_fraction: float,
+    seed: int,
+    description: str,
+    protocol: str = "patient",
+    rest_needs: str | None = None,
+) -> Split:
+    """The split with test side ``test``: validation patients carved from ``rest`` (grouped
+    by slide, stratified by label, both classes on each side), the others of ``rest``
+    train; checked patient-disjoint. ``rest_needs`` names ``rest`` in the DataError raised
+    first when a class has fewer than the 2 patients a train and a val side need."""
+    if rest_needs is not None:
+        _require_patients(records, rest, 2, rest_needs)
+    train, val = _carve(records, rest, val_fraction, seed, STRATIFY["label"], "val", min_rest=1)
+    split = Split(
+        train=_as_tuple(train),
+        val=_as_tuple(val),
+        test=_as_tuple(test),
+        description=description,
+        protocol=protocol,
     )
     check_disjoint(records, split)
     return split
@@ -277,84 +294,6 @@ def check_disjoint(records: Sequence[ImageRecord], split: Split) -> None:
         idx = split.indices(side)
         if len(set(idx)) != len(idx):
             raise DataError(f"split {split.description!r} lists an image twice on {side}")
-
-
-@dataclass(frozen=True)
-class FoldRow:
-    """One validated row of Folds.csv."""
-
-    fold: int
-    magnification: str  # "40X" ...
-    grp: str  # "train" | "test"
-    name: str  # the file's base name, the key into the index
-    slide: str
-
-
-def read_folds_csv(path: Path) -> list[FoldRow]:
-    """Read and validate Folds.csv (columns fold, mag, grp, filename).
-
-    A DataError names the file and the line of the first
-    bad row: a missing column, a fold that is not a positive integer, a magnification
-    other than 40/100/200/400, a group other than train/test, or a file name that is
-    not a BreakHis name or disagrees with the row's magnification.
-    """
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's BOM
-            rows = _parse_folds(path, csv.reader(handle))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"cannot read {path} as CSV: {e}") from e
-    if not rows:
-        raise DataError(f"{path} has a header but no rows")
-    return rows
-
-
-def _parse_folds(path: Path, reader: Iterator[list[str]]) -> list[FoldRow]:
-    """Header check, then one validated FoldRow per non-blank line."""
-    header = next(reader, None)
-    if header is None:
-        raise DataError(f"{path} is empty; expected columns {_join(FOLDS_COLUMNS)}")
-    names = [h.strip().lower() for h in header]
-    absent = [c for c in FOLDS_COLUMNS if c not in names]
-    if absent:
-        raise DataError(f"{path}: missing column(s) {_join(absent)}; the header is {_join(header)}")
-    col = {c: names.index(c) for c in FOLDS_COLUMNS}
-    rows = []
-    for line, cells in enumerate(reader, start=2):
-        if not any(c.strip() for c in cells):
-            continue  # blank line
-        rows.append(_fold_row(path, line, cells, col))
-    return rows
-
-
-def _fold_row(path: Path, line: int, cells: list[str], col: dict[str, int]) -> FoldRow:
-    """Validate one Folds.csv row; errors name the file, line and value."""
-    where = f"{path}, line {line}"
-    if len(cells) <= max(col.values()):
-        raise DataError(f"{where}: expected {len(col)} columns, got {len(cells)}")
-    value = {c: cells[i].strip() for c, i in col.items()}
-    try:
-        fold = int(value["fold"])
-    except ValueError:
-        fold = 0
-    if fold < 1:
-        raise DataError(f"{where}: fold {value['fold']!r} is not a positive integer")
-    mag = f"{value['mag']}X"
-    if not value["mag"].isdigit() or mag not in MAGNIFICATIONS:
-        valid = ", ".join(m[:-1] for m in MAGNIFICATIONS)
-        raise DataError(f"{where}: mag {value['mag']!r} is not one of {valid}")
-    grp = value["grp"].lower()
-    if grp not in FOLDS_GROUPS:
-        raise DataError(f"{where}: grp {value['grp']!r} is not one of {_join(FOLDS_GROUPS)}")
-    name = Path(value["filename"].replace("\\", "/")).name
-    try:
-        parsed = parse_filename(name)
-    except ValueError as e:
-        raise DataError(f"{where}: {e}") from e
-    if parsed.magnification != mag:
-        raise DataError(
-            f"{where}: mag {value['mag']} but the file {name} is {parsed.magnification}"
-        )
-    return FoldRow(fold=fold, magnification=mag, grp=grp, name=name, slide=parsed.slide)
 
 
 def _carve(

@@ -12,6 +12,18 @@ from dala_search.runs.plan import SearchPlan
 from dala_search.search import tuner
 
 
+def _plan(tmp_path: Path, demo_root: Path, tiny_space: Path, name: str, **kw: object) -> SearchPlan:
+    """``plan_search`` on the tiny space and the demo data, with stores under ``tmp_path``."""
+    return tuner.plan_search(
+        space=str(tiny_space),
+        name=name,
+        data_dir=demo_root,
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        runs_dir=tmp_path / "runs",
+        **kw,
+    )
+
+
 def test_the_check_hands_its_index_to_the_search(
     tmp_path: Path, demo_root: Path, tiny_space: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -42,14 +54,7 @@ def test_prune_on_is_checked_and_kept_in_the_saved_plan(
     tmp_path: Path, demo_root: Path, tiny_space: Path
 ) -> None:
     def plan(name: str, prune_on: str | None) -> SearchPlan:
-        return tuner.plan_search(
-            space=str(tiny_space),
-            name=name,
-            data_dir=demo_root,
-            prune_on=prune_on,
-            tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-            runs_dir=tmp_path / "runs",
-        )
+        return _plan(tmp_path, demo_root, tiny_space, name, prune_on=prune_on)
 
     with pytest.raises(ConfigError, match=r"--prune-on: unknown metric 'loss'.*roc_auc"):
         plan("bad", "loss")
@@ -70,15 +75,7 @@ def test_protocol_is_checked_and_kept_in_the_saved_plan(
     from dala_search.errors import DataError
 
     def plan(name: str, protocol: str, **kw: object) -> SearchPlan:
-        return tuner.plan_search(
-            space=str(tiny_space),
-            name=name,
-            data_dir=demo_root,
-            protocol=protocol,
-            tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-            runs_dir=tmp_path / "runs",
-            **kw,
-        )
+        return _plan(tmp_path, demo_root, tiny_space, name, protocol=protocol, **kw)
 
     p = plan("leaky", "image")
     p.save(new=True)
