@@ -180,11 +180,13 @@ def log_image_model(
 
 
 class _PickleNotice(logging.Filter):
-    """Drops MLflow's "serialized using pickle/CloudPickle" notice: it warns on every call,
-    and what it would load is this package's own model class."""
+    """Drops MLflow's "serialized using pickle/CloudPickle" notice (it warns on every call,
+    and what it would load is this package's own model class) and its "Validating input
+    example" line (an INFO per logged model, forwarded by Ray into the search's console)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Pickle" not in record.getMessage()
+        message = record.getMessage()
+        return "Pickle" not in message and "Validating input example" not in message
 
 
 @contextmanager

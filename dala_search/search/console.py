@@ -17,11 +17,22 @@ WARNING), which this does not touch.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"  # read by ray.tune.experimental.output at each fit
+
+# Driver-side lines that repeat what our own lines say, or warn about what we do on
+# purpose, raised to the level below while a search runs (``--verbose`` keeps them):
+QUIET_LOGGERS = {
+    "optuna": logging.WARNING,  # "[I ...] A new study created in RDB": our header names it
+    "mlflow.store.db.utils": logging.WARNING,  # "Creating initial MLflow database tables"
+    # "You passed an initialized sampler ... seed ... ignored": our samplers are seeded
+    # (make_sampler); OptunaSearch's own seed is a no-op we pass for its records.
+    "ray.tune.search.optuna.optuna_search": logging.ERROR,
+}
 
 
 @contextmanager
@@ -32,9 +43,14 @@ def quiet_tune(verbose: bool) -> Iterator[None]:
         return
     previous = os.environ.get(NEW_OUTPUT_ENV)
     os.environ[NEW_OUTPUT_ENV] = "0"
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(max(level, logging.getLogger(name).level))
     try:
         yield
     finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
         if previous is None:
             os.environ.pop(NEW_OUTPUT_ENV, None)
         else:
