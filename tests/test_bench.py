@@ -28,12 +28,14 @@ CASES = {
     "selection": ["cost_ratio", "wall_ratio"],
     "protocol_gap": ["wall_s"],
     "fm_head": ["embed_s", "head_trials_per_min", "dala_trials_per_min", "ratio"],
+    "multiobjective": ["epochs_pruned", "epochs_unpruned", "epochs_random", "wall_s"],
 }
 # memory (five trial processes), search (two Ray searches) and overhead (a Ray search) take
 # ~100 s together at --tiny on 2 cores: marked slow (CI still runs them). selection (16
 # tiny trainings, a stand-in backbone pre-trained first) takes ~1-2 minutes.
-# protocol_gap: 4 one-epoch trainings of 8 images each, ~30 s.
-HEAVY = {"memory", "search", "overhead", "selection", "protocol_gap"}
+# protocol_gap: 4 one-epoch trainings of 8 images each, ~30 s. multiobjective: 6 two-epoch
+# trainings of 16 images (the selection's stand-in backbone, shared), ~35 s.
+HEAVY = {"memory", "search", "overhead", "selection", "protocol_gap", "multiobjective"}
 
 
 def _run(name: str, work: Path, *extra: str) -> dict:
@@ -71,6 +73,8 @@ def test_benchmark_runs_and_prints_its_json_last(name: str, tmp_path_factory) ->
         check_selection_record(result)
     if name == "protocol_gap":
         check_protocol_gap_record(result)
+    if name == "multiobjective":
+        check_multiobjective_record(result)
 
 
 def test_record_rewrites_only_its_block(tmp_path, monkeypatch) -> None:
@@ -386,3 +390,36 @@ def check_protocol_gap_record(rec: dict) -> None:
     above = sum(row["gap_points"]["accuracy"] > 0 for row in rec["per_seed"])
     assert rec["seeds_image_above_patient"] == above
     assert rec["goal_met"] == (above == len(rec["per_seed"]))
+
+
+def check_multiobjective_record(rec: dict) -> None:
+    """The figures of a `bench/multiobjective.py` JSON follow from its per-trial rows."""
+    import statistics
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import multiobjective as bench
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    lo, hi = rec["settings"]["params_m_range"]
+    assert 0 < lo < hi
+    for arm in ("pruned", "unpruned", "random"):
+        per_seed = [row[arm] for row in rec["per_seed"]]
+        for side in per_seed:
+            trials = side["trials"]
+            assert len(trials) == rec["settings"]["trials"]
+            assert side["epochs"] == sum(t["epochs"] for t in trials)
+            done = [(t["val_bacc"], t["params_m"]) for t in trials if not t["pruned"]]
+            assert side["hypervolume"] == pytest.approx(bench.hypervolume(done, lo, hi), abs=1e-4)
+            assert 0 <= side["hypervolume"] <= 1.1
+            if arm != "pruned":  # only the pruned arm may stop a trial early
+                assert not any(t["pruned"] for t in trials)
+                assert all(t["epochs"] == rec["settings"]["epochs"] for t in trials)
+        assert rec[f"hv_{arm}"] == pytest.approx(
+            statistics.median(s["hypervolume"] for s in per_seed), abs=1e-4
+        )
+    assert rec["epochs_saved"] == pytest.approx(rec["epochs_unpruned"] - rec["epochs_pruned"])
+    # the hypervolume itself: one point at perfect accuracy on the smallest model fills
+    # the box up to the reference point (1, 1.1); a point at chance adds nothing
+    assert bench.hypervolume([(1.0, lo)], lo, hi) == pytest.approx(1.1)
+    assert bench.hypervolume([(0.5, lo)], lo, hi) == 0.0
