@@ -128,13 +128,13 @@ def run_arm(arm: str, seed: int, space, data, overrides: dict, size: dict) -> di
             result = train_trial(cfg, data, reporter)
         except _Pruned as stop:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            rows.append({"pruned": True, "epochs": stop.epoch, "params_m": round(params_m, 4)})
+            rows.append({"pruned": True, "epochs": stop.epoch, "params_m": round(params_m, 6)})
         else:
             acc = float(result.best[f"val_{PRIMARY}"])
             study.tell(trial, [acc, params_m])
             rows.append(
                 {"pruned": False, "epochs": result.epochs_run, "val_bacc": round(acc, 4),
-                 "params_m": round(params_m, 4)}
+                 "params_m": round(params_m, 6)}
             )  # fmt: skip
         c.log(f"seed {seed} {arm} trial {i}: {rows[-1]}")
     return {"trials": rows, "wall_s": round(time.perf_counter() - began, 1)}
@@ -191,7 +191,8 @@ def main() -> None:
         device="cpu",
         num_threads=args.threads,
     )
-    lo, hi = param_range(space, {**overrides, "pretrained": "none"})
+    # Rounded as recorded, so the JSON's hypervolumes follow from its own numbers.
+    lo, hi = (round(v, 6) for v in param_range(space, {**overrides, "pretrained": "none"}))
     c.log(f"params_m of the space's models: {lo:.4f} .. {hi:.4f}")
     rows = [seed_row(s, space, data, overrides, size, lo, hi) for s in range(size["seeds"])]
 
@@ -208,7 +209,7 @@ def main() -> None:
         "pruner": space.settings.pruner,
         "prune_on": space.settings.prune_on,
         "reference_point": list(REFERENCE),
-        "params_m_range": [round(lo, 4), round(hi, 4)],
+        "params_m_range": [lo, hi],
     }
     result["per_seed"] = rows
     result["goal"] = (

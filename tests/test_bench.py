@@ -34,7 +34,8 @@ CASES = {
 # ~100 s together at --tiny on 2 cores: marked slow (CI still runs them). selection (16
 # tiny trainings, a stand-in backbone pre-trained first) takes ~1-2 minutes.
 # protocol_gap: 4 one-epoch trainings of 8 images each, ~30 s. multiobjective: 6 two-epoch
-# trainings of 16 images (the selection's stand-in backbone, shared), ~35 s.
+# trainings of 16 images, ~35 s once the stand-in backbone (shared with selection) exists,
+# ~2.5 minutes when it pre-trains it.
 HEAVY = {"memory", "search", "overhead", "selection", "protocol_gap", "multiobjective"}
 
 
