@@ -190,3 +190,54 @@ def front_lines(row: dict[str, Any]) -> list[str]:
         mark = "*" if r["primary_best"] else " "
         lines.append(f"     {mark} trial {r['trial']:<3} {values}  run {r['run_id']}  {params}")
     return lines
+
+
+#: Registry alias of the front's point ``i`` (in ``front_rows`` order; point 0, the primary's
+#: best, has the alias ``best`` from ``SearchTracker.record_best``).
+PARETO_ALIAS = "pareto-{}"
+
+
+def register_front(
+    client: Any, uri: str, search: str, magnification: str, rows: list[dict[str, Any]]
+) -> dict[str, str]:
+    """Register the model of every front point but the primary's best (registered as
+    ``best`` already) under the magnification's model name, aliased ``pareto-<i>``.
+
+    A point whose alias already names a version of its own run is left as it is (a resumed
+    search summarises again); ``pareto-*`` aliases of points no longer on the front are
+    removed. A point whose run logged no model gets no alias. Returns alias -> version.
+    """
+    import mlflow
+
+    name = schema.model_name(magnification)
+    wanted: dict[str, str] = {}
+    for i, row in enumerate(rows):
+        if row["primary_best"] or not row["run_id"]:
+            continue
+        alias = PARETO_ALIAS.format(i)
+        run = client.get_run(row["run_id"])
+        if run.data.tags.get(schema.TAG_HAS_MODEL) != "true":
+            continue
+        try:
+            current = client.get_model_version_by_alias(name, alias)
+        except mlflow.exceptions.MlflowException:  # no such alias (or model) yet
+            current = None
+        if current is not None and current.run_id == row["run_id"]:
+            wanted[alias] = current.version
+            continue
+        mlflow.set_tracking_uri(uri)
+        version = mlflow.register_model(
+            run.data.tags.get(schema.TAG_MODEL_URI, f"runs:/{row['run_id']}/model"),
+            name,
+            tags={schema.TAG_SEARCH: search, schema.TAG_MAG: magnification},
+        )
+        client.set_registered_model_alias(name, alias, version.version)
+        wanted[alias] = version.version
+    try:
+        aliases = client.get_registered_model(name).aliases
+    except mlflow.exceptions.MlflowException:  # nothing registered: nothing stale
+        return wanted
+    for alias in aliases:
+        if alias.startswith(PARETO_ALIAS.format("")) and alias not in wanted:
+            client.delete_registered_model_alias(name, alias)
+    return wanted

@@ -36,13 +36,24 @@ CASES = {
     "protocol_gap": ["wall_s"],
     "fm_head": ["embed_s", "head_trials_per_min", "dala_trials_per_min", "ratio"],
     "gpu_search": ["search_img_s", "bare_img_s", "ratio", "cv_ratio"],
+    "multiobjective": ["epochs_pruned", "epochs_unpruned", "epochs_random", "wall_s"],
 }
 # memory (five trial processes), search (two Ray searches) and overhead (a Ray search) take
 # ~100 s together at --tiny on 2 cores: marked slow (CI still runs them). selection (16
 # tiny trainings, a stand-in backbone pre-trained first) takes ~1-2 minutes.
 # protocol_gap: 4 one-epoch trainings of 8 images each, ~30 s.
 # gpu_search (four tiny Ray searches and a --cv 3 trial on the CPU) likewise.
-HEAVY = {"memory", "search", "overhead", "selection", "protocol_gap", "gpu_search"}
+# multiobjective: 6 two-epoch trainings of 16 images, ~35 s once the stand-in backbone
+# (shared with selection) exists, ~2.5 minutes when it pre-trains it.
+HEAVY = {
+    "memory",
+    "search",
+    "overhead",
+    "selection",
+    "protocol_gap",
+    "gpu_search",
+    "multiobjective",
+}
 
 
 def _run(name: str, work: Path, *extra: str) -> dict:
@@ -84,6 +95,8 @@ def test_benchmark_runs_and_prints_its_json_last(name: str, tmp_path_factory) ->
         check_protocol_gap_record(result)
     if name == "gpu_search":
         check_gpu_search_tiny(result)
+    if name == "multiobjective":
+        check_multiobjective_record(result)
 
 
 def check_gpu_search_tiny(result: dict) -> None:
@@ -423,3 +436,36 @@ def check_protocol_gap_record(rec: dict) -> None:
     above = sum(row["gap_points"]["accuracy"] > 0 for row in rec["per_seed"])
     assert rec["seeds_image_above_patient"] == above
     assert rec["goal_met"] == (above == len(rec["per_seed"]))
+
+
+def check_multiobjective_record(rec: dict) -> None:
+    """The figures of a `bench/multiobjective.py` JSON follow from its per-trial rows."""
+    import statistics
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import multiobjective as bench
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    lo, hi = rec["settings"]["params_m_range"]
+    assert 0 < lo < hi
+    for arm in ("pruned", "unpruned", "random"):
+        per_seed = [row[arm] for row in rec["per_seed"]]
+        for side in per_seed:
+            trials = side["trials"]
+            assert len(trials) == rec["settings"]["trials"]
+            assert side["epochs"] == sum(t["epochs"] for t in trials)
+            done = [(t["val_bacc"], t["params_m"]) for t in trials if not t["pruned"]]
+            assert side["hypervolume"] == pytest.approx(bench.hypervolume(done, lo, hi), abs=1e-4)
+            assert 0 <= side["hypervolume"] <= 1.1
+            if arm != "pruned":  # only the pruned arm may stop a trial early
+                assert not any(t["pruned"] for t in trials)
+                assert all(t["epochs"] == rec["settings"]["epochs"] for t in trials)
+        assert rec[f"hv_{arm}"] == pytest.approx(
+            statistics.median(s["hypervolume"] for s in per_seed), abs=1e-4
+        )
+    assert rec["epochs_saved"] == pytest.approx(rec["epochs_unpruned"] - rec["epochs_pruned"])
+    # the hypervolume itself: one point at perfect accuracy on the smallest model fills
+    # the box up to the reference point (1, 1.1); a point at chance adds nothing
+    assert bench.hypervolume([(1.0, lo)], lo, hi) == pytest.approx(1.1)
+    assert bench.hypervolume([(0.5, lo)], lo, hi) == 0.0

@@ -103,15 +103,22 @@ def summarise(
     interrupted = finished < plan.trials and (budget_s is None or stopped)
     key = f"best_{plan.tune_metric}"
     best = schema.best_completed_run(tracker.client, tracker.experiment_id, parent, key)
+    front = None
+    if plan.objectives:  # several objectives: the front on the parent run and its trials
+        front = pareto.record_front(
+            tracker.client, tracker.experiment_id, parent, plan.storage, plan.study_name(mag), mag
+        )
+    if front and front[0]["run_id"]:
+        # The front's primary best is the best feasible trial by the primary; of trials
+        # tied on it, the one not dominated (MLflow's tie-break, the earliest, may be).
+        best = tracker.client.get_run(front[0]["run_id"])
     version = None
     if best is not None:
         current = tracker.client.get_run(parent).data.tags.get(schema.TAG_BEST_RUN)
         if current != best.info.run_id:
             version = tracker.record_best(parent, mag, best)
-    if plan.objectives:  # several objectives: the front on the parent run and its trials
-        pareto.record_front(
-            tracker.client, tracker.experiment_id, parent, plan.storage, plan.study_name(mag), mag
-        )
+    if front and plan.log_models:  # the other front points: aliases pareto-<i>
+        pareto.register_front(tracker.client, tracker.uri, tracker.search, mag, front)
     if interrupted:
         # Trials cut by the interrupt: KILLED, state "interrupted"; `resume` reopens them.
         tracker.close_interrupted(parent)

@@ -56,6 +56,9 @@ class TrialContext:
     # Costs the objectives or constraints name (objectives.COST_METRICS): measured once,
     # before training, and sent with every epoch's result.
     costs: tuple[str, ...] = ()
+    # Several objectives: every completed trial logs its model (not only one that beats the
+    # completed ones on the primary), so each point of the Pareto front can be registered.
+    log_every_model: bool = False
 
 
 def run_trial(params: dict[str, Any], *, data: TrialData, ctx: TrialContext) -> None:
@@ -121,7 +124,11 @@ def record_trial(
     if result.test_scores:
         tracker.log_dict(test_predictions(data, result), schema.TEST_PREDICTIONS)
     _log_figures(tracker, result)
-    if ctx.log_models and result.model is not None and _beats_completed(ctx, result):
+    if (
+        ctx.log_models
+        and result.model is not None
+        and (ctx.log_every_model or _beats_completed(ctx, result))
+    ):
         tracker.log_model(result.model, config.to_dict(), ctx.magnification)
     tracker.finish("completed")
 

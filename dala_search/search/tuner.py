@@ -279,6 +279,7 @@ def _trial_context(
         log_models=plan.log_models,
         folds=folds,
         costs=cost_metrics_needed(plan.objectives, plan.constraints),
+        log_every_model=len(plan.objectives) > 1,  # the front's models are registered
     )
 
 

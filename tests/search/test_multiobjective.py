@@ -156,3 +156,29 @@ def test_the_report_shows_the_front_with_the_papers_point(mo_search, tmp_path) -
     page = html.read_text()
     assert "Pareto front" in page
     assert (tmp_path / "r_figures" / "40X_optuna_pareto.png").stat().st_size > 1000
+
+
+def test_every_front_model_is_registered_best_and_pareto_aliases(mo_search) -> None:
+    """Every completed trial logged its model (the pruned one none); the front's primary
+    best is the registered ``best``, each other front point ``pareto-<i>``."""
+    plan, uri, study = mo_search["plan"], mo_search["uri"], mo_search["study"]
+    client = MlflowClient(uri)
+    for t in study.trials:
+        tag = _run_of(client, plan, t.number).data.tags.get(schema.TAG_HAS_MODEL)
+        assert (tag == "true") == (t.state.name == "COMPLETE"), (t.number, tag)
+    exp = client.get_experiment_by_name(schema.experiment_name(plan.name))
+    front = pareto.read_front(
+        plan.storage, plan.study_name("40X"), client, exp.experiment_id, "40X"
+    )
+    name = schema.model_name("40X")
+    assert client.get_model_version_by_alias(name, "best").run_id == front[0]["run_id"]
+    wanted = {f"pareto-{i}": row["run_id"] for i, row in enumerate(front) if i > 0}
+    aliases = client.get_registered_model(name).aliases
+    assert set(aliases) == {"best", *wanted}
+    for alias, run_id in wanted.items():
+        assert client.get_model_version_by_alias(name, alias).run_id == run_id
+    # a second summary (a resumed search) registers nothing new and keeps the aliases
+    versions = len(client.search_model_versions(f"name = '{name}'"))
+    again = pareto.register_front(client, uri, plan.name, "40X", front)
+    assert {a: str(v) for a, v in again.items()} == {a: str(aliases[a]) for a in wanted}
+    assert len(client.search_model_versions(f"name = '{name}'")) == versions
