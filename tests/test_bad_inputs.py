@@ -306,9 +306,7 @@ def test_unreadable_images_skipped_counted_and_the_search_starts(
     from dala_search.search import tuner
 
     started = []
-    monkeypatch.setattr(
-        tuner, "run_search", lambda plan, resume, index=None: started.append(plan) or []
-    )
+    monkeypatch.setattr(tuner, "run_search", lambda plan, resume, **_: started.append(plan) or [])
     result = env.start("-m", "40X", "--name", "damaged", data=root)
     assert result.exit_code == 0, result.output
     assert [p.data_dir for p in started] == [str(root.resolve())]
@@ -336,7 +334,7 @@ def test_official_fold_ok_passes_the_data_check(env: Env, good_tree: Path, monke
     # The control for the Folds.csv cases below: the same tree and fold are accepted.
     from dala_search.search import tuner
 
-    monkeypatch.setattr(tuner, "run_search", lambda plan, resume, index=None: [])
+    monkeypatch.setattr(tuner, "run_search", lambda plan, resume, **_: [])
     result = env.start("--fold", "1", "-m", "40X", "--name", "fold-ok", data=good_tree)
     assert result.exit_code == 0, result.output
 

@@ -100,12 +100,13 @@ def judge_primary(study: optuna.Study, number: int, direction: str) -> bool:
     view = primary_view(study, direction, pruner)
     judged = view.trials[number]
     decision = pruner.prune(view, judged)
-    after = view._storage.get_trial(judged._trial_id).system_attrs
+    view_storage = ray_internals.study_storage(view)
+    after = view_storage.get_trial(ray_internals.trial_id(judged)).system_attrs
     real = study.trials[number]
     storage = ray_internals.study_storage(study)
     for key, value in after.items():
         if real.system_attrs.get(key) != value:
-            storage.set_trial_system_attr(real._trial_id, key, value)
+            storage.set_trial_system_attr(ray_internals.trial_id(real), key, value)
     return bool(decision)
 
 
