@@ -85,6 +85,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _make_loss(
+    config: TrialConfig, train_labels: np.ndarray, n_classes: int, device: torch.device
+) -> nn.Module:
+    """The config's loss, weighted by the training side's class counts; wrapped by
+    ``faults`` (a no-op unless a reliability test injects a NaN). Head trials share it."""
+    counts = np.bincount(train_labels, minlength=n_classes).tolist()
+    loss_fn = create_loss(
+        config.loss_weighting,
+        counts,
+        beta=config.effective_beta,
+        gamma=config.focal_gamma,
+        label_smoothing=config.label_smoothing,
+    ).to(device)
+    return faults.wrap_loss(loss_fn)
+
+
 def _make_optimizer(config: TrialConfig, model: nn.Module) -> torch.optim.Optimizer:
     """Weight decay on weights only (``parameter_groups``); frozen parameters left out."""
     groups = model.parameter_groups(config.weight_decay)
@@ -168,15 +184,7 @@ class FoldRun:
         self.train_idx = np.asarray(self.split.train, dtype=np.int64)
         self.train_labels_np = data.labels(config.task)[self.train_idx]
         self.n_classes = NUM_CLASSES[config.task]
-        class_counts = np.bincount(self.train_labels_np, minlength=self.n_classes).tolist()
-        loss_fn = create_loss(
-            config.loss_weighting,
-            class_counts,
-            beta=config.effective_beta,
-            gamma=config.focal_gamma,
-            label_smoothing=config.label_smoothing,
-        ).to(device)
-        self.loss_fn = faults.wrap_loss(loss_fn)  # no-op unless a reliability test injects a NaN
+        self.loss_fn = _make_loss(config, self.train_labels_np, self.n_classes, device)
         self.optimizer = _make_optimizer(config, model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda e: _lr_factor(config, e)

@@ -21,20 +21,19 @@ import time
 import numpy as np
 import torch
 
-from dala_search import faults
 from dala_search.config import TrialConfig
 from dala_search.data.embeddings import embedding_views
 from dala_search.data.sampling import epoch_indices
 from dala_search.data.splits import Split
 from dala_search.epoch_loop import Reporter, progress_bar, run_epochs
 from dala_search.errors import ConfigError
-from dala_search.losses import create_loss
 from dala_search.metrics import classification_metrics
 from dala_search.model.dalaresnet import NUM_CLASSES
 from dala_search.model.foundation import FoundationClassifier, build_head, load_backbone
 from dala_search.train import (
     TrialResult,
     _lr_factor,
+    _make_loss,
     _make_optimizer,
     _seed_everything,
     check_image_size,
@@ -72,15 +71,7 @@ class HeadRun:
         self.val_x = self._features(views[:1], self.split.val)[0]
         self.test_x = self._features(views[:1], self.split.test)[0]
         self.train_y = torch.from_numpy(self.train_labels_np).to(device)
-        counts = np.bincount(self.train_labels_np, minlength=self.n_classes).tolist()
-        loss_fn = create_loss(
-            config.loss_weighting,
-            counts,
-            beta=config.effective_beta,
-            gamma=config.focal_gamma,
-            label_smoothing=config.label_smoothing,
-        ).to(device)
-        self.loss_fn = faults.wrap_loss(loss_fn)
+        self.loss_fn = _make_loss(config, self.train_labels_np, self.n_classes, device)
         self.optimizer = _make_optimizer(config, self.model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda e: _lr_factor(config, e)

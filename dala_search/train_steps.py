@@ -43,17 +43,6 @@ def cuda_modes(
     return on_cuda and config.amp, fmt
 
 
-def augment_spec(config: TrialConfig) -> AugmentSpec:
-    """The training augmentation the config's keys ask for."""
-    return AugmentSpec(
-        flip=config.flip,
-        rotate90=config.rotate90,
-        crop_scale=config.crop_scale,
-        color_jitter=config.color_jitter,
-        stain_jitter=config.stain_jitter,
-    )
-
-
 def train_one_epoch(
     model: nn.Module,
     batches: Batches,
@@ -81,7 +70,7 @@ def train_one_epoch(
     keeps the size it reached for the caller's next epoch.
     """
     model.train()
-    spec = augment_spec(config)
+    spec = AugmentSpec.from_config(config)
     use_amp, memory_format = cuda_modes(config, device)
     if micro is None:
         micro = MicroBatch(config.batch_size, config.min_micro_batch)

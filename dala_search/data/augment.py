@@ -19,6 +19,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,18 @@ class AugmentSpec:
     @property
     def geometric(self) -> bool:
         return self.flip or self.rotate90 or self.crop_scale < 1.0
+
+    @classmethod
+    def from_config(cls, config: Any) -> AugmentSpec:
+        """The training augmentation a ``TrialConfig``'s keys ask for (training and the
+        embedding cache's augmented views both build it here)."""
+        return cls(
+            flip=config.flip,
+            rotate90=config.rotate90,
+            crop_scale=config.crop_scale,
+            color_jitter=config.color_jitter,
+            stain_jitter=config.stain_jitter,
+        )
 
 
 _GRAY = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32)  # luma weights, sum to 1

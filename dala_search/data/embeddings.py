@@ -47,16 +47,6 @@ EMBEDDING_FORMAT = 1
 FORWARD_BATCHES = 0
 
 
-def augment_spec(config: TrialConfig) -> AugmentSpec:
-    return AugmentSpec(
-        flip=config.flip,
-        rotate90=config.rotate90,
-        crop_scale=config.crop_scale,
-        color_jitter=config.color_jitter,
-        stain_jitter=config.stain_jitter,
-    )
-
-
 def _precision(config: TrialConfig, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" and config.amp else "fp32"
 
@@ -69,7 +59,7 @@ def embedding_key(
     device: torch.device,
 ) -> str:
     """The file stem of one view's embeddings (see the module docstring for what it hashes)."""
-    aug = repr(augment_spec(config)) if view else "plain"
+    aug = repr(AugmentSpec.from_config(config)) if view else "plain"
     text = (
         f"dala-search embeddings v{EMBEDDING_FORMAT}\n{backbone.identity()}\n{cache.path.name}\n"
         f"view {view} {aug}\n{_precision(config, device)}"
@@ -138,7 +128,7 @@ def _build(
     model = backbone.to(device).eval()
     bs = 256 if device.type == "cuda" else 32
     use_amp = _precision(config, device) == "bf16"
-    spec = augment_spec(config)
+    spec = AugmentSpec.from_config(config)
     gen = torch.Generator(device=device).manual_seed(view) if view else None
     # ImageNet-normalised batches (the augmentation's output) -> the backbone's own mean/std
     scale, shift = _renormalise(backbone, device)
