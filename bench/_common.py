@@ -227,3 +227,45 @@ def _argv_without_record_and_note() -> list[str]:
 
 def load_start() -> float:
     return round(os.getloadavg()[0], 2)
+
+
+# ---- seeds run as separate processes (--only-seed / --partials) ---------------------------
+
+
+def add_seed_process_args(p: argparse.ArgumentParser) -> None:
+    """``--only-seed S --partial FILE`` runs one seed and writes its row; ``--partials``
+    combines such rows (seeds in parallel processes on a machine with cores to spare)."""
+    p.add_argument("--only-seed", type=int, default=None, help="run this seed alone ...")
+    p.add_argument("--partial", default=None, help="... and write its row to this file")
+    p.add_argument("--partials", nargs="+", default=None, help="combine these seed rows")
+
+
+def check_seed_process_args(args: argparse.Namespace) -> None:
+    if (args.only_seed is None) != (args.partial is None) or (args.partials and args.partial):
+        raise SystemExit("--only-seed S needs --partial FILE; --partials excludes both")
+
+
+def seed_rows(
+    args: argparse.Namespace, seeds: int, run_seed: Callable[[int], dict], load_start: float
+) -> tuple[list[dict], float] | None:
+    """Every seed's row and the run's start load; None after ``--only-seed`` wrote its row.
+
+    ``--partials``: the rows of seeds 0..seeds-1 (refused otherwise), the start load the
+    highest of theirs; else each seed runs here in turn.
+    """
+    if args.only_seed is not None:  # one seed of a run split over processes
+        row = run_seed(args.only_seed)
+        row["load_1m_at_start"] = load_start
+        Path(args.partial).write_text(json.dumps(row) + "\n")
+        log(f"seed {args.only_seed} written to {args.partial}")
+        return None
+    if not args.partials:
+        return [run_seed(s) for s in range(seeds)], load_start
+    per_seed = sorted(
+        (json.loads(Path(f).read_text()) for f in args.partials), key=lambda r: r["seed"]
+    )
+    if [r["seed"] for r in per_seed] != list(range(seeds)):
+        raise SystemExit(
+            f"--partials hold seeds {[r['seed'] for r in per_seed]}, expected 0..{seeds - 1}"
+        )
+    return per_seed, max(r.pop("load_1m_at_start") for r in per_seed)

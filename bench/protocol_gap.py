@@ -38,7 +38,6 @@ The seeds are independent: on a machine with spare cores, run each alone and com
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -119,13 +118,10 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None, help="epochs per training")
     p.add_argument("--folds", type=int, default=None, help="K folds per protocol")
     p.add_argument("--per-patient", type=int, default=None, help="images per patient at 40X")
-    p.add_argument("--only-seed", type=int, default=None, help="run this seed alone ...")
-    p.add_argument("--partial", default=None, help="... and write its row to this file")
-    p.add_argument("--partials", nargs="+", default=None, help="combine these seed rows")
+    c.add_seed_process_args(p)
     p.add_argument("--lr", type=float, default=3e-4, help="learning rate (default 3e-4)")
     args = p.parse_args()
-    if (args.only_seed is None) != (args.partial is None) or (args.partials and args.partial):
-        raise SystemExit("--only-seed S needs --partial FILE; --partials excludes both")
+    c.check_seed_process_args(args)
     size = dict(SIZES[c.size_of(args)])
     for key in ("seeds", "epochs", "folds", "per_patient"):
         if getattr(args, key) is not None:
@@ -162,24 +158,12 @@ def main() -> None:
         num_threads=args.threads,
     )
     c.log(f"{n_patients} patients, {len(data.records)} images at {MAG}; {size}")
-    if args.only_seed is not None:  # one seed of a run split over processes (docstring)
-        row = run_seed(config, index, data, size["folds"], args.only_seed)
-        row["load_1m_at_start"] = load_start
-        Path(args.partial).write_text(json.dumps(row) + "\n")
-        c.log(f"seed {args.only_seed} written to {args.partial}")
+    rows = c.seed_rows(
+        args, size["seeds"], lambda s: run_seed(config, index, data, size["folds"], s), load_start
+    )
+    if rows is None:  # --only-seed wrote its row (docstring)
         return
-    if args.partials:
-        per_seed = sorted(
-            (json.loads(Path(f).read_text()) for f in args.partials), key=lambda r: r["seed"]
-        )
-        if [r["seed"] for r in per_seed] != list(range(size["seeds"])):
-            raise SystemExit(
-                f"--partials hold seeds {[r['seed'] for r in per_seed]}, "
-                f"expected 0..{size['seeds'] - 1}"
-            )
-        load_start = max(r.pop("load_1m_at_start") for r in per_seed)
-    else:
-        per_seed = [run_seed(config, index, data, size["folds"], s) for s in range(size["seeds"])]
+    per_seed, load_start = rows
     gaps = {m: spread([r["gap_points"][m] for r in per_seed]) for m in METRICS}
     sides = {
         side: {m: spread([r[side][m] * 100 for r in per_seed]) for m in METRICS} for side in SIDES

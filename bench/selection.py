@@ -68,7 +68,6 @@ same figures; each row keeps its own wall times, so the cost ratios stay within 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import statistics
 import sys
@@ -281,12 +280,9 @@ def main() -> None:
     p.add_argument("--configs", type=int, default=None, help="configurations (N)")
     p.add_argument("--seeds", type=int, default=None, help="seeds of the patient split")
     p.add_argument("--epochs", type=int, default=None, help="epochs per training")
-    p.add_argument("--only-seed", type=int, default=None, help="run this seed alone ...")
-    p.add_argument("--partial", default=None, help="... and write its row to this file")
-    p.add_argument("--partials", nargs="+", default=None, help="combine these seed rows")
+    c.add_seed_process_args(p)
     args = p.parse_args()
-    if (args.only_seed is None) != (args.partial is None) or (args.partials and args.partial):
-        raise SystemExit("--only-seed S needs --partial FILE; --partials excludes both")
+    c.check_seed_process_args(args)
     size = dict(SIZES[c.size_of(args)])
     for key in ("configs", "seeds", "epochs"):
         if getattr(args, key) is not None:
@@ -335,24 +331,12 @@ def main() -> None:
             f"loss_weighting {cfg.loss_weighting}"
         )
 
-    if args.only_seed is not None:  # one seed of a run split over processes (docstring)
-        row = run_seed(args.only_seed, data, pool, configs, size)
-        row["load_1m_at_start"] = load_start
-        Path(args.partial).write_text(json.dumps(row) + "\n")
-        c.log(f"seed {args.only_seed} written to {args.partial}")
+    rows = c.seed_rows(
+        args, size["seeds"], lambda s: run_seed(s, data, pool, configs, size), load_start
+    )
+    if rows is None:  # --only-seed wrote its row (docstring)
         return
-    if args.partials:
-        per_seed = sorted(
-            (json.loads(Path(f).read_text()) for f in args.partials), key=lambda r: r["seed"]
-        )
-        if [r["seed"] for r in per_seed] != list(range(size["seeds"])):
-            raise SystemExit(
-                f"--partials hold seeds {[r['seed'] for r in per_seed]}, "
-                f"expected 0..{size['seeds'] - 1}"
-            )
-        load_start = max(r.pop("load_1m_at_start") for r in per_seed)
-    else:
-        per_seed = [run_seed(s, data, pool, configs, size) for s in range(size["seeds"])]
+    per_seed, load_start = rows
     lines = [seed_line(row) for row in per_seed]
 
     def series(side: str, key: str) -> list:
